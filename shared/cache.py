@@ -1,0 +1,153 @@
+"""Reading a cache folder: `open_cache(DIR).iter_sequences()`.
+
+Readers trust only the manifest: a chunk file that the manifest does not list does not exist for them,
+and every chunk read is checked against the checksum the manifest recorded.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .chunk import Chunk, ChunkError, decode_chunk, read_header
+from .manifest import ChunkEntry, Manifest, ManifestError, load_manifest
+
+QUARANTINE_DIR = "quarantine"
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+class CorruptChunk(CacheError):
+    def __init__(self, chunk_id: int, reason: str):
+        super().__init__(f"chunk {chunk_id} is corrupt: {reason}")
+        self.chunk_id = chunk_id
+        self.reason = reason
+
+
+class Cache:
+    def __init__(self, cache_dir: str | os.PathLike, manifest: Manifest):
+        self.dir = Path(cache_dir)
+        self.manifest = manifest
+
+    # -- manifest ------------------------------------------------------------------------------
+    def refresh(self) -> bool:
+        """Re-read the manifest; True when it changed (more chunks, or finished)."""
+        m = load_manifest(self.dir)
+        if m is None:
+            raise CacheError(f"{self.dir}: the manifest disappeared")
+        changed = (len(m.chunks), m.finished, m.updated_at) != (
+            len(self.manifest.chunks), self.manifest.finished, self.manifest.updated_at)
+        self.manifest = m
+        return changed
+
+    @property
+    def chunks(self) -> list[ChunkEntry]:
+        return self.manifest.chunks
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest.seq_len
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest.tokenizer["eos_id"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.manifest.tokenizer.get("pad_id", self.eos_id))
+
+    def entry(self, chunk_id: int) -> ChunkEntry:
+        # ids are contiguous from 0 in the manifest, so the id is also the index
+        e = self.manifest.chunks[chunk_id]
+        if e.id != chunk_id:
+            raise CacheError(f"manifest chunk list is out of order at {chunk_id}")
+        return e
+
+    # -- chunks --------------------------------------------------------------------------------
+    def chunk_path(self, chunk_id: int) -> Path:
+        return self.dir / self.entry(chunk_id).file
+
+    def read_chunk(self, chunk_id: int) -> Chunk:
+        """The decoded chunk, checked against the manifest; raises CorruptChunk when it is not intact."""
+        entry = self.entry(chunk_id)
+        try:
+            data = (self.dir / entry.file).read_bytes()
+        except FileNotFoundError:
+            raise CorruptChunk(chunk_id, "file is missing") from None
+        try:
+            if len(data) != entry.bytes:
+                raise ChunkError(f"size {len(data)} bytes, manifest says {entry.bytes}")
+            if f"{read_header(data)['checksum']:016x}" != entry.checksum:
+                raise ChunkError("header checksum differs from the manifest")
+            chunk = decode_chunk(data, verify=True)
+        except ChunkError as e:
+            raise CorruptChunk(chunk_id, str(e)) from None
+        if chunk.num_sequences != entry.sequences or chunk.num_tokens != entry.tokens:
+            raise CorruptChunk(chunk_id, "sequence or token count differs from the manifest")
+        return chunk
+
+    def quarantine(self, chunk_id: int) -> Path | None:
+        """Move a bad chunk file aside so `packerd run --mode inverse` regenerates it."""
+        src = self.chunk_path(chunk_id)
+        dst_dir = self.dir / QUARANTINE_DIR
+        dst_dir.mkdir(exist_ok=True)
+        dst = dst_dir / f"{src.name}.{int(time.time())}"
+        try:
+            os.replace(src, dst)
+        except FileNotFoundError:
+            return None
+        return dst
+
+    def missing_chunks(self) -> list[int]:
+        return [e.id for e in self.manifest.chunks if not (self.dir / e.file).exists()]
+
+    # -- sequences -----------------------------------------------------------------------------
+    def iter_chunks(self) -> Iterator[tuple[ChunkEntry, Chunk]]:
+        for entry in list(self.manifest.chunks):
+            yield entry, self.read_chunk(entry.id)
+
+    def iter_sequences(self) -> Iterator[np.ndarray]:
+        """Each sequence's real tokens (1-D array), in chunk order, checksums checked."""
+        for _, chunk in self.iter_chunks():
+            offs = chunk.offsets()
+            for i in range(chunk.num_sequences):
+                yield chunk.tokens[offs[i]:offs[i + 1]]
+
+    def iter_documents(self) -> Iterator[np.ndarray]:
+        """The cache's token stream split after each EOS: every source document with its EOS."""
+        eos = self.eos_id
+        pending: list[np.ndarray] = []
+        for seq in self.iter_sequences():
+            ends = np.flatnonzero(seq == eos)
+            start = 0
+            for e in ends:
+                pending.append(seq[start:e + 1])
+                yield np.concatenate(pending)
+                pending = []
+                start = e + 1
+            if start < len(seq):
+                pending.append(seq[start:])
+        if pending:
+            yield np.concatenate(pending)
+
+
+def open_cache(cache_dir: str | os.PathLike, wait: float = 0.0) -> Cache:
+    """Open a cache folder; with wait > 0, wait up to that many seconds for its manifest to appear."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            manifest = load_manifest(cache_dir)
+        except ManifestError as e:
+            raise CacheError(str(e)) from None
+        if manifest is not None:
+            return Cache(cache_dir, manifest)
+        if time.monotonic() >= deadline:
+            if not Path(cache_dir).is_dir():
+                raise CacheError(f"cache folder {cache_dir} does not exist")
+            raise CacheError(f"{cache_dir} has no manifest.json (no packer has committed a chunk there)")
+        time.sleep(0.2)

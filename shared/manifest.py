@@ -1,0 +1,133 @@
+"""The manifest: the single source of truth of a cache folder.
+
+A chunk exists for readers only once the manifest lists it. The packer writes the chunk file first, then
+replaces `manifest.json` atomically (temporary file, fsync, rename), then announces the chunk. Readers
+never scan the folder for chunk files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .fsutil import atomic_write_bytes
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def chunk_filename(chunk_id: int) -> str:
+    return f"chunk-{chunk_id:07d}.lz4"
+
+
+@dataclass
+class ChunkEntry:
+    id: int
+    sequences: int
+    tokens: int            # real tokens (no padding)
+    bytes: int             # size of the chunk file
+    checksum: str          # xxh64 from the chunk header, hex
+    start: list[int]       # [document index, token offset inside that document] of the first token
+    end: list[int]         # the same for the token after the last one
+    documents: int         # documents that start inside this chunk
+    committed_at: float
+
+    @property
+    def file(self) -> str:
+        return chunk_filename(self.id)
+
+
+@dataclass
+class Manifest:
+    seq_len: int
+    chunk_sequences: int
+    dtype: str                       # "uint16" or "uint32"
+    tokenizer: dict                  # name, vocab_hash, vocab_size, eos_id, pad_id
+    sources: list[str]
+    text_field: str = "text"
+    chunks: list[ChunkEntry] = field(default_factory=list)
+    source_files: list[dict] = field(default_factory=list)  # local files in the order they were packed
+    documents: int = 0               # source documents fully consumed (including skipped empty ones)
+    skipped: dict = field(default_factory=dict)             # reason -> count of source records skipped
+    estimate: dict = field(default_factory=dict)            # tokens, sequences, method
+    finished: bool = False
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    version: int = MANIFEST_VERSION
+
+    # totals are derived, never stored separately from the chunk list they summarise
+    @property
+    def total_sequences(self) -> int:
+        return sum(c.sequences for c in self.chunks)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(c.tokens for c in self.chunks)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.bytes for c in self.chunks)
+
+    def totals(self) -> dict:
+        seqs, toks, nbytes = self.total_sequences, self.total_tokens, self.total_bytes
+        return {
+            "chunks": len(self.chunks),
+            "sequences": seqs,
+            "tokens": toks,
+            "bytes": nbytes,
+            "bytes_per_token": round(nbytes / toks, 4) if toks else None,
+            # utilization: real tokens over slots; counts lengths, never a token id as padding
+            "utilization": round(toks / (seqs * self.seq_len), 6) if seqs else None,
+        }
+
+    def estimated_total_sequences(self) -> int:
+        """The best guess of the finished cache's size in sequences (never below what exists)."""
+        have = self.total_sequences
+        if self.finished:
+            return have
+        est = self.estimate.get("sequences") or 0
+        return max(int(est), have)
+
+    def next_chunk_id(self) -> int:
+        return self.chunks[-1].id + 1 if self.chunks else 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["totals"] = self.totals()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        if d.get("version") != MANIFEST_VERSION:
+            raise ManifestError(f"manifest version {d.get('version')} is not supported")
+        d = dict(d)
+        d.pop("totals", None)
+        d["chunks"] = [ChunkEntry(**c) for c in d.get("chunks", [])]
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ManifestError(f"manifest has unexpected fields: {e}") from None
+
+    def save(self, cache_dir: str | os.PathLike) -> None:
+        self.updated_at = time.time()
+        data = json.dumps(self.to_json(), separators=(",", ":")).encode()
+        atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, data)
+
+
+def load_manifest(cache_dir: str | os.PathLike) -> Manifest | None:
+    """The manifest of `cache_dir`, or None when there is none yet."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return Manifest.from_json(json.loads(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
+        raise ManifestError(f"{path} is not a valid manifest: {e}") from None

@@ -1,0 +1,181 @@
+"""Notifications from packer to trainer: ZeroMQ PUB/SUB, one msgpack map per message.
+
+Messages are hints that wake the trainer sooner; the manifest alone rebuilds the picture. Every message of
+one packer run carries the run's id and a `seq` that grows by one, so a subscriber sees what it missed.
+
+    {"v": 1, "type": "chunk", "run": str, "seq": int, "chunk_id": int, "sequences": int, "tokens": int,
+     "total_sequences": int, "total_tokens": int, "est_total_sequences": int, "committed_at": float}
+    {"v": 1, "type": "heartbeat", "run": str, "seq": int, "sent_at": float}
+    {"v": 1, "type": "finished", "run": str, "seq": int, "total_sequences": int, "total_tokens": int}
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import msgpack
+import zmq
+
+PROTOCOL_VERSION = 1
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+HEARTBEAT_SECONDS = 1.0
+
+log = logging.getLogger(__name__)
+
+_INT, _FLOAT, _STR = (int,), (int, float), (str,)
+SCHEMA = {
+    "chunk": {"run": _STR, "seq": _INT, "chunk_id": _INT, "sequences": _INT, "tokens": _INT,
+              "total_sequences": _INT, "total_tokens": _INT, "est_total_sequences": _INT,
+              "committed_at": _FLOAT},
+    "heartbeat": {"run": _STR, "seq": _INT, "sent_at": _FLOAT},
+    "finished": {"run": _STR, "seq": _INT, "total_sequences": _INT, "total_tokens": _INT},
+}
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(msg: dict) -> bytes:
+    validate(msg)
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def validate(msg) -> dict:
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message is a {type(msg).__name__}, not a map")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} is not {PROTOCOL_VERSION}")
+    kind = msg.get("type")
+    if kind not in SCHEMA:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    for key, types in SCHEMA[kind].items():
+        value = msg.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ProtocolError(f"{kind} message field {key!r} is {value!r}")
+    return msg
+
+
+def decode(data: bytes) -> dict:
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"not msgpack: {type(e).__name__}") from None
+    return validate(msg)
+
+
+def endpoint_is_local(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Publisher:
+    """Owns a PUB socket in one thread: sends queued messages and a heartbeat every second."""
+
+    def __init__(self, endpoint: str, run_id: str, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.run_id = run_id
+        self._ctx = context or zmq.Context.instance()
+        self._queue: queue.Queue = queue.Queue()
+        self._seq = 0
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="publisher", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        sock = self._ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as e:
+            self._error = OSError(f"cannot bind {self.endpoint}: {e}")
+            sock.close(0)
+            self._ready.set()
+            return
+        self._ready.set()
+        next_beat = time.monotonic()
+        while True:
+            try:
+                msg = self._queue.get(timeout=max(0.0, next_beat - time.monotonic()))
+            except queue.Empty:
+                msg = {"type": "heartbeat", "sent_at": time.time()}
+            if msg is None:
+                break
+            self._send(sock, msg)
+            if msg["type"] == "heartbeat" or time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        sock.close()
+
+    def _send(self, sock, msg: dict) -> None:
+        msg = {"v": PROTOCOL_VERSION, "run": self.run_id, "seq": self._seq, **msg}
+        self._seq += 1
+        sock.send(encode(msg))
+
+    def chunk(self, **fields) -> None:
+        self._queue.put({"type": "chunk", **fields})
+
+    def finished(self, **fields) -> None:
+        self._queue.put({"type": "finished", **fields})
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+
+class Subscriber:
+    """A SUB socket that yields valid messages, ignores foreign ones with a warning, and notices gaps.
+
+    `gap` turns True when a message of the current packer run was missed (or the run changed); the
+    caller then re-reads the manifest and calls `clear_gap()`.
+    """
+
+    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 100000)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+        self._last: tuple[str, int] | None = None
+        self.gap = False
+        self.ignored = 0
+        self.last_heard: float | None = None
+
+    def poll(self, timeout_ms: int = 0) -> list[dict]:
+        """All messages waiting now (waiting up to timeout_ms for the first one)."""
+        out = []
+        if not self.sock.poll(timeout_ms):
+            return out
+        while True:
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            try:
+                msg = decode(data)
+            except ProtocolError as e:
+                self.ignored += 1
+                log.warning("ignored a message on %s: %s", self.endpoint, e)
+                continue
+            run, seq = msg["run"], msg["seq"]
+            if self._last is None or self._last[0] != run or seq != self._last[1] + 1:
+                self.gap = True
+            self._last = (run, seq)
+            self.last_heard = time.time()
+            out.append(msg)
+
+    def clear_gap(self) -> None:
+        self.gap = False
+
+    def close(self) -> None:
+        self.sock.close(0)
