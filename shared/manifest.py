@@ -51,6 +51,7 @@ class Manifest:
     tokenizer: dict                  # name, vocab_hash, vocab_size, eos_id, pad_id
     sources: list[str]
     text_field: str = "text"
+    lz4_level: int = 9
     chunks: list[ChunkEntry] = field(default_factory=list)
     source_files: list[dict] = field(default_factory=list)  # local files in the order they were packed
     documents: int = 0               # source documents fully consumed (including skipped empty ones)

@@ -1,0 +1,306 @@
+"""The `packerd` command: run, status, verify."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from shared.cache import CorruptChunk, open_cache, QUARANTINE_DIR
+from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
+from shared.config import ConfigError, build, load_toml, merge, opt
+from shared.fsutil import FolderLock, LockHeld, remove_temporaries
+from shared.manifest import MANIFEST_NAME, Manifest, ManifestError, chunk_filename, load_manifest
+from shared.protocol import DEFAULT_ENDPOINT, Publisher
+
+from .builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
+from .pack import Packer, PackError, Progress
+from .source import Source, SourceError
+from .tokenizer import TokenizerError, load_tokenizer
+
+log = logging.getLogger("packerd")
+
+
+@dataclass
+class PackerConfig:
+    cache_dir: str = opt("", "Folder of the chunk cache (created if missing).")
+    source: list[str] = opt([], "Sources: hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or local files/folders/globs.")
+    tokenizer: str = opt("", "Hugging Face tokenizer: hub name, local folder, tokenizer.json, or builtin:bpe.")
+    eos: str | None = opt(None, "EOS token to append after each document when the tokenizer names none.")
+    text_field: str = opt("text", "Field of each record that holds the document text.")
+    seq_len: int = opt(512, "Tokens per packed sequence.")
+    chunk_sequences: int = opt(1024, "Sequences per chunk file.")
+    workers: int = opt(0, "Tokenizer processes; 0 means one per core.")
+    lz4_level: int = opt(DEFAULT_LZ4_LEVEL, "LZ4 level: 1-12 high compression, 0 the fast default mode.")
+    endpoint: str = opt(DEFAULT_ENDPOINT, "ZeroMQ endpoint the notifications are published on (tcp:// or ipc://).")
+    mode: str = opt("forward", "forward: continue after the last committed chunk; inverse: regenerate missing chunks.")
+    follow: bool = opt(False, "Keep running and pack files that appear in source folders.")
+    estimate_tokens: int | None = opt(None, "Size of the full dataset in tokens, when metadata cannot tell.")
+    poll_seconds: float = opt(2.0, "Follow mode: how often to look for new files.")
+
+    def validate(self) -> None:
+        if not self.cache_dir:
+            raise ConfigError("cache_dir is required (--cache-dir)")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be at least 2 (got {self.seq_len})")
+        if self.chunk_sequences < 1:
+            raise ConfigError(f"chunk_sequences must be at least 1 (got {self.chunk_sequences})")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more (got {self.workers})")
+        if not 0 <= self.lz4_level <= 12:
+            raise ConfigError(f"lz4_level must be between 0 and 12 (got {self.lz4_level})")
+        if self.mode not in ("forward", "inverse"):
+            raise ConfigError(f"mode must be forward or inverse (got {self.mode!r})")
+        if not self.endpoint.startswith(("tcp://", "ipc://")):
+            raise ConfigError(f"endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
+
+
+def _fail(msg: str) -> click.ClickException:
+    return click.ClickException(msg)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def main(verbose: bool) -> None:
+    """packerd: tokenize a text dataset into a packed, LZ4-compressed chunk cache and announce each chunk."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s packerd %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with these options; flags win.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Folder of the chunk cache.")
+@click.option("--source", multiple=True, help="hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or a local file/folder/glob. Repeatable.")
+@click.option("--tokenizer", help="Hub name, local folder, tokenizer.json, or builtin:bpe.")
+@click.option("--eos", help="EOS token, for tokenizers that name none.")
+@click.option("--text-field", help="Record field holding the text (default text).")
+@click.option("--seq-len", type=int, help="Tokens per sequence (default 512).")
+@click.option("--chunk-sequences", type=int, help="Sequences per chunk (default 1024).")
+@click.option("--workers", type=int, help="Tokenizer processes (default: one per core).")
+@click.option("--lz4-level", type=int, help="LZ4 high-compression level (default 9).")
+@click.option("--endpoint", help=f"ZeroMQ PUB endpoint (default {DEFAULT_ENDPOINT}).")
+@click.option("--mode", type=click.Choice(["forward", "inverse"]), help="forward (default) or inverse.")
+@click.option("--follow/--no-follow", default=None, help="Keep running and pack new files in source folders.")
+@click.option("--estimate-tokens", type=int, help="Full dataset size in tokens, when metadata cannot tell.")
+@click.option("--force-rebuild", is_flag=True, help="Delete the cache and pack from scratch.")
+@click.option("--yes", is_flag=True, help="Do not ask before --force-rebuild.")
+def run(config_file, force_rebuild, yes, **flags) -> None:
+    """Pack SOURCE into the cache at CACHE_DIR, continuing where the last run stopped."""
+    try:
+        data = load_toml(config_file) if config_file else {}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        if flags.get("source") == ():
+            flags["source"] = None
+        cache_dir = flags.get("cache_dir") or data.get("cache_dir")
+        existing = _existing_manifest(cache_dir) if cache_dir and not force_rebuild else None
+        if existing is not None:  # settings of an existing cache are the defaults of a restart
+            data = merge({"seq_len": existing.seq_len, "chunk_sequences": existing.chunk_sequences,
+                          "source": existing.sources, "tokenizer": existing.tokenizer["name"],
+                          "text_field": existing.text_field, "lz4_level": existing.lz4_level}, data)
+        cfg = build(PackerConfig, merge(data, flags))
+    except ConfigError as e:
+        raise _fail(str(e))
+    if not cfg.source:
+        cfg.source = [BUILTIN_SOURCE] if cfg.tokenizer == BUILTIN_TOKENIZER else []
+        if not cfg.source:
+            raise _fail("no source given (use --source)")
+    if not cfg.tokenizer:
+        raise _fail("no tokenizer given (use --tokenizer)")
+    _pack(cfg, force_rebuild, yes)
+
+
+def _existing_manifest(cache_dir) -> Manifest | None:
+    try:
+        return load_manifest(cache_dir) if Path(cache_dir).is_dir() else None
+    except ManifestError as e:
+        raise _fail(str(e))
+
+
+def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
+    cache_dir = Path(cfg.cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _fail(f"cannot create cache folder {cache_dir}: {e.strerror}")
+    lock = FolderLock(cache_dir)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise _fail(f"another packer is running on this cache: {e}")
+    try:
+        if force_rebuild:
+            _clear(cache_dir, yes)
+        try:
+            tok = load_tokenizer(cfg.tokenizer, cfg.eos)
+        except TokenizerError as e:
+            raise _fail(str(e))
+        manifest = load_manifest(cache_dir)
+        manifest = _check_or_create(manifest, cfg, tok)
+        _clean_uncommitted(cache_dir, manifest)
+        try:
+            source = Source(cfg.source, cfg.text_field, manifest.source_files)
+        except SourceError as e:
+            raise _fail(str(e))
+        if cfg.mode == "forward" and manifest.finished:
+            click.echo(f"cache {cache_dir} is finished: {manifest.total_sequences:,} sequences; nothing to do "
+                       f"(--force-rebuild packs it again)", err=True)
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        workers = cfg.workers or os.cpu_count() or 1
+        try:
+            publisher = Publisher(cfg.endpoint, uuid.uuid4().hex[:12]) if cfg.mode == "forward" else None
+        except OSError as e:
+            raise _fail(str(e))
+        progress = Progress()
+        packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
+                        cfg.estimate_tokens, progress)
+        try:
+            if cfg.mode == "inverse":
+                missing = open_cache(cache_dir).missing_chunks()
+                if not missing:
+                    click.echo("no chunk is missing", err=True)
+                    return
+                click.echo(f"regenerating {len(missing)} missing chunk(s): {_ranges(missing)}", err=True)
+                done = packer.regenerate(missing)
+                click.echo(f"regenerated {len(done)} chunk(s)", err=True)
+            else:
+                packer.forward(follow=cfg.follow, poll_seconds=cfg.poll_seconds)
+        except (SourceError, PackError) as e:
+            raise _fail(f"{e} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
+        except OSError as e:
+            what = "disk full" if e.errno == 28 else (e.strerror or str(e))
+            raise _fail(f"{what} while writing to {cache_dir} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
+        finally:
+            progress.close()
+            packer.close()
+            if publisher:
+                publisher.close()
+        t = manifest.totals()
+        state = "finished" if manifest.finished else "stopped"
+        click.echo(f"{state}: {t['chunks']:,} chunks, {t['sequences']:,} sequences, {t['tokens']:,} tokens, "
+                   f"{t['bytes_per_token'] or 0:.3f} bytes/token, utilization {t['utilization'] or 0:.4f}"
+                   + (f", {sum(manifest.skipped.values())} empty records skipped" if manifest.skipped else ""), err=True)
+    finally:
+        lock.release()
+
+
+def _ranges(ids: list[int]) -> str:
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _clear(cache_dir: Path, yes: bool) -> None:
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"Delete every chunk and the manifest in {cache_dir}?", abort=True)
+    # the manifest goes first: from then on no reader trusts the chunk files that follow it
+    (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for p in cache_dir.glob("chunk-*.lz4"):
+        p.unlink()
+    shutil.rmtree(cache_dir / QUARANTINE_DIR, ignore_errors=True)
+    remove_temporaries(cache_dir)
+
+
+def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok) -> Manifest:
+    if manifest is None:
+        return Manifest(seq_len=cfg.seq_len, chunk_sequences=cfg.chunk_sequences,
+                        dtype=dtype_for_vocab(tok.vocab_size).name, tokenizer=tok.identity(),
+                        sources=list(cfg.source), text_field=cfg.text_field, lz4_level=cfg.lz4_level)
+    mismatches = []
+    for name, have, want in [("seq_len", manifest.seq_len, cfg.seq_len),
+                             ("chunk_sequences", manifest.chunk_sequences, cfg.chunk_sequences),
+                             ("source", manifest.sources, list(cfg.source)),
+                             ("text_field", manifest.text_field, cfg.text_field),
+                             ("lz4_level", manifest.lz4_level, cfg.lz4_level),
+                             ("tokenizer vocabulary", manifest.tokenizer["vocab_hash"], tok.vocab_hash),
+                             ("eos", manifest.tokenizer["eos_id"], tok.eos_id)]:
+        if have != want:
+            mismatches.append(f"{name} {have!r} (now {want!r})")
+    if mismatches:
+        raise _fail(f"the cache in {cfg.cache_dir} was packed with {'; '.join(mismatches)}: "
+                    f"use the same settings, another --cache-dir, or --force-rebuild")
+    return manifest
+
+
+def _clean_uncommitted(cache_dir: Path, manifest: Manifest) -> None:
+    """Remove what a crash left: temporaries, and chunk files written after the last manifest."""
+    remove_temporaries(cache_dir)
+    nxt = manifest.next_chunk_id()
+    for p in cache_dir.glob("chunk-*.lz4"):
+        try:
+            cid = int(p.stem.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if cid >= nxt:
+            p.unlink()
+            log.info("removed %s: written but never committed to the manifest", p.name)
+
+
+@main.command()
+@click.option("--cache-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(cache_dir, as_json) -> None:
+    """Chunks, sequences, tokens, bytes per token, estimate, finished."""
+    m = _existing_manifest(cache_dir)
+    if m is None:
+        raise _fail(f"{cache_dir} has no manifest (nothing packed there yet)")
+    t = m.totals()
+    info = {**t, "seq_len": m.seq_len, "dtype": m.dtype, "tokenizer": m.tokenizer["name"],
+            "documents": m.documents, "skipped": m.skipped, "estimate": m.estimate, "finished": m.finished,
+            "sources": m.sources}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    est = m.estimate.get("tokens")
+    click.echo(f"cache        {cache_dir}")
+    click.echo(f"chunks       {t['chunks']:,}")
+    click.echo(f"sequences    {t['sequences']:,} of {m.seq_len} tokens ({m.dtype})")
+    click.echo(f"tokens       {t['tokens']:,} (utilization {t['utilization'] or 0:.4f})")
+    click.echo(f"documents    {m.documents:,}" + (f" ({sum(m.skipped.values())} empty skipped)" if m.skipped else ""))
+    click.echo(f"bytes/token  {t['bytes_per_token'] or 0:.3f} ({t['bytes']:,} bytes)")
+    click.echo(f"estimate     " + (f"{est:,} tokens ({m.estimate.get('method')})" if est else "unknown"))
+    click.echo(f"tokenizer    {m.tokenizer['name']} (vocab {m.tokenizer['vocab_size']:,}, eos {m.tokenizer['eos_id']})")
+    click.echo(f"finished     {'yes' if m.finished else 'no'}")
+
+
+@main.command()
+@click.option("--cache-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--quarantine", is_flag=True, help="Move bad chunk files aside so `run --mode inverse` regenerates them.")
+def verify(cache_dir, as_json, quarantine) -> None:
+    """Check every chunk against the manifest and its checksum; exit 1 naming each bad chunk."""
+    m = _existing_manifest(cache_dir)
+    if m is None:
+        raise _fail(f"{cache_dir} has no manifest (nothing packed there yet)")
+    cache = open_cache(cache_dir)
+    bad = []
+    for entry in m.chunks:
+        try:
+            cache.read_chunk(entry.id)
+        except CorruptChunk as e:
+            bad.append({"chunk_id": entry.id, "file": entry.file, "reason": e.reason})
+            if quarantine:
+                cache.quarantine(entry.id)
+    if as_json:
+        click.echo(json.dumps({"chunks": len(m.chunks), "bad": bad, "ok": not bad}, indent=2))
+    else:
+        for b in bad:
+            click.echo(f"bad chunk {b['chunk_id']} ({b['file']}): {b['reason']}")
+        click.echo(f"{len(m.chunks) - len(bad)} of {len(m.chunks)} chunks ok")
+    if bad:
+        sys.exit(1)

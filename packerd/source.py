@@ -1,0 +1,234 @@
+"""Source documents in a fixed order, each with a global index.
+
+A source spec is `hf:NAME[:CONFIG[:SPLIT]]`, `builtin:pydoc`, or a local file, folder or glob of
+.jsonl/.json/.parquet/.txt files. Local files are read through datasets' own loaders (streaming), in
+the order: the files the manifest already lists, then new ones sorted by path. A `.txt` file is one
+document. Records are numbered across all specs; the packer's restart point is such a number.
+
+Bad input policy (documented in the README):
+- a missing or unreadable source, invalid JSON, non-UTF-8 bytes, a missing text field: SourceError,
+  which the CLI turns into a one-line error and a non-zero exit; what was committed stays committed.
+- an empty document (text "" or null): skipped and counted in the manifest (`skipped.empty`), with a
+  warning; it has no tokens to lose.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .builtin import BUILTIN_SOURCE, pydoc_documents
+
+log = logging.getLogger("packerd")
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+DEFAULT_HF = "hf:HuggingFaceFW/fineweb-edu:sample-10BT:train"
+
+
+class SourceError(ValueError):
+    pass
+
+
+@dataclass
+class SourceFile:
+    path: str
+    size: int            # bytes on disk
+    units: float         # the size in the unit progress is measured in (bytes; rows for parquet)
+    docs: int | None = None  # records in the file, once fully read
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "units": self.units, "docs": self.docs}
+
+
+def _quiet_datasets():
+    import datasets
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def parse_hf(spec: str) -> tuple[str, str | None, str]:
+    parts = spec[3:].split(":")
+    if not parts[0]:
+        raise SourceError(f"source {spec!r}: expected hf:NAME[:CONFIG[:SPLIT]]")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def expand_local(spec: str, must_exist: bool = True) -> list[str]:
+    p = Path(spec)
+    if any(ch in spec for ch in "*?["):
+        files = sorted(glob.glob(spec, recursive=True))
+    elif p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file())
+    elif p.exists():
+        files = [str(p)]
+    else:
+        raise SourceError(f"source {spec!r} does not exist")
+    files = [f for f in files if Path(f).suffix.lower() in LOCAL_FORMATS and not Path(f).name.startswith(".")]
+    if p.is_file() and not files:
+        raise SourceError(f"source {spec!r}: unsupported file type (use .jsonl, .json, .parquet or .txt)")
+    if not files and must_exist:
+        raise SourceError(f"source {spec!r} has no .jsonl, .json, .parquet or .txt files")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise SourceError(f"source file {f} is not readable")
+    return [str(Path(f).resolve()) for f in files]
+
+
+def _size_units(path: str) -> tuple[int, float]:
+    size = os.path.getsize(path)
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            return size, float(pq.ParquetFile(path).metadata.num_rows)
+        except Exception as e:
+            raise SourceError(f"source file {path} is not a readable parquet file: {e}") from None
+    return size, float(size)
+
+
+class Source:
+    """All documents of the given specs, in order; knows its files and how to estimate its size."""
+
+    def __init__(self, specs: list[str], text_field: str = "text", known_files: list[dict] | None = None):
+        if not specs:
+            raise SourceError("no source given (use --source)")
+        self.specs = list(specs)
+        self.text_field = text_field
+        self.files: list[SourceFile] = [SourceFile(**f) for f in (known_files or [])]
+        self.hf_rows: dict[str, int | None] = {}
+        for spec in self.specs:
+            if spec.startswith("hf:"):
+                parse_hf(spec)
+            elif spec != BUILTIN_SOURCE:
+                for f in expand_local(spec):
+                    self._add_file(f)
+        for f in self.files:
+            if not os.path.exists(f.path):
+                raise SourceError(f"source file {f.path} was packed before and is now missing")
+
+    def _add_file(self, path: str) -> bool:
+        if any(f.path == path for f in self.files):
+            return False
+        size, units = _size_units(path)
+        self.files.append(SourceFile(path=path, size=size, units=units))
+        return True
+
+    def rescan(self) -> int:
+        """Pick up files that appeared in source folders (follow mode); returns how many are new."""
+        new = 0
+        for spec in self.specs:
+            if not spec.startswith(("hf:", "builtin:")):
+                for f in expand_local(spec, must_exist=False):
+                    new += self._add_file(f)
+        return new
+
+    @property
+    def has_hf(self) -> bool:
+        return any(s.startswith("hf:") for s in self.specs)
+
+    # -- documents -----------------------------------------------------------------------------
+    def documents(self, start: int = 0) -> Iterator[tuple[int, str | None, float]]:
+        """(index, text, progress units) from record `start` on; text None marks an empty record.
+
+        Local files are read in the order of self.files, which may grow while iterating (follow mode)."""
+        index = 0
+        for spec in self.specs:
+            if spec.startswith("hf:"):
+                it = self._hf_records(spec)
+                index = yield from self._numbered(it, index, start, lambda text: 1.0)
+            elif spec == BUILTIN_SOURCE:
+                it = iter(pydoc_documents())
+                index = yield from self._numbered(it, index, start, lambda text: float(len(text.encode())))
+        i = 0
+        while i < len(self.files):
+            f = self.files[i]
+            if f.docs is not None and index + f.docs <= start:
+                index += f.docs  # the whole file lies before the restart point: skip without reading
+            else:
+                first = index
+                unit = (lambda text: 1.0) if f.path.endswith(".parquet") else (lambda text: float(len(text.encode())) if text else 0.0)
+                index = yield from self._numbered(self._file_records(f.path), index, start, unit)
+                f.docs = index - first
+            i += 1
+
+    def _numbered(self, records, index: int, start: int, unit):
+        for text in records:
+            if index >= start:
+                yield index, text, unit(text) if text else 0.0
+            index += 1
+        return index
+
+    def _extract(self, row: dict, where: str):
+        if self.text_field not in row:
+            raise SourceError(f"{where}: record has no field {self.text_field!r} (fields: {', '.join(sorted(row))}); use --text-field")
+        text = row[self.text_field]
+        if text is None or text == "":
+            return None
+        if not isinstance(text, str):
+            raise SourceError(f"{where}: field {self.text_field!r} is a {type(text).__name__}, not text")
+        return text
+
+    def _file_records(self, path: str) -> Iterator[str | None]:
+        datasets = _quiet_datasets()
+        fmt = LOCAL_FORMATS[Path(path).suffix.lower()]
+        kwargs = {"sample_by": "document"} if fmt == "text" else {}
+        try:
+            ds = datasets.load_dataset(fmt, data_files=[path], split="train", streaming=True, **kwargs)
+            for row in ds:
+                yield self._extract(row, f"source file {path}") if fmt != "text" else (row["text"] or None)
+        except SourceError:
+            raise
+        except UnicodeDecodeError as e:
+            raise SourceError(f"source file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"source file {path} cannot be read: {msg}") from None
+
+    def _hf_records(self, spec: str) -> Iterator[str | None]:
+        datasets = _quiet_datasets()
+        name, config, split = parse_hf(spec)
+        try:
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+            for row in ds:
+                yield self._extract(row, f"source {spec}")
+        except SourceError:
+            raise
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"source {spec} cannot be loaded: {msg}") from None
+
+    # -- size estimate -------------------------------------------------------------------------
+    def total_units(self) -> tuple[float | None, str]:
+        """The whole source's size in progress units, and where that figure came from."""
+        total = 0.0
+        for spec in self.specs:
+            if spec.startswith("hf:"):
+                rows = self._hf_num_rows(spec)
+                if rows is None:
+                    return None, "unknown"
+                total += rows
+            elif spec == BUILTIN_SOURCE:
+                total += sum(len(t.encode()) for t in pydoc_documents())
+        total += sum(f.units for f in self.files)
+        method = "dataset-metadata" if self.has_hf else "file-sizes"
+        return total, method
+
+    def _hf_num_rows(self, spec: str) -> int | None:
+        if spec not in self.hf_rows:
+            datasets = _quiet_datasets()
+            name, config, split = parse_hf(spec)
+            rows = None
+            try:
+                info = datasets.load_dataset_builder(name, config).info
+                if info.splits and split in info.splits:
+                    rows = info.splits[split].num_examples or None
+            except Exception as e:  # metadata is optional; the estimate falls back
+                log.warning("no size metadata for %s: %s", spec, str(e).splitlines()[0] if str(e) else e)
+            self.hf_rows[spec] = rows
+        return self.hf_rows[spec]
