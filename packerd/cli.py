@@ -97,10 +97,9 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
     try:
         data = load_toml(config_file) if config_file else {}
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        if flags.get("source") == ():
-            flags["source"] = None
+        flags["source"] = list(flags["source"]) or None
         cache_dir = flags.get("cache_dir") or data.get("cache_dir")
-        existing = _existing_manifest(cache_dir) if cache_dir and not force_rebuild else None
+        existing = _existing_manifest(cache_dir) if cache_dir else None
         if existing is not None:  # settings of an existing cache are the defaults of a restart
             data = merge({"seq_len": existing.seq_len, "chunk_sequences": existing.chunk_sequences,
                           "source": existing.sources, "tokenizer": existing.tokenizer["name"],

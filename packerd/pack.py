@@ -27,7 +27,7 @@ from shared.chunk import Chunk, encode_chunk, read_header
 from shared.fsutil import atomic_write_bytes
 from shared.manifest import ChunkEntry, Manifest, chunk_filename
 
-from .source import Source
+from .source import Source, SourceError
 from .tokenizer import TokenizerInfo, encode_batch, init_worker
 
 log = logging.getLogger("packerd")
@@ -160,20 +160,25 @@ class Packer:
     # -- tokenizing ----------------------------------------------------------------------------
     def _batches(self, stream: TokenStream, start_doc: int) -> Iterator[tuple[np.ndarray, list[str]]]:
         idx, texts, chars = [], [], 0
-        for i, text, units in self.source.documents(start_doc):
-            if self.stop.is_set():
-                break
-            stream.next_doc = i + 1  # provisional: only meaningful once the batch is appended
-            self.units_seen += units
-            if text is None:
-                self.skipped_at.append(i)
-                continue
-            idx.append(i)
-            texts.append(text)
-            chars += len(text)
-            if chars >= BATCH_CHARS:
+        try:
+            for i, text, units in self.source.documents(start_doc):
+                if self.stop.is_set():
+                    break
+                stream.next_doc = i + 1  # provisional: only meaningful once the batch is appended
+                self.units_seen += units
+                if text is None:
+                    self.skipped_at.append(i)
+                    continue
+                idx.append(i)
+                texts.append(text)
+                chars += len(text)
+                if chars >= BATCH_CHARS:
+                    yield np.asarray(idx, dtype=np.int64), texts
+                    idx, texts, chars = [], [], 0
+        except SourceError:
+            if texts:  # what was read before the bad record still gets packed and committed
                 yield np.asarray(idx, dtype=np.int64), texts
-                idx, texts, chars = [], [], 0
+            raise
         if texts:
             yield np.asarray(idx, dtype=np.int64), texts
 
@@ -188,14 +193,20 @@ class Packer:
             ctx = mp.get_context("spawn")  # fork after datasets/pyarrow threads exist can deadlock
             self._pool = ctx.Pool(self.workers, init_worker, (self.tok.backend_json, self.tok.eos_id, self.dtype.str))
         pending: deque = deque()
-        for idx, texts in batches:
-            pending.append((idx, self._pool.apply_async(encode_batch, (texts,))))
-            if len(pending) >= 2 * self.workers:
-                i, r = pending.popleft()
-                yield (i, *r.get())
+        error = None
+        try:
+            for idx, texts in batches:
+                pending.append((idx, self._pool.apply_async(encode_batch, (texts,))))
+                if len(pending) >= 2 * self.workers:
+                    i, r = pending.popleft()
+                    yield (i, *r.get())
+        except SourceError as e:
+            error = e  # hand over the batches read before the bad record first
         while pending:
             i, r = pending.popleft()
             yield (i, *r.get())
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         if self._pool is not None:

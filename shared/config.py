@@ -63,6 +63,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [value]
+        if isinstance(value, tuple):
+            value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list (got {value!r})")
         return [_coerce(v, item, name) for v in value]

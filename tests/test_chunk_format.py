@@ -1,0 +1,70 @@
+"""The chunk file format and the manifest, without processes."""
+import json
+
+import numpy as np
+import pytest
+
+from shared.chunk import Chunk, ChunkError, decode_chunk, encode_chunk, read_header
+from shared.manifest import ChunkEntry, Manifest, load_manifest
+from packerd.pack import build_chunk
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_round_trip(dtype, level):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50000, size=1000).astype(dtype)
+    chunk = build_chunk(tokens, np.array([0, 5, 130, 131, 900]), seq_len=128)
+    back = decode_chunk(encode_chunk(chunk, level))
+    assert back.tokens.dtype == np.dtype(dtype)
+    assert np.array_equal(back.tokens, tokens)
+    assert list(back.lengths) == [128] * 7 + [1000 - 7 * 128]
+    assert list(back.doc_starts_of(0)) == [0, 5]
+    assert list(back.doc_starts_of(1)) == [2, 3]
+    assert list(back.doc_starts_of(7)) == [900 - 7 * 128]
+    padded = back.padded(pad_id=7)
+    assert padded.shape == (8, 128) and (padded[7, 1000 - 7 * 128:] == 7).all()
+
+
+def test_tokens_stored_as_raw_uint16_not_pickle():
+    chunk = build_chunk(np.arange(256, dtype=np.uint16), np.array([0]), seq_len=64)
+    data = encode_chunk(chunk, level=0)
+    assert read_header(data)["itemsize"] == 2
+    assert b"torch" not in data and not data.startswith(b"\x80")  # no pickle protocol header
+
+
+def test_every_flipped_byte_is_detected():
+    chunk = build_chunk(np.arange(300, dtype=np.uint16) % 50, np.array([0, 17]), seq_len=64)
+    data = encode_chunk(chunk)
+    for i in range(len(data)):
+        if 48 <= i < 64:  # header padding after the checksum field is never read
+            continue
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        with pytest.raises(ChunkError):
+            decode_chunk(bytes(bad))
+
+
+def test_truncated_file_is_rejected():
+    data = encode_chunk(build_chunk(np.arange(100, dtype=np.uint16), np.array([0]), seq_len=64))
+    for cut in (10, 64, len(data) - 1):
+        with pytest.raises(ChunkError):
+            decode_chunk(data[:cut])
+
+
+def test_manifest_round_trip_and_totals(tmp_path):
+    m = Manifest(seq_len=4, chunk_sequences=2, dtype="uint16", tokenizer={"name": "t", "vocab_hash": "h",
+                 "vocab_size": 10, "eos_id": 0, "pad_id": 0}, sources=["a"])
+    m.chunks.append(ChunkEntry(id=0, sequences=2, tokens=8, bytes=100, checksum="ab", start=[0, 0], end=[3, 1],
+                               documents=3, committed_at=1.0))
+    m.chunks.append(ChunkEntry(id=1, sequences=1, tokens=3, bytes=50, checksum="cd", start=[3, 1], end=[4, 0],
+                               documents=0, committed_at=2.0))
+    m.finished = True
+    m.save(tmp_path)
+    back = load_manifest(tmp_path)
+    assert back.chunks == m.chunks and back.finished
+    totals = json.loads((tmp_path / "manifest.json").read_text())["totals"]
+    # utilization counts real lengths, never token id 0 (which is EOS here) as padding
+    assert totals == {"chunks": 2, "sequences": 3, "tokens": 11, "bytes": 150, "bytes_per_token": round(150 / 11, 4),
+                      "utilization": round(11 / 12, 6)}
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -1,0 +1,358 @@
+"""packerd through its real CLI: the exactly-once invariant, commits, notifications, modes, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from click.testing import CliRunner
+
+from conftest import ROOT, free_endpoint, run_packerd, write_jsonl
+from packerd.cli import main as packerd_cli
+from shared.cache import CorruptChunk, open_cache
+from shared.fsutil import FolderLock
+from shared.manifest import load_manifest
+from shared.protocol import Subscriber
+
+
+def reference_documents(texts, tokenizer_dir) -> list[np.ndarray]:
+    """Each non-empty source document tokenized on its own, EOS appended: what the cache must hold."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return [np.array(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]) for t in texts if t]
+
+
+def assert_exactly_once(cache_dir, texts, tokenizer_dir):
+    docs = list(open_cache(cache_dir).iter_documents())
+    ref = reference_documents(texts, tokenizer_dir)
+    assert len(docs) == len(ref), f"{len(docs)} documents in the cache, {len(ref)} in the source"
+    for i, (a, b) in enumerate(zip(docs, ref)):
+        assert np.array_equal(a, b), f"document {i} differs"
+
+
+def test_invariant_every_document_exactly_once(tmp_path, corpus_texts, tokenizer_dir):
+    # two files, an empty document, and a seq_len that does not divide the stream
+    texts = list(corpus_texts)
+    texts.insert(5, "")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", texts[:40])
+    write_jsonl(src / "b.jsonl", texts[40:])
+    cache = tmp_path / "cache"
+    run_packerd("run", "--cache-dir", cache, "--source", src, "--tokenizer", tokenizer_dir, "--seq-len", 100,
+                "--chunk-sequences", 30, "--workers", 2, "--endpoint", free_endpoint(tmp_path))
+    assert_exactly_once(cache, texts, tokenizer_dir)
+    m = load_manifest(cache)
+    assert m.finished and m.skipped == {"empty": 1} and m.documents == len(texts)
+    assert m.dtype == "uint16"
+    # every chunk is full except the last; only the very last sequence is short (padding, real length kept)
+    assert all(c.sequences == 30 for c in m.chunks[:-1])
+    lengths = [len(s) for s in open_cache(cache).iter_sequences()]
+    assert all(n == 100 for n in lengths[:-1]) and 0 < lengths[-1] <= 100
+    # chunk source ranges chain: each starts where the previous ended
+    for a, b in zip(m.chunks, m.chunks[1:]):
+        assert a.end == b.start
+    assert m.chunks[0].start == [0, 0] and m.chunks[-1].end == [len(texts), 0]
+
+
+def test_real_gpt2_on_wikitext(tmp_path, gpt2_dir, wikitext_jsonl):
+    texts = [json.loads(line)["text"] for line in open(wikitext_jsonl)]
+    cache = tmp_path / "cache"
+    run_packerd("run", "--cache-dir", cache, "--source", wikitext_jsonl, "--tokenizer", gpt2_dir, "--seq-len", 512,
+                "--workers", 2, "--endpoint", free_endpoint(tmp_path))  # default chunk size: 1024 sequences
+    assert_exactly_once(cache, texts, gpt2_dir)
+    t = load_manifest(cache).totals()
+    assert t["tokens"] == 253_647 + len(texts)  # the corpus's GPT-2 token count plus one EOS per document
+    assert t["bytes_per_token"] <= 1.30
+
+
+def big_source(tmp_path, corpus_texts, copies=6) -> tuple[Path, list[str]]:
+    src = tmp_path / "big"
+    src.mkdir()
+    texts = []
+    for k in range(copies):
+        part = [f"copy {k}: {t}" for t in corpus_texts]
+        write_jsonl(src / f"part{k}.jsonl", part)
+        texts += part
+    return src, texts
+
+
+def test_kill9_at_random_instants_then_resume(tmp_path, corpus_texts, tokenizer_dir):
+    src, texts = big_source(tmp_path, corpus_texts, copies=3)
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src),
+            "--tokenizer", str(tokenizer_dir), "--seq-len", "64", "--chunk-sequences", "48", "--workers", "1",
+            "--endpoint", free_endpoint(tmp_path)]
+    rng = np.random.default_rng(1)
+    seen_partial = []
+    for kill in range(4):
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        have = len(load_manifest(cache).chunks) if (cache / "manifest.json").exists() else 0
+        target = have + int(rng.integers(1, 12))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            # a reader polling the cache during the run never sees a partial chunk
+            if (cache / "manifest.json").exists():
+                c = open_cache(cache)
+                for e in c.chunks[-2:]:
+                    try:
+                        c.read_chunk(e.id)
+                    except CorruptChunk as err:
+                        seen_partial.append(str(err))
+                if len(c.chunks) >= target:
+                    time.sleep(float(rng.uniform(0, 0.05)))  # land anywhere: tokenizing, writing, committing
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not seen_partial
+    assert not load_manifest(cache).finished
+    run_packerd(*args[3:])
+    assert run_packerd("verify", "--cache-dir", cache).returncode == 0
+    assert_exactly_once(cache, texts, tokenizer_dir)
+    assert not list(cache.glob(".tmp-*"))
+
+
+def test_notifications_reach_a_real_sub_socket(tmp_path, corpus_jsonl, tokenizer_dir):
+    endpoint = free_endpoint(tmp_path)
+    cache = tmp_path / "cache"
+    sub = Subscriber(endpoint)
+    proc = subprocess.Popen([sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source",
+                             str(corpus_jsonl), "--tokenizer", str(tokenizer_dir), "--seq-len", "64",
+                             "--chunk-sequences", "64", "--workers", "1", "--endpoint", endpoint],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # a PUB socket drops messages sent before the subscriber joins (the slow-joiner rule); packing starts only
+    # after the tokenizer loads, which leaves time to connect, and the first heartbeat confirms it
+    msgs = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(m["type"] == "finished" for m in msgs):
+        msgs += sub.poll(200)
+    proc.wait(timeout=60)
+    sub.close()
+    chunks = [m for m in msgs if m["type"] == "chunk"]
+    m = load_manifest(cache)
+    assert [c["chunk_id"] for c in chunks] == [e.id for e in m.chunks]
+    assert chunks[-1]["total_sequences"] == m.total_sequences
+    assert msgs[-1]["type"] == "finished" and msgs[-1]["total_tokens"] == m.total_tokens
+    seqs = [m["seq"] for m in msgs]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no message lost on the way
+    for c in chunks:  # the manifest already listed the chunk when it was announced
+        assert m.chunks[c["chunk_id"]].committed_at == c["committed_at"]
+
+
+def test_inverse_mode_restores_deleted_and_corrupt_chunks_byte_identical(tmp_path, make_cache, tokenizer_dir):
+    cache = make_cache(seq_len=64, chunk_sequences=16)
+    m = load_manifest(cache)
+    assert len(m.chunks) >= 6
+    files = {e.id: (cache / e.file).read_bytes() for e in m.chunks}
+    untouched_mtime = (cache / m.chunks[0].file).stat().st_mtime_ns
+    (cache / m.chunks[2].file).unlink()
+    (cache / m.chunks[3].file).unlink()
+    (cache / m.chunks[-1].file).unlink()  # the short final chunk too
+    bad = bytearray(files[4])
+    bad[len(bad) // 2] ^= 1
+    (cache / m.chunks[4].file).write_bytes(bytes(bad))
+    proc = run_packerd("verify", "--cache-dir", cache, "--quarantine", check=False)
+    assert proc.returncode == 1 and "bad chunk 4" in proc.stdout and "bad chunk 2" in proc.stdout
+    run_packerd("run", "--cache-dir", cache, "--mode", "inverse", "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    for e in m.chunks:
+        assert (cache / e.file).read_bytes() == files[e.id], f"chunk {e.id} differs"
+    assert (cache / m.chunks[0].file).stat().st_mtime_ns == untouched_mtime
+    assert load_manifest(cache).chunks == m.chunks
+
+
+def test_verify_names_a_flipped_byte(tmp_path, make_cache):
+    cache = make_cache()
+    m = load_manifest(cache)
+    assert run_packerd("verify", "--cache-dir", cache).returncode == 0
+    p = cache / m.chunks[1].file
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0x40
+    p.write_bytes(bytes(data))
+    proc = run_packerd("verify", "--cache-dir", cache, "--json", check=False)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert [b["chunk_id"] for b in report["bad"]] == [1]
+
+
+def test_a_second_packer_on_the_same_cache_refuses(tmp_path, corpus_jsonl, tokenizer_dir):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with FolderLock(cache):
+        proc = run_packerd("run", "--cache-dir", cache, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir,
+                           "--endpoint", free_endpoint(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "another packer is running on this cache" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (cache / "manifest.json").exists()
+
+
+def test_restart_continues_and_refuses_changed_settings(tmp_path, make_cache, corpus_texts, tokenizer_dir):
+    cache = make_cache()
+    before = load_manifest(cache)
+    # a finished cache: restarting with the same settings does nothing
+    proc = run_packerd("run", "--cache-dir", cache, "--endpoint", free_endpoint(tmp_path))
+    assert "is finished" in proc.stderr and load_manifest(cache).chunks == before.chunks
+    proc = run_packerd("run", "--cache-dir", cache, "--seq-len", 128, "--endpoint", free_endpoint(tmp_path), check=False)
+    assert proc.returncode != 0 and "seq_len 64 (now 128)" in proc.stderr
+    proc = run_packerd("run", "--cache-dir", cache, "--force-rebuild", "--yes", "--seq-len", 128,
+                       "--endpoint", free_endpoint(tmp_path))
+    assert load_manifest(cache).seq_len == 128
+    assert_exactly_once(cache, corpus_texts, tokenizer_dir)
+
+
+def test_follow_mode_packs_files_that_appear(tmp_path, corpus_texts, tokenizer_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", corpus_texts[:20])
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src),
+                             "--tokenizer", str(tokenizer_dir), "--seq-len", "64", "--chunk-sequences", "16",
+                             "--workers", "1", "--follow", "--endpoint", free_endpoint(tmp_path)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        def wait_for(pred, what):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                m = load_manifest(cache) if (cache / "manifest.json").exists() else None
+                if m and pred(m):
+                    return m
+                time.sleep(0.1)
+            raise AssertionError(f"timed out waiting for {what}")
+        first = wait_for(lambda m: m.documents >= 19, "the first file")
+        write_jsonl(src / "b.jsonl", corpus_texts[20:40])
+        m = wait_for(lambda m: m.total_tokens > first.total_tokens and m.documents >= 39, "the second file")
+        assert not m.finished
+        assert [f["path"].rsplit("/", 1)[-1] for f in m.source_files] == ["a.jsonl", "b.jsonl"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    # the partial window still in memory at SIGTERM was not committed; a run without --follow finishes it
+    run_packerd("run", "--cache-dir", cache, "--endpoint", free_endpoint(tmp_path))
+    assert_exactly_once(cache, corpus_texts[:40], tokenizer_dir)
+
+
+def test_status_and_config_file(tmp_path, corpus_jsonl, tokenizer_dir):
+    cfg = tmp_path / "pack.toml"
+    cfg.write_text(f'cache_dir = "{tmp_path / "cache"}"\nsource = ["{corpus_jsonl}"]\ntokenizer = "{tokenizer_dir}"\n'
+                   f'seq_len = 32\nchunk_sequences = 100\nworkers = 1\nendpoint = "{free_endpoint(tmp_path)}"\n')
+    run_packerd("run", "--config", cfg, "--seq-len", 48)  # the flag wins over the file
+    proc = run_packerd("status", "--cache-dir", tmp_path / "cache", "--json")
+    info = json.loads(proc.stdout)
+    assert info["seq_len"] == 48 and info["finished"] is True
+    assert info["tokens"] == load_manifest(tmp_path / "cache").total_tokens
+    assert info["estimate"]["tokens"] >= info["tokens"] and info["estimate"]["method"] == "file-sizes"
+    human = run_packerd("status", "--cache-dir", tmp_path / "cache").stdout
+    assert "finished     yes" in human
+
+
+# -- bad input: one line, non-zero exit, nothing written -----------------------------------------------------
+
+def _bad(tmp_path, tokenizer_dir, *args, tokenizer=True):
+    cache = tmp_path / "cache"
+    argv = ["run", "--cache-dir", str(cache), "--endpoint", free_endpoint(tmp_path), "--workers", "1", *map(str, args)]
+    if tokenizer:
+        argv += ["--tokenizer", str(tokenizer_dir)]
+    result = CliRunner().invoke(packerd_cli, argv)
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [l for l in result.output.splitlines() if l.startswith("Error")]
+    assert len(lines) == 1, result.output
+    m = load_manifest(cache) if (cache / "manifest.json").exists() else None
+    assert m is None or not m.chunks
+    assert not list(cache.glob("chunk-*")) and not list(cache.glob(".tmp-*"))
+    return lines[0]
+
+
+def test_bad_inputs(tmp_path, tokenizer_dir, corpus_jsonl):
+    d = tmp_path
+    (d / "badjson.jsonl").write_text('{"text": "fine"}\nnot json at all\n')
+    (d / "nonutf8.jsonl").write_bytes(b'{"text": "caf\xe9 \xff"}\n')
+    (d / "nofield.jsonl").write_text('{"body": "hello"}\n')
+    (d / "notstr.jsonl").write_text('{"text": 12}\n')
+    (d / "data.csv").write_text("a,b\n")
+    cases = {
+        "does not exist": ["--source", d / "missing.jsonl"],
+        "not valid JSON": ["--source", d / "badjson.jsonl"],
+        "not UTF-8": ["--source", d / "nonutf8.jsonl"],
+        "has no field 'text'": ["--source", d / "nofield.jsonl"],
+        "is a int, not text": ["--source", d / "notstr.jsonl"],
+        "unsupported file type": ["--source", d / "data.csv"],
+        "seq_len must be at least 2": ["--source", corpus_jsonl, "--seq-len", 1],
+        "chunk_sequences must be at least 1": ["--source", corpus_jsonl, "--chunk-sequences", 0],
+        "endpoint must start with": ["--source", corpus_jsonl, "--endpoint", "http://x"],
+        "not valid TOML": ["--source", corpus_jsonl, "--config", d / "bad.toml"],
+    }
+    (d / "bad.toml").write_text("seq_len = = 3\n")
+    for expect, args in cases.items():
+        line = _bad(tmp_path, tokenizer_dir, *args)
+        assert expect in line or (expect == "not valid JSON" and "cannot be read" in line), (expect, line)
+
+
+def test_bad_tokenizers(tmp_path, tokenizer_dir, corpus_jsonl):
+    line = _bad(tmp_path, tokenizer_dir, "--source", corpus_jsonl, "--tokenizer", "no-such-org/no-such-tokenizer", tokenizer=False)
+    assert "cannot load tokenizer" in line
+    # a tokenizer with no EOS is refused unless --eos names one
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<sep>"], show_progress=False))
+    tok.save(str(tmp_path / "noeos.json"))
+    line = _bad(tmp_path, tokenizer_dir, "--source", corpus_jsonl, "--tokenizer", tmp_path / "noeos.json", tokenizer=False)
+    assert "has no EOS token" in line
+    line = _bad(tmp_path, tokenizer_dir, "--source", corpus_jsonl, "--tokenizer", tmp_path / "noeos.json", "--eos", "<nope>", tokenizer=False)
+    assert "is not a token of" in line
+    proc = run_packerd("run", "--cache-dir", tmp_path / "ok", "--source", corpus_jsonl, "--tokenizer", tmp_path / "noeos.json",
+                       "--eos", "<sep>", "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    assert load_manifest(tmp_path / "ok").tokenizer["eos_id"] == 0
+
+
+def test_bad_record_after_commits_keeps_what_was_committed(tmp_path, corpus_texts, tokenizer_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", corpus_texts)
+    (src / "b.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    cache = tmp_path / "cache"
+    proc = run_packerd("run", "--cache-dir", cache, "--source", src, "--tokenizer", tokenizer_dir, "--seq-len", 64,
+                       "--chunk-sequences", 16, "--workers", 1, "--endpoint", free_endpoint(tmp_path), check=False)
+    assert proc.returncode == 1 and "b.jsonl" in proc.stderr and "committed chunks are intact" in proc.stderr
+    m = load_manifest(cache)
+    assert m.chunks and not m.finished
+    assert run_packerd("verify", "--cache-dir", cache).returncode == 0
+    write_jsonl(src / "b.jsonl", ["ok", "fixed"])  # repair the file and continue
+    run_packerd("run", "--cache-dir", cache, "--endpoint", free_endpoint(tmp_path))
+    assert_exactly_once(cache, list(corpus_texts) + ["ok", "fixed"], tokenizer_dir)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, corpus_texts, tokenizer_dir):
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "160k"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        src, texts = big_source(tmp_path, corpus_texts, copies=2)
+        proc = run_packerd("run", "--cache-dir", mnt / "cache", "--source", src, "--tokenizer", tokenizer_dir,
+                           "--seq-len", 64, "--chunk-sequences", 32, "--workers", 1, "--endpoint", free_endpoint(tmp_path),
+                           check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "disk full" in proc.stderr and "Traceback" not in proc.stderr
+        m = load_manifest(mnt / "cache")
+        assert m.chunks and not m.finished
+        assert not list((mnt / "cache").glob(".tmp-*"))
+        assert run_packerd("verify", "--cache-dir", mnt / "cache").returncode == 0
+    finally:
+        subprocess.run(["umount", str(mnt)])
