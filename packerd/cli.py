@@ -45,6 +45,7 @@ class PackerConfig:
     follow: bool = opt(False, "Keep running and pack files that appear in source folders.")
     estimate_tokens: int | None = opt(None, "Size of the full dataset in tokens, when metadata cannot tell.")
     poll_seconds: float = opt(2.0, "Follow mode: how often to look for new files.")
+    curve_dir: str | None = opt(None, "Folder of CURVE keys (`packerd keys`): encrypt and authenticate the endpoint.")
 
     def validate(self) -> None:
         if not self.cache_dir:
@@ -61,6 +62,8 @@ class PackerConfig:
             raise ConfigError(f"mode must be forward or inverse (got {self.mode!r})")
         if not self.endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
+        if self.curve_dir and not (Path(self.curve_dir) / "server.key_secret").exists():
+            raise ConfigError(f"curve_dir {self.curve_dir} has no server.key_secret (create one with `packerd keys DIR`)")
 
 
 def _fail(msg: str) -> click.ClickException:
@@ -90,6 +93,7 @@ def main(verbose: bool) -> None:
 @click.option("--mode", type=click.Choice(["forward", "inverse"]), help="forward (default) or inverse.")
 @click.option("--follow/--no-follow", default=None, help="Keep running and pack new files in source folders.")
 @click.option("--estimate-tokens", type=int, help="Full dataset size in tokens, when metadata cannot tell.")
+@click.option("--curve-dir", type=click.Path(file_okay=False), help="CURVE key folder from `packerd keys`: encrypt and authenticate subscribers.")
 @click.option("--force-rebuild", is_flag=True, help="Delete the cache and pack from scratch.")
 @click.option("--yes", is_flag=True, help="Do not ask before --force-rebuild.")
 def run(config_file, force_rebuild, yes, **flags) -> None:
@@ -157,7 +161,8 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
             signal.signal(sig, lambda *_: stop.set())
         workers = cfg.workers or os.cpu_count() or 1
         try:
-            publisher = Publisher(cfg.endpoint, uuid.uuid4().hex[:12]) if cfg.mode == "forward" else None
+            publisher = (Publisher(cfg.endpoint, uuid.uuid4().hex[:12], curve_dir=cfg.curve_dir)
+                         if cfg.mode == "forward" else None)
         except OSError as e:
             raise _fail(str(e))
         progress = Progress()
@@ -248,6 +253,22 @@ def _clean_uncommitted(cache_dir: Path, manifest: Manifest) -> None:
         if cid >= nxt:
             p.unlink()
             log.info("removed %s: written but never committed to the manifest", p.name)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+def keys(folder) -> None:
+    """Create CURVE keys in FOLDER for an endpoint that other machines reach.
+
+    packerd uses FOLDER with `--curve-dir FOLDER`; copy server.key, client.key and client.key_secret to the
+    trainer's machine and give it that folder with `--curve-dir`. Add more subscribers by putting their
+    public keys in FOLDER/authorized/.
+    """
+    from shared.protocol import make_curve_keys
+    if Path(folder).exists() and any(Path(folder).iterdir()):
+        raise _fail(f"{folder} is not empty; keys are never overwritten")
+    make_curve_keys(folder)
+    click.echo(f"wrote server and client key pairs to {folder}")
 
 
 @main.command()

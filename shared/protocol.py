@@ -73,12 +73,60 @@ def endpoint_is_local(endpoint: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+# ---- CURVE: encryption and client authentication for an endpoint other machines can reach ------------
+# A key folder made by `packerd keys DIR` holds:
+#   server.key, server.key_secret     the publisher's key pair (the secret stays with packerd)
+#   client.key, client.key_secret     a subscriber's key pair (copy these and server.key to the trainer)
+#   authorized/*.key                  public keys of the subscribers the publisher accepts
+
+def make_curve_keys(folder) -> None:
+    import os
+    import shutil
+    from pathlib import Path
+
+    import zmq.auth
+    folder = Path(folder)
+    (folder / "authorized").mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(str(folder), "server")
+    zmq.auth.create_certificates(str(folder), "client")
+    shutil.copy(folder / "client.key", folder / "authorized" / "client.key")
+    for secret in folder.glob("*.key_secret"):
+        os.chmod(secret, 0o600)
+
+
+def _curve_server(sock, ctx, folder):
+    from pathlib import Path
+
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+    folder = Path(folder)
+    public, secret = zmq.auth.load_certificate(str(folder / "server.key_secret"))
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(folder / "authorized"))
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+    return auth
+
+
+def _curve_client(sock, folder):
+    from pathlib import Path
+
+    import zmq.auth
+    folder = Path(folder)
+    server_public, _ = zmq.auth.load_certificate(str(folder / "server.key"))
+    public, secret = zmq.auth.load_certificate(str(folder / "client.key_secret"))
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, public, secret
+
+
 class Publisher:
     """Owns a PUB socket in one thread: sends queued messages and a heartbeat every second."""
 
-    def __init__(self, endpoint: str, run_id: str, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, run_id: str, context: zmq.Context | None = None, curve_dir=None):
         self.endpoint = endpoint
         self.run_id = run_id
+        self.curve_dir = curve_dir
+        if not curve_dir and not endpoint_is_local(endpoint):
+            log.warning("%s is reachable from other machines without encryption; use --curve-dir", endpoint)
         self._ctx = context or zmq.Context.instance()
         self._queue: queue.Queue = queue.Queue()
         self._seq = 0
@@ -94,11 +142,16 @@ class Publisher:
         sock = self._ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.SNDHWM, 10000)
+        auth = None
         try:
+            if self.curve_dir:
+                auth = _curve_server(sock, self._ctx, self.curve_dir)
             sock.bind(self.endpoint)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, OSError, ValueError) as e:
             self._error = OSError(f"cannot bind {self.endpoint}: {e}")
             sock.close(0)
+            if auth:
+                auth.stop()
             self._ready.set()
             return
         self._ready.set()
@@ -114,6 +167,8 @@ class Publisher:
             if msg["type"] == "heartbeat" or time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + HEARTBEAT_SECONDS
         sock.close()
+        if auth:
+            auth.stop()
 
     def _send(self, sock, msg: dict) -> None:
         msg = {"v": PROTOCOL_VERSION, "run": self.run_id, "seq": self._seq, **msg}
@@ -138,11 +193,13 @@ class Subscriber:
     caller then re-reads the manifest and calls `clear_gap()`.
     """
 
-    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, curve_dir=None):
         self.endpoint = endpoint
         self._ctx = context or zmq.Context.instance()
         self.sock = self._ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if curve_dir:
+            _curve_client(self.sock, curve_dir)
         self.sock.setsockopt(zmq.RCVHWM, 100000)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.connect(endpoint)

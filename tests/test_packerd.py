@@ -356,3 +356,37 @@ def test_disk_full_is_a_clear_error_and_loses_nothing(tmp_path, corpus_texts, to
         assert run_packerd("verify", "--cache-dir", mnt / "cache").returncode == 0
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_curve_endpoint_only_serves_subscribers_with_keys(tmp_path, corpus_jsonl, tokenizer_dir):
+    keys = tmp_path / "keys"
+    run_packerd("keys", keys)
+    assert (keys / "server.key_secret").stat().st_mode & 0o077 == 0  # secrets readable by the owner only
+    endpoint = free_endpoint(tmp_path)
+    with_keys, without = Subscriber(endpoint, curve_dir=keys), Subscriber(endpoint)
+    proc = subprocess.Popen([sys.executable, "-m", "packerd", "run", "--cache-dir", str(tmp_path / "cache"),
+                             "--source", str(corpus_jsonl), "--tokenizer", str(tokenizer_dir), "--workers", "1",
+                             "--endpoint", endpoint, "--curve-dir", str(keys)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    got, stolen = [], []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(m["type"] == "finished" for m in got):
+        got += with_keys.poll(100)
+        stolen += without.poll(0)
+    proc.wait(timeout=30)
+    stolen += without.poll(200)
+    with_keys.close()
+    without.close()
+    assert any(m["type"] == "finished" for m in got)
+    assert stolen == []
+
+
+def test_cache_files_follow_the_umask(tmp_path, corpus_jsonl, tokenizer_dir):
+    cache = tmp_path / "cache"
+    run_packerd("run", "--cache-dir", cache, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir, "--workers", 1,
+                "--endpoint", free_endpoint(tmp_path), preexec_fn=lambda: os.umask(0o027))
+    files = [p for p in cache.iterdir() if p.is_file()]
+    assert files
+    for p in files:
+        mode = p.stat().st_mode & 0o777
+        assert mode & 0o002 == 0, f"{p.name} is world-writable ({oct(mode)})"
+        assert mode & 0o027 == 0, f"{p.name} ignores the umask ({oct(mode)})"
