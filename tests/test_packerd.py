@@ -390,3 +390,25 @@ def test_cache_files_follow_the_umask(tmp_path, corpus_jsonl, tokenizer_dir):
         mode = p.stat().st_mode & 0o777
         assert mode & 0o002 == 0, f"{p.name} is world-writable ({oct(mode)})"
         assert mode & 0o027 == 0, f"{p.name} ignores the umask ({oct(mode)})"
+
+
+def test_hub_code_path_with_metadata_estimate(tmp_path, corpus_texts, tokenizer_dir):
+    """`hf:NAME` goes through datasets.load_dataset(streaming=True) and the split sizes of the dataset card;
+    a local dataset folder stands in for the hub (no network here). The card claims twice the real rows, so
+    the estimate must come out near twice the packed tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    ds = tmp_path / "hub_dataset"
+    (ds / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": corpus_texts}), ds / "data" / "train-00000-of-00001.parquet")
+    (ds / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: text\n    dtype: string\n  splits:\n  - name: train\n"
+        f"    num_examples: {2 * len(corpus_texts)}\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: data/train-*\n---\n")
+    cache = tmp_path / "cache"
+    run_packerd("run", "--cache-dir", cache, "--source", f"hf:{ds}", "--tokenizer", tokenizer_dir, "--workers", 1,
+                "--seq-len", 64, "--chunk-sequences", 16, "--endpoint", free_endpoint(tmp_path))
+    assert_exactly_once(cache, corpus_texts, tokenizer_dir)
+    m = load_manifest(cache)
+    assert m.estimate["method"] == "dataset-metadata"
+    assert 1.8 < m.estimate["tokens"] / m.total_tokens < 2.2
