@@ -1,0 +1,257 @@
+"""trainerd's data side: loader tokens/s per core against LZ4 alone, and commit-to-trainer notification latency.
+
+    python bench/bench_loader.py [--copies 8] [--seq-len 1024] [--chunk-sequences 64] [--global-batch 32] [--epochs 40]
+
+Prints one table:
+  1. raw LZ4 block decompression of the cache's chunk payloads (already in memory), one thread,
+  2. cache.read_chunk: file read + xxh64 check + LZ4 + index arrays, one thread,
+  3. the loader: DataPlan.get_batch over every step of --epochs epochs (one thread; tokens, positions with
+     document restarts, labels as int64 tensors), each chunk decompressed once per epoch by design,
+  4. notification latency while `packerd run --follow` packs files added one at a time: the packer's commit
+     time (manifest entry) to the CacheFollower's FollowState, and to DataPlan.grow having expanded the plan.
+Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times;
+falls back to builtin:pydoc + builtin:bpe when absent. Targets (issue 3): loader >= 200 M tokens/s per
+core, latency p99 < 20 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+
+def corpus() -> tuple[list[str], str, str]:
+    wt = DATA / "corpora" / "wikitext-2" / "valid.jsonl"
+    tok = DATA / "tokenizers" / "gpt2"
+    if wt.exists() and tok.exists():
+        return [json.loads(line)["text"] for line in open(wt)], str(tok), "wikitext-2 valid + GPT-2"
+    from packerd.builtin import builtin_tokenizer_dir, pydoc_documents
+    print("note: ../shared/data is absent; using builtin:pydoc with builtin:bpe")
+    return pydoc_documents(), str(builtin_tokenizer_dir()), "pydoc topics + builtin BPE"
+
+
+def write_jsonl(path: Path, texts, first_id: int = 0) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": first_id + i, "text": t}) + "\n")
+    return path
+
+
+def packerd(*args) -> list[str]:
+    return [sys.executable, "-m", "packerd", "run", *map(str, args)]
+
+
+def timed_loop(fn, min_seconds: float = 1.0) -> tuple[float, int, float]:
+    """Run fn() (which returns a token count) until min_seconds passed: (tokens/s, tokens, cpu/wall)."""
+    fn()  # warm up: page cache, allocator
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < min_seconds:
+        n += fn()
+    wall = time.perf_counter() - t0
+    return n / wall, n, (time.process_time() - c0) / wall
+
+
+def bench_loader(cache_dir: Path, args) -> list[tuple[str, float, str]]:
+    import lz4.block
+    import torch
+
+    from shared.cache import open_cache
+    from shared.chunk import HEADER_SIZE, read_header
+    from trainerd.data import DataPlan
+
+    torch.set_num_threads(1)  # the loader is numpy and torch copies on one thread: a per-core figure
+    cache = open_cache(cache_dir)
+    files = [(cache.dir / e.file).read_bytes() for e in cache.chunks]
+    payloads = []
+    for data in files:
+        h = read_header(data)
+        meta = 4 * (2 * h["num_sequences"] + 1 + h["num_doc_starts"])
+        payloads.append((memoryview(data)[HEADER_SIZE + meta:], h["num_tokens"] * h["itemsize"], h["num_tokens"]))
+
+    def raw_lz4() -> int:
+        for p, size, _ in payloads:
+            lz4.block.decompress(p, uncompressed_size=size)
+        return sum(n for _, _, n in payloads)
+
+    def read_chunks() -> int:
+        return sum(cache.read_chunk(e.id).num_tokens for e in cache.chunks)
+
+    G = args.global_batch
+    plans = [None]
+
+    def loader() -> int:
+        plan = DataPlan(cache, seed=len(plans), global_batch=G, rank=0, world_size=1, target_epochs=args.epochs)
+        plans[0] = plan
+        return sum(plan.get_batch(s).num_tokens for s in range(plan.total_steps))
+
+    rows = []
+    r, _, cpu = timed_loop(raw_lz4)
+    rows.append(("raw LZ4 decompression (payloads in memory)", r, f"cpu/wall {cpu:.2f}"))
+    r, _, cpu = timed_loop(read_chunks)
+    rows.append(("cache.read_chunk (read + xxh64 + LZ4)", r, f"cpu/wall {cpu:.2f}"))
+    r, n, cpu = timed_loop(loader, min_seconds=2.0)
+    p = plans[0]
+    rows.append((f"DataPlan.get_batch ({G} x {cache.seq_len} per step)", r,
+                 f"cpu/wall {cpu:.2f}; {p.chunks_decoded} chunk decodes for {args.epochs} epochs of {len(cache.chunks)} chunks"))
+    return rows
+
+
+def bench_latency(work: Path, texts: list[str], tok_dir: str, files: int, tag: str) -> dict:
+    """packerd --follow packs `files` files added one at a time; a CacheFollower polls in a tight loop (as
+    a trainer between steps would, at most) and a DataPlan grows on every change. A raw Subscriber in a
+    thread times the packer's share: commit to message received, without the manifest read."""
+    import threading
+
+    from shared.cache import open_cache
+    from shared.manifest import load_manifest
+    from shared.protocol import Subscriber
+    from trainerd.data import DataPlan
+    from trainerd.follow import CacheFollower
+
+    src, cache = work / f"follow-src-{tag}", work / f"follow-cache-{tag}"
+    src.mkdir()
+    parts = np.array_split(np.arange(len(texts)), files)
+    write_jsonl(src / "part-000.jsonl", [texts[i] for i in parts[0]])
+    endpoint = f"ipc://{work}/follow-{tag}.sock"
+    (work / "follow.toml").write_text("poll_seconds = 0.1\n")
+    raw, stop = [], threading.Event()
+
+    def listen():
+        sub = Subscriber(endpoint)
+        while not stop.is_set():
+            for msg in sub.poll(100):
+                if msg["type"] == "chunk":
+                    raw.append((time.time() - msg["committed_at"]) * 1000)
+        sub.close()
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    follower = CacheFollower(cache, endpoint, reconcile_seconds=2.0)
+    proc = subprocess.Popen(packerd("--config", work / "follow.toml", "--cache-dir", cache, "--source", src,
+                                    "--tokenizer", tok_dir, "--seq-len", 128, "--chunk-sequences", 8,
+                                    "--workers", 1, "--follow", "--endpoint", endpoint),
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    to_state, to_plan, plan = [], [], None
+    try:
+        added, next_add = 1, None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            st = follower.poll(100)
+            notified = [e for e in st.events if e["event"] == "notified"]
+            to_state += [e["latency_ms"] for e in notified]
+            if st.known_chunks and plan is None:
+                plan = DataPlan(open_cache(cache), seed=0, global_batch=8, rank=0, world_size=1, known_chunks=0)
+            if plan is not None and plan.grow(st.known_chunks, st.finished, 0, st.est_total_sequences):
+                now = time.time()
+                chunks = plan.cache.chunks
+                to_plan += [(now - chunks[e["chunk_id"]].committed_at) * 1000 for e in notified
+                            if e["chunk_id"] < plan.known_chunks]
+            if st.known_chunks and next_add is None:
+                next_add = time.monotonic() + 0.5
+            if next_add and time.monotonic() >= next_add:
+                m = load_manifest(cache)
+                if added == files and m.documents >= len(texts) - 1:
+                    break
+                if added < files and m.documents >= parts[added - 1][-1]:
+                    tmp = write_jsonl(work / ".part.tmp", [texts[i] for i in parts[added]], int(parts[added][0]))
+                    os.replace(tmp, src / f"part-{added:03d}.jsonl")
+                    added += 1
+                next_add = time.monotonic() + 0.3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stop.set()
+        listener.join()
+        follower.close()
+    return {"raw": raw, "to_state": to_state, "to_plan": to_plan, "chunks": len(load_manifest(cache).chunks)}
+
+
+def fsync_cost(work: Path, size: int) -> list[float]:
+    """What the packer pays between a chunk's committed_at and its notification: the durable manifest write."""
+    from shared.fsutil import atomic_write_bytes
+    out = []
+    for _ in range(40):
+        t0 = time.perf_counter()
+        atomic_write_bytes(work / "fsync-probe.json", b"x" * size)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def pct(xs) -> str:
+    if not len(xs):
+        return f"{0:5d} {'-':>8s} {'-':>8s} {'-':>8s}"
+    a = np.asarray(xs)
+    return f"{len(a):5d} {np.percentile(a, 50):8.2f} {np.percentile(a, 99):8.2f} {a.max():8.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=8, help="corpus repeats for the loader cache")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--chunk-sequences", type=int, default=64)
+    ap.add_argument("--global-batch", type=int, default=32, help="rows per step (one rank)")
+    ap.add_argument("--epochs", type=int, default=40, help="epochs the loader runs over the cache")
+    ap.add_argument("--follow-files", type=int, default=12, help="files added one by one while packerd follows")
+    ap.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
+    args = ap.parse_args()
+
+    texts, tok_dir, name = corpus()
+    tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench-loader-")
+    work = Path(args.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "corpus.jsonl"
+    write_jsonl(src, [f"{t}" for _ in range(args.copies) for t in texts])
+    cache = work / "cache"
+    proc = subprocess.run(packerd("--cache-dir", cache, "--source", src, "--tokenizer", tok_dir, "--seq-len",
+                                  args.seq_len, "--chunk-sequences", args.chunk_sequences,
+                                  "--endpoint", f"ipc://{work}/pack.sock"),
+                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
+    rows = bench_loader(cache, args)
+    import gc
+    lat = {"default gc": bench_latency(work, texts, tok_dir, args.follow_files, "gc")}
+    gc.collect()
+    gc.freeze()  # what a trainer does after setup: full collections no longer walk torch's objects
+    lat["gc.freeze()"] = bench_latency(work, texts, tok_dir, args.follow_files, "frozen")
+    gc.unfreeze()
+    fs = fsync_cost(work, (Path(work) / "follow-cache-gc" / "manifest.json").stat().st_size)
+
+    from shared.manifest import load_manifest
+    m = load_manifest(cache)
+    print(f"\ncorpus: {name} x {args.copies}; cache: {len(m.chunks)} chunks of {args.chunk_sequences} x {args.seq_len} "
+          f"tokens ({m.dtype}), {m.total_tokens:,} tokens, {m.total_bytes / m.total_tokens:.2f} bytes/token; "
+          f"{os.cpu_count()} cores")
+    print(f"{'one thread':52s} {'M tokens/s':>11s}  notes")
+    for what, rate, note in rows:
+        print(f"{what:52s} {rate / 1e6:11.1f}  {note}")
+    print(f"loader / raw LZ4: {rows[2][1] / rows[0][1]:.2f} (target: loader >= 200 M tokens/s per core)")
+    any_lat = next(iter(lat.values()))
+    print(f"\nnotification latency, packerd --follow ({any_lat['chunks']} chunks of 8 x 128 tokens, "
+          f"{args.follow_files} files added one by one), ms:")
+    print(f"{'from the commit (committed_at) to':52s} {'n':>5s} {'p50':>8s} {'p99':>8s} {'max':>8s}")
+    for mode, r in lat.items():
+        print(f"{'  message received (raw SUB thread), ' + mode:52s} {pct(r['raw'])}")
+        print(f"{'  CacheFollower FollowState, ' + mode:52s} {pct(r['to_state'])}")
+        print(f"{'  DataPlan.grow done (plan expanded), ' + mode:52s} {pct(r['to_plan'])}")
+    print(f"{'  (packer side: one durable manifest write)':52s} {pct(fs)}")
+    print("(target: p99 < 20 ms)")
+    print("\ncommand: python bench/bench_loader.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "work"))
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""trainerd.data on a cache packed by the real packerd: order, growth, ranks, resume, batches, corruption."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import free_endpoint, run_packerd
+from shared.cache import open_cache
+from trainerd.data import DataPlan, Prefetcher, _positions
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir):
+    """One real cache for the module (seq_len 64, 16 sequences a chunk, the last sequence short)."""
+    tmp = tmp_path_factory.mktemp("plan")
+    cache = tmp / "cache"
+    run_packerd("run", "--cache-dir", cache, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir,
+                "--seq-len", 64, "--chunk-sequences", 16, "--workers", 1, "--endpoint", free_endpoint(tmp))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def cache(cache_dir):
+    c = open_cache(cache_dir)
+    assert c.manifest.finished and len(c.chunks) >= 60
+    return c
+
+
+def all_seqs(cache) -> set[tuple[int, int]]:
+    return {(e.id, i) for e in cache.chunks for i in range(e.sequences)}
+
+
+def seqs_of(cache, known: int) -> set[tuple[int, int]]:
+    return {(e.id, i) for e in cache.chunks[:known] for i in range(e.sequences)}
+
+
+def simulate(plan: DataPlan, arrivals: list[int], seed: int = 0):
+    """A trainer loop over a growing cache: chunks arrive (known counts in `arrivals`, then finished) at
+    random steps and whenever the plan runs dry. Returns per-step seq_ids and the grow calls made."""
+    rnd = random.Random(seed)
+    pending = list(arrivals)
+    total = len(plan.cache.chunks)
+    steps, grows, step = [], [], 0
+    while not (plan.finished and step >= plan.total_steps):
+        early = pending and rnd.random() < 0.15
+        if early or not plan.ready(step):
+            if pending:
+                call = (pending.pop(0), False, step)
+            else:
+                assert not plan.finished, "the plan ran dry with nothing left to arrive"
+                call = (total, True, step)
+            plan.grow(*call)
+            grows.append(call)
+            continue
+        steps.append(plan.get_batch(step).seq_ids)
+        step += 1
+    return steps, grows
+
+
+def replay(plan: DataPlan, grows, start: int, stop: int, apply_before=True):
+    """Batches start..stop-1 of `plan`, applying the recorded grow calls at their steps."""
+    out = []
+    for s in range(start, stop):
+        for call in grows:
+            if call[2] == s:
+                plan.grow(*call)
+        out.append(plan.get_batch(s))
+    return out
+
+
+def test_one_epoch_every_sequence_once_in_a_deterministic_local_order(cache):
+    G = 24
+    a = DataPlan(cache, seed=7, global_batch=G, rank=0, world_size=1)
+    b = DataPlan(cache, seed=7, global_batch=G, rank=0, world_size=1)
+    c = DataPlan(cache, seed=8, global_batch=G, rank=0, world_size=1)
+    n = sum(e.sequences for e in cache.chunks)
+    assert a.total_steps == n // G and a.finished  # the last partial global batch is dropped
+    order_a = [s for step in range(a.total_steps) for s in a.get_batch(step).seq_ids]
+    order_b = [s for step in range(b.total_steps) for s in b.get_batch(step).seq_ids]
+    order_c = [s for step in range(c.total_steps) for s in c.get_batch(step).seq_ids]
+    assert order_a == order_b and order_a != order_c
+    assert len(order_a) == len(set(order_a)) == n - n % G
+    assert set(order_a) <= all_seqs(cache)
+    # shuffled, not the cache order; but local: each chunk decompressed once, few chunks per step
+    assert order_a != sorted(order_a)
+    assert a.chunks_decoded <= len(cache.chunks)
+    assert max(len({c for c, _ in a.get_batch(s).seq_ids}) for s in range(a.total_steps)) <= 2 * a.window_chunks
+    # the sequences of one chunk are spread over its window, not read in file order
+    first = [s for s in order_a if s[0] == order_a[0][0]]
+    assert [i for _, i in first] != sorted(i for _, i in first)
+
+
+def test_epochs_and_epoch_fraction(cache):
+    n = sum(e.sequences for e in cache.chunks)
+    G = 16
+    plan = DataPlan(cache, seed=1, global_batch=G, rank=0, world_size=1, target_epochs=2.5)
+    assert plan.total_steps == int(2.5 * n) // G
+    stream = [s for step in range(plan.total_steps) for s in plan.get_batch(step).seq_ids]
+    e0, e1, e2 = stream[:n], stream[n:2 * n], stream[2 * n:]
+    assert set(e0) == set(e1) == all_seqs(cache) and len(set(e2)) == len(e2)
+    assert e0 != e1
+    assert plan.epoch_of(0) == 0 and plan.epoch_of(plan.total_steps - 1) == 2
+
+    half = DataPlan(cache, seed=1, global_batch=G, rank=0, world_size=1, target_epochs=2, epoch_fraction=0.5)
+    m = n // 2
+    assert half.total_steps == 2 * m // G
+    stream = [s for step in range(half.total_steps) for s in half.get_batch(step).seq_ids]
+    assert len(set(stream[:m])) == m and len(set(stream[m:])) == len(stream) - m
+    assert set(stream[:m]) != set(stream[m:])  # each epoch takes another random half
+
+
+def test_growth_mid_epoch_every_sequence_once_and_waits_for_fresh_data(cache):
+    G = 16
+    plan = DataPlan(cache, seed=3, global_batch=G, rank=0, world_size=1, target_epochs=2, known_chunks=6)
+    assert not plan.finished
+    first_total = plan.total_steps
+    # epoch 0 of an unfinished cache: ready only while its sequences exist, never a second epoch yet
+    dry = sum(e.sequences for e in cache.chunks[:6]) // G
+    assert plan.ready(dry - 1) and not plan.ready(dry) and dry < plan.total_steps
+    arrivals = list(range(8, len(cache.chunks), 5))
+    totals = []
+    steps, grows = simulate(plan, arrivals, seed=1)
+    assert len([g for g in grows if g[2] > 0]) >= 5  # chunks did arrive mid-epoch
+    n = sum(e.sequences for e in cache.chunks)
+    stream = [s for ids in steps for s in ids]
+    assert len(stream) == (2 * n) // G * G
+    assert set(stream[:n]) == all_seqs(cache) and len(set(stream[:n])) == n  # epoch 0: each exactly once
+    assert set(stream[n:]) <= all_seqs(cache) and len(set(stream[n:])) == len(stream) - n
+    # every step of epoch 0 only used chunks known when it ran
+    known_at = 6
+    for step, ids in enumerate(steps):
+        for g in grows:
+            if g[2] == step:
+                known_at = max(known_at, g[0])
+        if step * G < n:
+            assert all(c < known_at for c, _ in ids), f"step {step} used a chunk not yet known"
+    # total_steps never shrank along the way
+    replay_plan = DataPlan(cache, seed=3, global_batch=G, rank=0, world_size=1, target_epochs=2, known_chunks=6)
+    for call in grows:
+        before = replay_plan.total_steps
+        replay_plan.grow(*call)
+        totals.append(replay_plan.total_steps)
+        assert replay_plan.total_steps >= before
+    assert first_total <= totals[0] and totals[-1] == (2 * n) // G
+
+
+def test_a_plan_grown_at_step_0_equals_one_built_with_that_many_chunks(cache):
+    # ranks that opened the cache at different moments agree once they grow to the broadcast count
+    small = DataPlan(cache, seed=5, global_batch=8, rank=0, world_size=1, known_chunks=5)
+    big = DataPlan(cache, seed=5, global_batch=8, rank=0, world_size=1, known_chunks=12)
+    assert small.grow(8, False, 0) and small.grow(12, False, 0)
+    assert not big.grow(12, False, 0)
+    assert small.total_steps == big.total_steps
+    for s in range(big.total_steps):
+        assert small.get_batch(s).seq_ids == big.get_batch(s).seq_ids
+
+
+def test_ranks_take_disjoint_interleaved_shares_of_the_global_batch(cache):
+    G, W = 12, 2
+    single = DataPlan(cache, seed=9, global_batch=G, rank=0, world_size=1, known_chunks=10)
+    steps, grows = simulate(single, list(range(14, len(cache.chunks), 9)), seed=2)
+    ranks = [DataPlan(cache, seed=9, global_batch=G, rank=r, world_size=W, known_chunks=10) for r in range(W)]
+    per_rank = [replay(p, grows, 0, len(steps)) for p in ranks]
+    for s, ids in enumerate(steps):
+        r0, r1 = per_rank[0][s].seq_ids, per_rank[1][s].seq_ids
+        assert len(r0) == len(r1) == G // W
+        assert r0 == ids[0::2] and r1 == ids[1::2]
+        assert not set(r0) & set(r1) and set(r0) | set(r1) == set(ids)
+    assert ranks[0].state_dict() == ranks[1].state_dict()  # one global plan: the state is rank-independent
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        DataPlan(cache, seed=9, global_batch=13, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("k", [9, 40])
+def test_resume_from_state_gives_the_same_batches_across_growth(cache, k):
+    G = 8
+    a = DataPlan(cache, seed=11, global_batch=G, rank=0, world_size=1, target_epochs=1.5, known_chunks=4)
+    steps, grows = simulate(a, list(range(7, len(cache.chunks), 6)), seed=3)
+    assert any(g[2] < k for g in grows) and any(g[2] >= k for g in grows)
+    # the state a checkpoint after step k-1 holds: the grows before step k applied
+    a2 = DataPlan(cache, seed=11, global_batch=G, rank=0, world_size=1, target_epochs=1.5, known_chunks=4)
+    for call in grows:
+        if call[2] < k:
+            a2.grow(*call)
+    state = a2.state_dict()
+    # small: no list of sequences, roughly one int per chunk, and loadable without pickle
+    assert len(json.dumps(state)) < 64 * len(cache.chunks) + 2000
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    # resumed on a cache that is already complete: the state, not the cache, decides the plan
+    b = DataPlan(cache, seed=11, global_batch=G, rank=0, world_size=1, target_epochs=1.5)
+    b.load_state_dict(state)
+    assert b.chunks_decoded == 0  # nothing read to find its place
+    resumed = replay(b, grows, k, len(steps))
+    reference = replay(a2, grows, k, len(steps))
+    for s, (x, y) in enumerate(zip(resumed, reference), start=k):
+        assert x.seq_ids == steps[s]
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.position_ids, y.position_ids)
+        assert torch.equal(x.labels, y.labels) and x.num_tokens == y.num_tokens
+    assert b.total_steps == a.total_steps and b.finished
+
+
+def test_resume_refuses_another_layout(cache):
+    state = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=2).state_dict()
+    for kw, word in [(dict(global_batch=8, world_size=4, rank=0), "world_size"),
+                     (dict(global_batch=16, world_size=2, rank=1), "global batch"),
+                     (dict(global_batch=8, world_size=2, rank=0, seed=2), "seed")]:
+        kw.setdefault("seed", 1)
+        with pytest.raises(ValueError, match=word):
+            DataPlan(cache, **kw).load_state_dict(state)
+
+
+def test_batch_positions_labels_and_padding(cache):
+    eos = cache.eos_id
+    assert cache.pad_id == eos == 0  # the case where masking by token id would be wrong
+    plan = DataPlan(cache, seed=2, global_batch=4, rank=0, world_size=1, target_epochs=2)
+    last = (len(cache.chunks) - 1, cache.chunks[-1].sequences - 1)
+    chunks = {e.id: cache.read_chunk(e.id) for e in cache.chunks}
+    assert len(chunks[last[0]].sequence(last[1])) < cache.seq_len
+    saw_short = saw_doc_start = False
+    for step in range(plan.total_steps // 2):
+        b = plan.get_batch(step)
+        assert b.input_ids.dtype == b.position_ids.dtype == b.labels.dtype == torch.long
+        assert b.input_ids.shape == (4, cache.seq_len)
+        real = 0
+        for row, (c, i) in enumerate(b.seq_ids):
+            seq = chunks[c].sequence(i)
+            n = len(seq)
+            real += n
+            assert b.input_ids[row, :n].tolist() == seq.tolist()
+            assert b.labels[row, :n].tolist() == seq.tolist()       # EOS (id 0) keeps its label
+            assert (b.labels[row, n:] == -100).all() and (b.input_ids[row, n:] == cache.pad_id).all()
+            expect = np.arange(cache.seq_len)
+            for s in chunks[c].doc_starts_of(i):
+                expect[s:] = np.arange(cache.seq_len - s)
+            assert b.position_ids[row].tolist() == expect.tolist()
+            saw_short |= n < cache.seq_len
+            saw_doc_start |= len(chunks[c].doc_starts_of(i)) > 0 and chunks[c].doc_starts_of(i)[0] > 0
+        assert b.num_tokens == real
+    assert saw_short and saw_doc_start
+
+
+def test_positions_with_many_short_documents(cache):
+    # both ways of computing positions (few documents: per stretch; many: running max) against a loop
+    rng = np.random.default_rng(0)
+    L = cache.seq_len
+    for ndocs in (3, 40, 2000):
+        rows = rng.integers(0, 64, ndocs)
+        starts = rng.integers(0, L, ndocs)
+        out = np.empty((64, L), dtype=np.uint16)
+        _positions(out, rows, starts)
+        for r in range(64):
+            expect = np.arange(L)
+            for s in sorted(set(starts[rows == r].tolist())):
+                expect[s:] = np.arange(L - s)
+            assert out[r].tolist() == expect.tolist(), (ndocs, r)
+
+
+def test_a_corrupt_chunk_is_skipped_loudly_and_never_trained_on(tmp_path, cache_dir, caplog):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    c = open_cache(copy)
+    bad = 5
+    p = copy / c.chunks[bad].file
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    p.write_bytes(bytes(data))
+    G, W = 8, 2
+    plans = [DataPlan(open_cache(copy), seed=4, global_batch=G, rank=r, world_size=W) for r in range(W)]
+    with caplog.at_level(logging.WARNING, logger="trainerd.data"):
+        batches = [[pl.get_batch(s) for s in range(pl.total_steps)] for pl in plans]
+    assert len(batches[0]) == len(batches[1]) == plans[0].total_steps  # ranks stay in step
+    used = [s for rank in batches for b in rank for s in b.seq_ids]
+    assert all(b.input_ids.shape == (G // W, c.seq_len) for rank in batches for b in rank)
+    assert not any(ch == bad for ch, _ in used), "a row of the corrupt chunk was trained on"
+    assert not p.exists() and list((copy / "quarantine").glob(p.name + ".*"))
+    assert any("chunk 5 is corrupt" in r.getMessage() for r in caplog.records)
+    events = plans[0].take_events() + plans[1].take_events()
+    assert events and all(e["event"] == "corrupt_chunk" and e["chunk_id"] == bad for e in events)
+    assert plans[0].take_events() == []
+    # its rows were replaced by real rows of the previous chunk: the replacement data is what was read
+    prev = c.read_chunk(bad - 1)
+    dup = [s for s in used if s[0] == bad - 1]
+    assert len(dup) > c.chunks[bad - 1].sequences - 1
+    for rank in batches:
+        for b in rank:
+            for row, (ch, i) in enumerate(b.seq_ids):
+                if ch == bad - 1:
+                    seq = prev.sequence(i)
+                    assert b.input_ids[row, :len(seq)].tolist() == seq.tolist()
+                    expect = np.arange(c.seq_len)
+                    for s in prev.doc_starts_of(i):
+                        expect[s:] = np.arange(c.seq_len - s)
+                    assert b.position_ids[row].tolist() == expect.tolist()
+
+
+def test_prefetcher_returns_the_plan_batches_and_leaves_global_rng_alone(cache):
+    G = 8
+    ref = DataPlan(cache, seed=6, global_batch=G, rank=0, world_size=1, known_chunks=10)
+    steps, grows = simulate(ref, list(range(12, len(cache.chunks), 7)), seed=4)
+    expected = replay(DataPlan(cache, seed=6, global_batch=G, rank=0, world_size=1, known_chunks=10), grows, 0, len(steps))
+
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    rng_before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    plan = DataPlan(cache, seed=6, global_batch=G, rank=0, world_size=1, known_chunks=10)
+    with Prefetcher(plan, depth=3) as pf:
+        got = []
+        for s in range(len(steps)):
+            if s % 10 == 0:  # let the thread build ahead, so that a grow must void prepared batches
+                deadline = time.monotonic() + 5
+                while len(pf._ready) < sum(plan.ready(s + j) for j in range(3)) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            for call in grows:
+                if call[2] == s:
+                    plan.grow(*call)
+            got.append(pf.get(s))
+        assert pf.waited_seconds >= 0.0
+        with pytest.raises(ValueError, match="not in the plan"):
+            pf.get(len(steps) + 5)
+    for s, (x, y) in enumerate(zip(got, expected)):
+        assert x.seq_ids == y.seq_ids, f"step {s}"
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.position_ids, y.position_ids)
+        assert torch.equal(x.labels, y.labels)
+    assert random.getstate() == rng_before[0]
+    assert np.array_equal(np.random.get_state()[1], rng_before[1])
+    assert torch.equal(torch.get_rng_state(), rng_before[2])
+
+
+def test_estimated_total_steps_from_the_full_dataset_estimate(cache):
+    n = sum(e.sequences for e in cache.chunks)
+    plan = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, target_epochs=2, epoch_fraction=0.5,
+                    known_chunks=10)
+    assert plan.estimated_total_steps == int(2 * (n // 2)) // 8 > plan.total_steps
+    assert plan.grow(10, False, 0, est_total_sequences=3 * n)  # rank 0's broadcast estimate wins
+    assert plan.estimated_total_steps == int(2 * (3 * n // 2)) // 8
+    plan.grow(len(cache.chunks), True, 0)
+    assert plan.estimated_total_steps == plan.total_steps == (2 * (n // 2)) // 8
+
+
+def test_batches_stay_intact_while_referenced(cache):
+    # batch arrays are recycled only once nothing refers to them: a kept view must not change
+    plan = DataPlan(cache, seed=3, global_batch=8, rank=0, world_size=1)
+    first = plan.get_batch(0)
+    view = first.input_ids[:, 1:]        # only a view of the tensor is kept
+    saved = view.clone()
+    del first
+    for s in range(1, 40):
+        plan.get_batch(s)                # dropped at once: these recycle their arrays
+    assert torch.equal(view, saved)
+    again = DataPlan(cache, seed=3, global_batch=8, rank=0, world_size=1).get_batch(0)
+    assert torch.equal(again.input_ids[:, 1:], saved)

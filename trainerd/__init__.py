@@ -1,0 +1,1 @@
+"""trainerd: the trainer that follows a growing packerd cache, its checkpoints and the `ckpt` admin command."""
