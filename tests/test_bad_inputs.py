@@ -1,0 +1,387 @@
+"""Bad inputs to the three commands (packerd, trainerd, ckpt): each gives one line starting with "Error",
+a non-zero exit, and writes nothing (no file or folder in the workspace is created, changed or removed).
+
+The commands are the real click commands (packerd.cli:main, trainerd.__main__:main, trainerd.admin:cli) run
+in-process with CliRunner, against a real cache packed by packerd and a real checkpoint folder written by
+trainerd.checkpoint.save_checkpoint. Click's own usage errors (an unknown choice, a missing option) print
+`Usage:` and `Try ... --help` above their single `Error:` line; that is click's format and is accepted for
+those few cases only (kind "usage").
+
+tests/test_packerd.py::test_bad_inputs and ::test_bad_tokenizers cover other packerd inputs (missing file,
+bad JSON, non-UTF-8 jsonl, missing text field, non-text value, .csv, seq_len 1, chunk_sequences 0, http://
+endpoint, bad TOML, unknown tokenizer, no EOS, unknown --eos); the cases here are different ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import free_endpoint, run_packerd, write_jsonl
+
+
+def record(**fields) -> None:
+    """Append one result record for bench/faults.py (only when FAULTS_REPORT names a file)."""
+    path = os.environ.get("FAULTS_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+# ---- the workspace: a real cache, a real run folder, a few bad files -----------------------------------------
+@dataclass
+class WS:
+    root: Path
+    tok: Path
+    src: Path
+    cache: Path
+    runs: Path
+    ckpt: str
+    endpoint: str
+    case: str = ""                             # the id of the case being run: each gets its own new cache folder
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, corpus_texts, tokenizer_dir) -> WS:
+    root = tmp_path_factory.mktemp("bad")
+    src = write_jsonl(root / "docs.jsonl", corpus_texts[:6])
+    endpoint = f"ipc://{tmp_path_factory.mktemp('ep')}/p.sock"
+    cache = root / "cache"
+    run_packerd("run", "--cache-dir", cache, "--source", src, "--tokenizer", tokenizer_dir, "--seq-len", 64,
+                "--chunk-sequences", 16, "--workers", 1, "--endpoint", endpoint)
+    runs = root / "runs"
+    ckpt = _real_checkpoint(runs, cache)
+    (root / "runs_empty" / "checkpoints").mkdir(parents=True)
+    (root / "not_a_run_dir").mkdir()
+    (root / "not_a_run_dir" / "notes.txt").write_text("hello\n")
+    return WS(root, Path(tokenizer_dir), src, cache, runs, ckpt, endpoint)
+
+
+def _real_checkpoint(runs: Path, cache: Path) -> str:
+    """A checkpoint exactly as the trainer saves it (tiny model), plus the run's log."""
+    import torch
+
+    from shared.manifest import load_manifest
+    from trainerd import checkpoint as ck
+    from trainerd.config import load_config
+    from trainerd.model import build_model
+    m = load_manifest(cache)
+    cfg = load_config(None, {"data.cache_dir": str(cache), "train.run_dir": str(runs), "model.hidden_size": 32,
+                             "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"], False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    name = ck.ckpt_name("good", 4)
+    meta = {"run": "good", "run_id": "abc", "step": 4, "loss": 6.0, "tokens": 2048, "time": 1_700_000_000.0,
+            "elapsed_s": 1.0, "world_size": 1, "model": "tiny", "params": 1}
+    ck.save_checkpoint(runs, name, model=model, optimizer_state=opt.state_dict(), state={"step": 4, "rng": [ck.rng_state()]},
+                       meta=meta, config=cfg.to_dict(), model_config=model.config.to_dict(), tokenizer=m.tokenizer)
+    log = runs / "training_logs" / "good_run_1.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(json.dumps({"step": s, "loss": 6.0 - s / 10, "lr": 1e-3, "tokens": 512 * s,
+                                       "tokens_per_s": 1000.0, "total_steps": 4}) + "\n" for s in range(1, 5)))
+    return name
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its type, size and modification time."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_mode >> 12, st.st_size if n in filenames else 0, st.st_mtime_ns)
+    return out
+
+
+# ---- the cases ---------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    id: str
+    cli: str                                   # packerd | trainerd | ckpt
+    args: Callable[[WS], list]                 # argv after the command name
+    expect: str                                # part of the Error line
+    setup: Callable[[WS], None] | None = None  # files the case needs, made before the snapshot
+    kind: str = "error"                        # error: ClickException (exit 1); usage: click usage error (exit 2)
+    env: dict = field(default_factory=dict)
+
+
+def _write(rel: str, text: str | bytes):
+    def make(w: WS):
+        p = w.root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+    return make
+
+
+def _pq_without_text(w: WS):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["a", "b"]}), w.root / "notext.parquet")
+
+
+def _corrupt_ckpt_config(w: WS):
+    d = w.runs / "checkpoints" / "broken-step00000002"
+    if not d.exists():
+        shutil.copytree(w.runs / "checkpoints" / w.ckpt, d)
+        meta = json.loads((d / "meta.json").read_text())
+        meta.update(name=d.name, run="broken", step=2)
+        (d / "meta.json").write_text(json.dumps(meta))
+        (d / "config.json").write_text("{not json")
+
+
+def P(*args):   # packerd run with the workspace's endpoint and one worker
+    return lambda w: ["run", "--endpoint", w.endpoint, "--workers", "1", *[a(w) if callable(a) else a for a in args]]
+
+
+def T(*args):   # trainerd with the workspace's run folder and endpoint
+    return lambda w: ["--run-dir", str(w.runs), "--endpoint", w.endpoint, *[a(w) if callable(a) else a for a in args]]
+
+
+def C(*args):   # ckpt
+    return lambda w: [a(w) if callable(a) else a for a in args]
+
+
+CACHE = lambda w: str(w.root / f"new-{w.case}")    # noqa: E731  a cache folder that does not exist yet
+SRC = lambda w: str(w.src)                          # noqa: E731
+TOK = lambda w: str(w.tok)                          # noqa: E731
+REAL_CACHE = lambda w: str(w.cache)                 # noqa: E731
+RUNS = lambda w: str(w.runs)                        # noqa: E731
+R = lambda rel: (lambda w: str(w.root / rel))       # noqa: E731
+
+CASES = [
+    # packerd: missing settings, bad values, bad config files
+    Case("packerd-no-source", "packerd", P("--cache-dir", CACHE, "--tokenizer", TOK), "no source given"),
+    Case("packerd-no-tokenizer", "packerd", P("--cache-dir", CACHE, "--source", SRC), "no tokenizer given"),
+    Case("packerd-no-cache-dir", "packerd", P("--source", SRC, "--tokenizer", TOK), "cache_dir is required"),
+    Case("packerd-workers-negative", "packerd", lambda w: ["run", "--cache-dir", CACHE(w), "--source", SRC(w), "--tokenizer", TOK(w),
+                                                           "--endpoint", w.endpoint, "--workers", "-1"], "workers must be 0 or more"),
+    Case("packerd-lz4-level-13", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK, "--lz4-level", "13"),
+         "lz4_level must be between 0 and 12"),
+    Case("packerd-mode-unknown", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK, "--mode", "sideways"),
+         "Invalid value for '--mode'", kind="usage"),
+    Case("packerd-seq-len-not-a-number", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK, "--seq-len", "big"),
+         "Invalid value for '--seq-len'", kind="usage"),
+    Case("packerd-config-unknown-key", "packerd", P("--config", R("unknown.toml"), "--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK),
+         "sequence_length", setup=_write("unknown.toml", "sequence_length = 64\n")),
+    Case("packerd-config-wrong-type", "packerd", P("--config", R("wrongtype.toml"), "--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK),
+         "seq_len", setup=_write("wrongtype.toml", 'seq_len = "long"\n')),
+    Case("packerd-config-missing", "packerd", P("--config", R("nope.toml"), "--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK),
+         "does not exist"),
+    Case("packerd-source-empty-folder", "packerd", P("--cache-dir", CACHE, "--source", R("emptysrc"), "--tokenizer", TOK),
+         "has no .jsonl, .json, .parquet or .txt files", setup=lambda w: (w.root / "emptysrc").mkdir(exist_ok=True)),
+    Case("packerd-source-glob-matches-nothing", "packerd", P("--cache-dir", CACHE, "--source", R("nowhere/*.jsonl"), "--tokenizer", TOK),
+         "has no .jsonl, .json, .parquet or .txt files"),
+    Case("packerd-source-bad-hf-spec", "packerd", P("--cache-dir", CACHE, "--source", "hf:", "--tokenizer", TOK),
+         "expected hf:NAME"),
+    Case("packerd-source-txt-not-utf8", "packerd", P("--cache-dir", CACHE, "--source", R("latin1.txt"), "--tokenizer", TOK),
+         "not UTF-8", setup=_write("latin1.txt", b"caf\xe9 \xff\xfe au lait\n")),
+    Case("packerd-source-json-object-without-text", "packerd", P("--cache-dir", CACHE, "--source", R("object.json"), "--tokenizer", TOK),
+         "has no field 'text'", setup=_write("object.json", '{"title": "x", "body": [1, 2]}\n')),
+    Case("packerd-source-empty-file", "packerd", P("--cache-dir", CACHE, "--source", R("empty.jsonl"), "--tokenizer", TOK),
+         "empty.jsonl", setup=_write("empty.jsonl", "")),
+    Case("packerd-source-parquet-no-text", "packerd", P("--cache-dir", CACHE, "--source", R("notext.parquet"), "--tokenizer", TOK),
+         "has no field 'text'", setup=_pq_without_text),
+    Case("packerd-text-field-absent", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK, "--text-field", "body"),
+         "has no field 'body'"),
+    Case("packerd-tokenizer-empty-folder", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", R("emptytok")),
+         "cannot load tokenizer", setup=lambda w: (w.root / "emptytok").mkdir(exist_ok=True)),
+    Case("packerd-tokenizer-json-garbage", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", R("garbage/tokenizer.json")),
+         "cannot load tokenizer", setup=_write("garbage/tokenizer.json", '{"version": "1.0", "model": 12}')),
+    Case("packerd-cache-other-tokenizer", "packerd", P("--cache-dir", REAL_CACHE, "--tokenizer", "builtin:bpe"),
+         "tokenizer"),
+    Case("packerd-cache-manifest-corrupt", "packerd", P("--cache-dir", R("badcache"), "--source", SRC, "--tokenizer", TOK),
+         "manifest", setup=_write("badcache/manifest.json", '{"seq_len": 64, "chunks": [')),
+    Case("packerd-curve-dir-without-keys", "packerd", P("--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK, "--curve-dir", R("nokeys")),
+         "has no server.key_secret", setup=lambda w: (w.root / "nokeys").mkdir(exist_ok=True)),
+    Case("packerd-status-no-manifest", "packerd", C("status", "--cache-dir", R("not_a_run_dir")), "has no manifest"),
+    Case("packerd-verify-missing-folder", "packerd", C("verify", "--cache-dir", R("missing")), "has no manifest"),
+    Case("packerd-keys-into-nonempty-folder", "packerd", C("keys", R("not_a_run_dir")), "is not empty"),
+    # trainerd: flags, --set, config files, the cache, run names, resume
+    Case("trainerd-set-without-equals", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--set", "train.lr"),
+         "expected section.key=value"),
+    Case("trainerd-set-unknown-key", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--set", "train.learning_rate=1"),
+         "train.learning_rate"),
+    Case("trainerd-set-not-a-number", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--set", "train.lr=fast"),
+         "train.lr"),
+    Case("trainerd-lr-negative", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--lr", "-1"), "train.lr must be positive"),
+    Case("trainerd-hidden-not-multiple-of-heads", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--hidden-size", "30", "--heads", "4"), "must be a multiple of model.num_heads"),
+    Case("trainerd-kv-heads-not-dividing", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--heads", "4", "--kv-heads", "3"), "must divide model.num_heads"),
+    Case("trainerd-epoch-fraction-above-1", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--epoch-fraction", "1.5"),
+         "data.epoch_fraction"),
+    Case("trainerd-endpoint-http", "trainerd", lambda w: ["--run-dir", str(w.runs), "--cache-dir", REAL_CACHE(w), "--new", "x",
+                                                          "--endpoint", "http://127.0.0.1:5557"], "data.endpoint must start"),
+    Case("trainerd-max-steps-zero", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--max-steps", "0"),
+         "train.max_steps must be at least 1"),
+    Case("trainerd-model-unknown", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--model", "huge"),
+         "Invalid value for '--model'", kind="usage"),
+    Case("trainerd-config-bad-toml", "trainerd", T("--config", R("bad.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
+         "not valid TOML", setup=_write("bad.toml", "[train\nlr = 1\n")),
+    Case("trainerd-config-unknown-section", "trainerd", T("--config", R("section.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
+         "optimizer", setup=_write("section.toml", "[optimizer]\nname = \"adamw\"\n")),
+    Case("trainerd-config-wrong-type", "trainerd", T("--config", R("type.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
+         "train.micro_batch_size", setup=_write("type.toml", "[train]\nmicro_batch_size = \"eight\"\n")),
+    Case("trainerd-no-wait-folder-without-manifest", "trainerd", T("--cache-dir", R("not_a_run_dir"), "--new", "x", "--no-wait"),
+         "has no manifest.json"),
+    Case("trainerd-resume-without-checkpoints", "trainerd",
+         lambda w: ["--run-dir", str(w.root / "runs_empty"), "--endpoint", w.endpoint, "--resume", "latest"], "no checkpoint in"),
+    Case("trainerd-resume-unknown-name", "trainerd", T("--cache-dir", REAL_CACHE, "--resume", "nosuchrun"), "no checkpoint or run named"),
+    Case("trainerd-resume-corrupt-config", "trainerd", T("--resume", "broken-step00000002"), "config.json",
+         setup=_corrupt_ckpt_config),
+    Case("trainerd-new-and-resume", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--resume", "latest"), "not both"),
+    Case("trainerd-run-name-is-a-path", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "../escape"), "run name"),
+    Case("trainerd-new-on-a-run-with-checkpoints", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "good"), "already has checkpoints"),
+    # ckpt: run folders, names, options
+    Case("ckpt-list-missing-run-dir", "ckpt", C("list", "--run-dir", R("missing")), "does not exist"),
+    Case("ckpt-list-not-a-run-dir", "ckpt", C("list", "--run-dir", R("not_a_run_dir")), "is not a run folder"),
+    Case("ckpt-list-run-is-a-path", "ckpt", C("list", "--run-dir", RUNS, "--run", "../good"), "is not a run name"),
+    Case("ckpt-show-empty-name", "ckpt", C("show", "--run-dir", RUNS, ""), "is not a checkpoint name"),
+    Case("ckpt-delete-one-unknown-of-two", "ckpt", lambda w: ["delete", "--run-dir", str(w.runs), w.ckpt, "good-step00000999", "--yes"],
+         "no checkpoint named 'good-step00000999'"),
+    Case("ckpt-prune-keep-negative", "ckpt", C("prune", "--run-dir", RUNS, "--keep", "-2", "--yes"), "--keep must be at least 1"),
+    Case("ckpt-prune-without-keep", "ckpt", C("prune", "--run-dir", RUNS, "--yes"), "Missing option '--keep'", kind="usage"),
+    Case("ckpt-plot-not-an-image", "ckpt", C("plot", "--run-dir", RUNS, "good", "--out", R("loss.txt")), "give --out a .png"),
+    Case("ckpt-plot-unknown-run", "ckpt", C("plot", "--run-dir", RUNS, "nosuchrun", "--out", R("loss.png")), "no training logs"),
+    Case("ckpt-export-into-nonempty-folder", "ckpt", lambda w: ["export", "--run-dir", str(w.runs), w.ckpt, str(w.root / "not_a_run_dir")],
+         "exists and is not empty"),
+    Case("ckpt-run-dir-from-env-missing", "ckpt", C("list"), "does not exist", env={"TRAINERD_RUN_DIR": "/nonexistent/runs"}),
+]
+
+
+def _command(name: str):
+    if name == "packerd":
+        from packerd.cli import main
+    elif name == "trainerd":
+        from trainerd.__main__ import main
+    else:
+        from trainerd.admin import cli as main
+    return main
+
+
+@pytest.fixture
+def in_root(ws, monkeypatch):
+    """Commands run inside the workspace, so a default relative path (runs/) would show up in the snapshot."""
+    monkeypatch.chdir(ws.root)
+    yield ws
+    try:  # trainerd.train.run sets up accelerate's process state in this process; leave none behind
+        from accelerate.state import AcceleratorState, PartialState
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    except Exception:  # noqa: BLE001 - accelerate internals differ between versions; nothing to reset then
+        pass
+
+
+def check_error(output: str, exit_code: int, kind: str) -> str:
+    """The single Error line of a command's output (and the checks that make it one)."""
+    assert "Traceback" not in output, output
+    lines = [l for l in output.splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("Error")]
+    assert len(errors) == 1, f"expected one Error line:\n{output}"
+    assert lines[-1] == errors[0], f"the Error line is not the last line:\n{output}"
+    if kind == "usage":
+        assert exit_code == 2 and lines[0].startswith("Usage:"), output
+    else:
+        assert exit_code == 1, (exit_code, output)
+    return errors[0]
+
+
+def written(before: dict, after: dict) -> tuple[list, list, list]:
+    """(added, removed, changed) paths. Re-taking an existing lock file (flock, then its pid written into it)
+    is how a command claims a folder, not data: an existing `.lock` whose size or time changed is not counted."""
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(k for k in set(before) & set(after)
+                     if before[k] != after[k] and before[k][0] != 4 and not k.endswith(".lock"))  # 4: a folder
+    return added, removed, changed
+
+
+# packerd takes the cache folder's lock (creating the folder and DIR/.lock) before it loads the tokenizer and
+# opens the sources, so a bad tokenizer or source leaves a new, empty cache folder holding only `.lock`. That is
+# reported as a bug and pinned by test_packerd_bad_source_or_tokenizer_creates_no_cache_folder below; the
+# parametrized test accepts exactly that leftover (an empty folder with a zero-data lock file) for these cases.
+LOCK_FOLDER_FIRST = {"packerd-source-empty-folder", "packerd-source-glob-matches-nothing", "packerd-source-bad-hf-spec",
+                     "packerd-source-txt-not-utf8", "packerd-source-json-object-without-text", "packerd-source-empty-file",
+                     "packerd-source-parquet-no-text", "packerd-text-field-absent", "packerd-tokenizer-empty-folder",
+                     "packerd-tokenizer-json-garbage"}
+
+
+def run_case(w: WS, case: Case, folder_tag: str = ""):
+    w.case = case.id + folder_tag
+    if case.setup:
+        case.setup(w)
+    before = snapshot(w.root)
+    result = CliRunner().invoke(_command(case.cli), [str(a) for a in case.args(w)], env=case.env or None,
+                                catch_exceptions=True)
+    return result, before, snapshot(w.root)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(in_root, case):
+    w = in_root
+    ok, defect = False, None
+    try:
+        result, before, after = run_case(w, case)
+        assert result.exception is None or isinstance(result.exception, SystemExit), \
+            f"{case.id}: {result.exception!r}\n{result.output}"
+        line = check_error(result.output, result.exit_code, case.kind)
+        assert case.expect in line, f"{case.id}: {case.expect!r} not in {line!r}"
+        added, removed, changed = written(before, after)
+        defect = None
+        if case.id in LOCK_FOLDER_FIRST:
+            folder = f"new-{case.id}"
+            if f"{folder}/.lock" in added:
+                defect = "leaves an empty cache folder with .lock"
+            added = [a for a in added if a not in (folder, f"{folder}/.lock")]
+        assert not (added or removed or changed), f"{case.id} wrote: added {added}, removed {removed}, changed {changed}"
+        ok = True
+    finally:
+        record(kind="bad_input", id=case.id, command=case.cli, handled=ok and defect is None,
+               defect=defect if ok else "not handled")
+
+
+@pytest.mark.xfail(strict=True, reason="packerd/cli.py _pack: the cache folder is created and locked (DIR/.lock) before "
+                                       "the tokenizer is loaded and the sources are opened, so a bad tokenizer or source "
+                                       "leaves a new cache folder behind")
+@pytest.mark.parametrize("case_id", ["packerd-source-txt-not-utf8", "packerd-tokenizer-empty-folder"])
+def test_packerd_bad_source_or_tokenizer_creates_no_cache_folder(in_root, case_id):
+    case = next(c for c in CASES if c.id == case_id)
+    result, before, after = run_case(in_root, case, "-bug")
+    assert result.exit_code == 1
+    added, _, _ = written(before, after)
+    assert added == [], f"{case.id} created {added}"
+
+
+@pytest.mark.xfail(strict=True, reason="packerd/cli.py _pack calls _clear(cache_dir) for --force-rebuild before it loads "
+                                       "the tokenizer and opens the sources, so a typo in --tokenizer or --source "
+                                       "deletes the whole existing cache and then fails")
+@pytest.mark.parametrize("bad", ["tokenizer", "source"])
+def test_force_rebuild_with_a_bad_input_keeps_the_cache(in_root, bad):
+    w = in_root
+    cache = w.root / f"rebuild-{bad}"
+    shutil.copytree(w.cache, cache)
+    before = snapshot(cache)
+    args = ["run", "--cache-dir", str(cache), "--endpoint", w.endpoint, "--workers", "1", "--force-rebuild", "--yes"]
+    args += ["--tokenizer", str(w.root / "no-such-tokenizer")] if bad == "tokenizer" else \
+            ["--source", str(w.root / "no-such-source.jsonl")]
+    result = CliRunner().invoke(_command("packerd"), args)
+    check_error(result.output, result.exit_code, "error")
+    added, removed, changed = written(before, snapshot(cache))
+    kept = not removed and not changed
+    record(kind="bad_input", id=f"packerd-force-rebuild-bad-{bad}", command="packerd", handled=kept,
+           defect=None if kept else f"deletes the existing cache ({len(removed)} files)")
+    assert kept, f"a failed --force-rebuild removed {removed} and changed {changed}"
+
+
+def test_at_least_25_bad_inputs_over_three_commands():
+    by = {}
+    for c in CASES:
+        by[c.cli] = by.get(c.cli, 0) + 1
+    assert len(CASES) >= 25 and set(by) == {"packerd", "trainerd", "ckpt"} and min(by.values()) >= 5, by

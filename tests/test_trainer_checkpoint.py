@@ -1,0 +1,112 @@
+"""The checkpoint folder: layout, atomic save, weights-only loading, RNG states, keep-last-N."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainerd import checkpoint as ck
+from trainerd.config import ModelConfig
+from trainerd.model import build_model, model_from_config_dict
+
+SMALL = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def save(run_dir, run, step, model, opt, **kw):
+    meta = {"run": run, "run_id": "abc", "step": step, "loss": 1.0 / (step + 1), "tokens": 64 * step,
+            "time": 1000.0 + step, "elapsed_s": 1.0, "world_size": 1, "model": "tiny", "params": 1}
+    state = {"step": step, "data": {"order0": np.arange(4), "n": np.int64(3)}, "rng": [ck.rng_state()]}
+    return ck.save_checkpoint(run_dir, ck.ckpt_name(run, step), model=model, optimizer_state=opt.state_dict(),
+                              state=state, meta=meta, config={"train": {"lr": 1e-3}},
+                              model_config=model.config.to_dict(), tokenizer={"vocab_hash": "h"}, **kw)
+
+
+def trained_model():
+    torch.manual_seed(0)
+    m = build_model(SMALL, 512, 64, 0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    x = torch.randint(0, 512, (2, 64))
+    m(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    return m, opt
+
+
+def test_layout_and_round_trip(tmp_path):
+    m, opt = trained_model()
+    path = save(tmp_path, "r", 200, m, opt)
+    assert path.name == "r-step00000200"
+    assert sorted(os.listdir(path)) == sorted(["meta.json", *ck.FILES])
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 200 and meta["run"] == "r" and meta["files"]["model.safetensors"]["bytes"] > 0
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.startswith(".tmp-")]
+
+    back = model_from_config_dict(ck.read_json(path, "model_config.json"))
+    ck.load_weights(path, back)
+    for (k, a), b in zip(m.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    opt2 = torch.optim.AdamW(back.parameters(), lr=1e-3)
+    opt2.load_state_dict(ck.load_torch(path, "optimizer.pt"))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    state = ck.load_torch(path, "state.pt")   # weights_only: numpy was turned into plain lists
+    assert state["data"] == {"order0": [0, 1, 2, 3], "n": 3}
+
+
+def test_rng_states_restore_every_generator(tmp_path):
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    s = ck.rng_state()
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save(ck.plain(s), tmp_path / "s.pt")
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ck.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_unfinished_save_is_invisible_and_latest_is_found(tmp_path):
+    m, opt = trained_model()
+    save(tmp_path, "a", 10, m, opt)
+    save(tmp_path, "b", 5, m, opt)
+    (tmp_path / "checkpoints" / ".tmp-a-step00000020-999").mkdir()
+    (tmp_path / "checkpoints" / "a-step00000030").mkdir()  # no meta.json: not a checkpoint
+    assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["b-step00000005", "a-step00000010"]
+    assert ck.find_checkpoint(tmp_path, "latest")["name"] == "a-step00000010"  # newest by time
+    assert ck.find_checkpoint(tmp_path, "b")["name"] == "b-step00000005"
+    assert ck.find_checkpoint(tmp_path, "a-step00000010")["step"] == 10
+    with pytest.raises(ck.CheckpointError, match="no checkpoint or run named"):
+        ck.find_checkpoint(tmp_path, "c")
+    assert ck.remove_stale_temporaries(tmp_path, "a") == [".tmp-a-step00000020-999"]
+
+
+def test_keep_last_n(tmp_path):
+    m, opt = trained_model()
+    for step in (1, 2, 3, 4):
+        save(tmp_path, "a", step, m, opt)
+    save(tmp_path, "b", 1, m, opt)
+    assert ck.prune(tmp_path, "a", keep=2) == ["a-step00000001", "a-step00000002"]
+    assert sorted(x["name"] for x in ck.list_checkpoints(tmp_path)) == ["a-step00000003", "a-step00000004", "b-step00000001"]
+
+
+def test_pickled_code_is_refused(tmp_path):
+    m, opt = trained_model()
+    path = save(tmp_path, "a", 1, m, opt)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"step": Evil()}, path / "state.pt")
+    with pytest.raises(ck.CheckpointError, match="state.pt"):
+        ck.load_torch(path, "state.pt")
+
+
+def test_weights_that_do_not_fit_are_one_error(tmp_path):
+    m, opt = trained_model()
+    path = save(tmp_path, "a", 1, m, opt)
+    other = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), 512, 64, 0)
+    with pytest.raises(ck.CheckpointError, match="do not fit"):
+        ck.load_weights(path, other)

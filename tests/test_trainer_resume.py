@@ -1,0 +1,197 @@
+"""The trainer as a real process: exact resume after kill -9, a kill in the middle of a save, signals,
+the run lock, and the checks on resume. A tiny model (hidden 32, 2 layers) on the 79-document corpus.
+
+Kills come from the trainer's fault hook TRAINERD_FAULT (a real SIGKILL of the real process, at a known
+step), so the tests do not race the trainer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_endpoint, run_packerd
+from shared.manifest import load_manifest
+
+TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+        "--micro-batch-size", "4", "--grad-accum", "2", "--threads", "1", "--deterministic", "--log-every", "1000",
+        "--set", "log.data_trace=true"]
+MAX_STEPS = 24
+
+
+def trainer_cmd(cache, run_dir, tmp, *args):
+    return [sys.executable, "-m", "trainerd", "--cache-dir", str(cache), "--run-dir", str(run_dir),
+            "--endpoint", free_endpoint(tmp), *TINY, *map(str, args)]
+
+
+def run_trainer(cache, run_dir, tmp, *args, fault: str | None = None, timeout=180) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TRAINERD_FAULT", None)
+    if fault:
+        env["TRAINERD_FAULT"] = fault
+    return subprocess.run(trainer_cmd(cache, run_dir, tmp, *args), capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+def records(run_dir: Path, run: str, k: int) -> list[dict]:
+    with open(run_dir / "training_logs" / f"{run}_run_{k}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def steps(recs) -> dict[int, dict]:
+    return {r["step"]: r for r in recs if "event" not in r}
+
+
+def events(recs, name) -> list[dict]:
+    return [r for r in recs if r.get("event") == name]
+
+
+def data_trace(run_dir: Path, run: str, k: int, rank: int = 0) -> dict[int, list]:
+    with open(run_dir / "training_logs" / f"{run}_run_{k}.rank{rank}.data.jsonl") as f:
+        return {r["step"]: r["seq_ids"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, corpus_jsonl, tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("cache")
+    run_packerd("run", "--cache-dir", tmp / "c", "--source", corpus_jsonl, "--tokenizer", tokenizer_dir,
+                "--seq-len", 64, "--chunk-sequences", 16, "--workers", 1, "--endpoint", free_endpoint(tmp))
+    return tmp / "c"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    """A run of MAX_STEPS steps without interruption: the reference for every resume."""
+    tmp = tmp_path_factory.mktemp("ref")
+    p = run_trainer(cache, tmp / "runs", tmp, "--new", "ref", "--max-steps", MAX_STEPS, "--checkpoint-every", 5)
+    assert p.returncode == 0, p.stderr
+    return tmp / "runs"
+
+
+def test_uninterrupted_run_logs_and_checkpoints(uninterrupted):
+    recs = records(uninterrupted, "ref", 1)
+    per_step = steps(recs)
+    assert sorted(per_step) == list(range(1, MAX_STEPS + 1))
+    for r in per_step.values():
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "total_steps"} <= set(r)
+    assert per_step[MAX_STEPS]["loss"] < per_step[1]["loss"]
+    # saved every 5 steps and at the end, once each (grad accumulation does not repeat saves), newest 3 kept
+    saved = [e["step"] for e in events(recs, "checkpoint_saved")]
+    assert saved == [5, 10, 15, 20, 24]
+    names = sorted(os.listdir(uninterrupted / "checkpoints"))
+    assert names == ["ref-step00000015", "ref-step00000020", "ref-step00000024"]
+    meta = json.loads((uninterrupted / "checkpoints" / "ref-step00000024" / "meta.json").read_text())
+    assert meta["step"] == MAX_STEPS and meta["run"] == "ref" and meta["tokens"] == per_step[MAX_STEPS]["tokens"]
+    config = json.loads((uninterrupted / "checkpoints" / "ref-step00000024" / "config.json").read_text())
+    assert config["model"]["hidden_size"] == 32 and config["train"]["max_steps"] == MAX_STEPS
+    assert json.loads((uninterrupted / "runs" / "ref.json").read_text())["run"] == "ref"
+
+
+def test_exact_resume_after_kill_9_and_a_kill_during_a_save(tmp_path, cache, uninterrupted):
+    """Killed with SIGKILL at step 13, resumed; killed again while saving step 20, resumed again: the same
+    per-step losses (bitwise), the same sequences at every step, the same final weights."""
+    runs = tmp_path / "runs"
+    p = run_trainer(cache, runs, tmp_path, "--new", "b", "--max-steps", MAX_STEPS, "--checkpoint-every", 5,
+                    fault="kill-at-step:13")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert max(steps(records(runs, "b", 1))) == 13
+
+    p = run_trainer(cache, runs, tmp_path, "--resume", "latest", fault="kill-in-save:20")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    tmp_dirs = [d for d in os.listdir(runs / "checkpoints") if d.startswith(".tmp-b-step00000020-")]
+    assert tmp_dirs, "the save of step 20 was interrupted"
+    assert "b-step00000020" not in os.listdir(runs / "checkpoints")
+
+    p = run_trainer(cache, runs, tmp_path, "--resume", "b")
+    assert p.returncode == 0, p.stderr
+    assert "b-step00000015" in p.stderr  # resumed from the newest complete checkpoint
+    assert not [d for d in os.listdir(runs / "checkpoints") if d.startswith(".tmp-")]
+
+    ref = steps(records(uninterrupted, "ref", 1))
+    ref_data = data_trace(uninterrupted, "ref", 1)
+    for k, first in ((1, 1), (2, 11), (3, 16)):
+        recs = records(runs, "b", k)
+        got = steps(recs)
+        assert min(got) == first
+        for s, r in got.items():
+            assert r["loss"] == ref[s]["loss"], f"run {k} step {s}: {r['loss']!r} != {ref[s]['loss']!r}"
+            assert r["lr"] == ref[s]["lr"] and r["tokens"] == ref[s]["tokens"]
+        for s, seqs in data_trace(runs, "b", k).items():
+            assert seqs == ref_data[s], f"run {k} step {s} trained on other sequences"
+        if k > 1:
+            assert events(recs, "resumed")[0]["step"] == first - 1
+    final = events(records(runs, "b", 3), "finished")[0]
+    assert final["weights_xxh64"] == events(records(uninterrupted, "ref", 1), "finished")[0]["weights_xxh64"]
+
+
+def test_signal_saves_and_exits_0_and_a_second_trainer_refuses(tmp_path, cache):
+    """A trainer that caught up with a (still unfinished) cache waits; a second trainer on the same run
+    refuses; SIGTERM makes the first save a checkpoint and exit 0."""
+    part = tmp_path / "partial"
+    part.mkdir()
+    m = load_manifest(cache)
+    m.chunks, m.finished = m.chunks[:6], False  # as if the packer were still at chunk 6
+    for c in m.chunks:
+        os.link(cache / c.file, part / c.file)
+    m.save(part)
+    runs = tmp_path / "runs"
+    first = subprocess.Popen(trainer_cmd(part, runs, tmp_path, "--new", "w", "--checkpoint-every", 0),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        log = runs / "training_logs" / "w_run_1.jsonl"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and '"event":"waiting"' in log.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "timeout"
+            time.sleep(0.1)
+        second = run_trainer(part, runs, tmp_path, "--new", "w")
+        assert second.returncode == 1
+        assert "another trainer is running run w" in second.stderr.strip().splitlines()[-1]
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    recs = records(runs, "w", 1)
+    last = max(steps(recs))
+    assert last == 96 // 8  # 6 chunks x 16 sequences, 8 per step: then it waited for data
+    saved = events(recs, "checkpoint_saved")
+    assert [(e["step"], e["reason"]) for e in saved] == [(last, "signal")]
+    assert events(recs, "stopped")[0]["signal"] == signal.SIGTERM
+    assert "waiting for data" in err
+
+
+def test_resume_on_a_cache_with_another_seq_len_is_one_error(tmp_path, cache, uninterrupted, corpus_jsonl, tokenizer_dir):
+    other = tmp_path / "c32"
+    run_packerd("run", "--cache-dir", other, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir,
+                "--seq-len", 32, "--chunk-sequences", 16, "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    p = run_trainer(other, uninterrupted, tmp_path, "--resume", "ref")
+    assert p.returncode == 1
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and "seq_len 32" in line[0] and "64" in line[0], p.stderr
+
+
+@pytest.mark.slow
+def test_resume_on_a_cache_with_another_tokenizer_is_one_error(tmp_path, cache, uninterrupted, corpus_jsonl):
+    other = tmp_path / "cbpe"
+    run_packerd("run", "--cache-dir", other, "--source", corpus_jsonl, "--tokenizer", "builtin:bpe",
+                "--seq-len", 64, "--chunk-sequences", 16, "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    p = run_trainer(other, uninterrupted, tmp_path, "--resume", "ref")
+    assert p.returncode == 1
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and "tokenizer" in line[0], p.stderr
+
+
+def test_no_wait_fails_at_once_and_writes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    p = run_trainer(tmp_path / "missing", runs, tmp_path, "--new", "x", "--no-wait")
+    assert p.returncode == 1
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and "does not exist" in line[0], p.stderr
+    assert not runs.exists()

@@ -1,0 +1,82 @@
+"""Which run a trainer starts: --new, --resume, the checkpoint menu on a terminal, the non-terminal default,
+and run-name suggestions derived from the config and the cache."""
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from trainerd.config import load_config
+from trainerd.train import Start, TrainError, decide_start, interactive_menu, suggest_name
+
+
+def fake_checkpoint(run_dir, run, step, loss, t):
+    d = run_dir / "checkpoints" / f"{run}-step{step:08d}"
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps({"format": 1, "name": d.name, "run": run, "run_id": f"id-{run}",
+                                             "step": step, "loss": loss, "time": t}))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    fake_checkpoint(tmp_path, "tiny_pydoc_64", 100, 5.5, 1000)
+    fake_checkpoint(tmp_path, "tiny_pydoc_64", 200, 4.25, 2000)
+    fake_checkpoint(tmp_path, "other", 50, 6.0, 1500)
+    return tmp_path
+
+
+def test_name_suggestions():
+    assert suggest_name(load_config(None, {"model.preset": "415m"}), ["hf:HuggingFaceFW/fineweb-edu:sample-10BT"], 512) \
+        == "415M_FineWeb_512"
+    assert suggest_name(load_config(None, {}), ["builtin:pydoc"], 64) == "tiny_pydoc_64"
+    assert suggest_name(load_config(None, {"model.preset": "124m"}), ["/data/wikitext-2/valid.jsonl"], 1024) \
+        == "124M_WikiText_1024"
+
+
+def test_flags_and_the_non_terminal_default(run_dir, tmp_path):
+    s = decide_start(str(run_dir), None, "latest", "x", interactive=False)
+    assert (s.mode, s.run, s.ckpt.endswith("tiny_pydoc_64-step00000200")) == ("resume", "tiny_pydoc_64", True)
+    assert decide_start(str(run_dir), None, "other", "x", False).ckpt.endswith("other-step00000050")
+    assert decide_start(str(run_dir), "fresh", None, "x", False).mode == "new"
+    with pytest.raises(TrainError, match="already has checkpoints"):
+        decide_start(str(run_dir), "other", None, "x", False)
+    with pytest.raises(TrainError, match="not both"):
+        decide_start(str(run_dir), "a", "latest", "x", False)
+    with pytest.raises(TrainError, match="run name"):
+        decide_start(str(run_dir), "../escape", None, "x", False)
+    with pytest.raises(TrainError, match="no checkpoint or run named"):
+        decide_start(str(run_dir), None, "nope", "x", False)
+    # neither flag, no terminal: the suggested run goes on from its newest checkpoint, or starts new
+    s = decide_start(str(run_dir), None, None, "tiny_pydoc_64", False)
+    assert (s.mode, s.run, s.run_id) == ("resume", "tiny_pydoc_64", "id-tiny_pydoc_64")
+    s = decide_start(str(tmp_path / "empty"), None, None, "tiny_pydoc_64", False)
+    assert (s.mode, s.run) == ("new", "tiny_pydoc_64") and len(s.run_id) == 12
+
+
+def menu_command(run_dir, suggested):
+    @click.command()
+    def cmd():
+        s = interactive_menu(str(run_dir), suggested)
+        click.echo(f"-> {s.mode} {s.run} {s.ckpt or ''}")
+    return cmd
+
+
+def test_checkpoint_menu_lists_checkpoints_and_starts_new(run_dir):
+    r = CliRunner().invoke(menu_command(run_dir, "tiny_pydoc_64"), input="N\n\n")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "1. tiny_pydoc_64-step00000200  step 200  loss 4.250" in lines[1]   # newest first
+    assert "2. other-step00000050  step 50  loss 6.000" in lines[2]
+    assert "N. Start New Training" in r.output and "X. Checkpoint Management" in r.output
+    # the suggested name has checkpoints already: the next free variant is offered
+    assert "Name suggestions: tiny_pydoc_64_2" in r.output
+    assert lines[-1] == "-> new tiny_pydoc_64_2 "
+
+
+def test_checkpoint_menu_resumes_a_pick(run_dir):
+    r = CliRunner().invoke(menu_command(run_dir, "tiny_pydoc_64"), input="7\n2\n")
+    assert r.exit_code == 0, r.output
+    assert "'7' is not a choice" in r.output
+    assert r.output.splitlines()[-1].startswith("-> resume other ") and r.output.rstrip().endswith("other-step00000050")

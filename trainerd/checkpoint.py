@@ -1,0 +1,296 @@
+"""Checkpoints: one folder per save, written to a temporary folder, fsynced, then renamed.
+
+    RUN_DIR/checkpoints/<run>-step<8 digits>/
+        meta.json           small, readable without torch (step, loss, tokens, time, run, files and hashes)
+        config.json         the resolved trainer config
+        model_config.json   transformers LlamaConfig.to_dict()
+        tokenizer.json      the cache's tokenizer identity {name, vocab_hash, vocab_size, eos_id, pad_id}
+        model.safetensors   safetensors.torch.save_model(unwrapped model): no _orig_mod., tied weights once
+        optimizer.pt        torch.save(optimizer.state_dict())
+        state.pt            step, schedule, data plan state, RNG states of every rank
+    RUN_DIR/checkpoints/.tmp-<name>-<pid>/   a save in progress
+
+A crash during a save leaves only the temporary folder: the previous checkpoint is intact, and the next
+trainer of that run removes the leftover. Everything loads with `torch.load(weights_only=True)`: no
+pickled code runs. meta.json is written last inside the temporary folder, so a folder with a complete
+meta.json lists every file that belongs to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from shared.fsutil import fsync_dir
+
+# torch and safetensors are imported by the functions that need them: listing checkpoints and the checks
+# on resume stay fast (the command checks its arguments before torch loads)
+
+FORMAT = 1
+CKPT_DIR = "checkpoints"
+TMP_PREFIX = ".tmp-"
+FILES = ("config.json", "model_config.json", "tokenizer.json", "model.safetensors", "optimizer.pt", "state.pt")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def ckpt_name(run: str, step: int) -> str:
+    return f"{run}-step{step:08d}"
+
+
+def ckpt_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+# -- RNG --------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) generator states, in types weights_only loading accepts."""
+    import torch
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def plain(x):
+    """NumPy scalars and arrays as Python ints, floats and lists, so state.pt loads with weights_only."""
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(plain(v) for v in x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _torch_save(obj, path: Path) -> None:
+    import torch
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def file_digest(path: Path) -> dict:
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            if not block:
+                break
+            h.update(block)
+    return {"bytes": path.stat().st_size, "xxh64": h.hexdigest()}
+
+
+def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: dict,
+                    meta: dict, config: dict, model_config: dict, tokenizer: dict,
+                    kill_after_weights: bool = False) -> Path:
+    """Write checkpoint `name` atomically; returns its folder. `model` must be the unwrapped module.
+
+    `kill_after_weights` is a fault hook for tests: SIGKILL this process once the weights are in the
+    temporary folder (a crash in the middle of a save).
+    """
+    from safetensors.torch import save_model
+    root = ckpt_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "model_config.json", model_config)
+        _write_json(tmp / "tokenizer.json", tokenizer)
+        save_model(model, str(tmp / "model.safetensors"))
+        _fsync_file(tmp / "model.safetensors")
+        if kill_after_weights:
+            os.kill(os.getpid(), signal.SIGKILL)
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(plain(state), tmp / "state.pt")
+        files = {f: file_digest(tmp / f) for f in FILES}
+        _write_json(tmp / "meta.json", {"format": FORMAT, "name": name, **meta, "files": files})
+        fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. resumed and stopped at once): replace it
+            old = root / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def prune(run_dir, run: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints of `run` (by step); returns the deleted names."""
+    if keep <= 0:
+        return []
+    mine = [m for m in list_checkpoints(run_dir) if m.get("run") == run]
+    mine.sort(key=lambda m: m["step"])
+    removed = []
+    for m in mine[:-keep]:
+        shutil.rmtree(ckpt_root(run_dir) / m["name"], ignore_errors=True)
+        removed.append(m["name"])
+    if removed:
+        fsync_dir(ckpt_root(run_dir))
+    return removed
+
+
+def remove_stale_temporaries(run_dir, run: str) -> list[str]:
+    """Temporary folders of crashed saves of `run` (call only while holding the run's lock)."""
+    root = ckpt_root(run_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(TMP_PREFIX) and (
+                p.name.startswith(f"{TMP_PREFIX}{run}-step") or p.name.startswith(f"{TMP_PREFIX}old-{run}-step")):
+            shutil.rmtree(p, ignore_errors=True)
+            out.append(p.name)
+    return out
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def read_meta(folder: Path) -> dict | None:
+    try:
+        with open(folder / "meta.json") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta:
+        return None
+    meta["path"] = str(folder)
+    return meta
+
+
+def list_checkpoints(run_dir, run: str | None = None) -> list[dict]:
+    """Metadata of every complete checkpoint (temporary folders skipped), oldest first by time, then step."""
+    root = ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.is_dir() and not p.name.startswith("."):
+            meta = read_meta(p)
+            if meta is not None and (run is None or meta.get("run") == run):
+                out.append(meta)
+    out.sort(key=lambda m: (m.get("time", 0), m["step"]))
+    return out
+
+
+def find_checkpoint(run_dir, spec: str) -> dict:
+    """'latest' (the newest of any run), a checkpoint name, or a run name (its newest checkpoint)."""
+    metas = list_checkpoints(run_dir)
+    if not metas:
+        raise CheckpointError(f"no checkpoint in {ckpt_root(run_dir)} to resume from")
+    if spec == "latest":
+        return metas[-1]
+    for m in metas:
+        if m["name"] == spec:
+            return m
+    runs = [m for m in metas if m.get("run") == spec]
+    if runs:
+        return max(runs, key=lambda m: m["step"])
+    raise CheckpointError(f"no checkpoint or run named {spec!r} in {ckpt_root(run_dir)} "
+                          f"(see `ckpt list --run-dir {run_dir}`)")
+
+
+def read_json(folder: Path, name: str) -> dict:
+    try:
+        with open(Path(folder) / name) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {Path(folder).name}: cannot read {name}: {e}") from None
+
+
+def check_files(folder: Path, meta: dict) -> None:
+    for fname, info in meta.get("files", {}).items():
+        p = Path(folder) / fname
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {Path(folder).name} lacks {fname}")
+        if p.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"checkpoint {Path(folder).name}: {fname} is {p.stat().st_size} bytes, "
+                                  f"meta.json says {info['bytes']}")
+
+
+def load_weights(folder: Path, model) -> None:
+    """Weights into the (unwrapped) model; tied weights were saved once and are restored to both names."""
+    from safetensors.torch import load_model
+    try:
+        load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+    except (RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {Path(folder).name}: weights do not fit the model: {first}") from None
+
+
+def load_torch(folder: Path, name: str, map_location="cpu"):
+    import torch
+    try:
+        return torch.load(Path(folder) / name, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, or a pickle with code in it
+        raise CheckpointError(f"checkpoint {Path(folder).name}: cannot load {name}: {e}") from None
+
+
+def compatibility_error(folder: Path, manifest) -> str | None:
+    """Why checkpoint `folder` cannot go on with the cache of `manifest` (seq_len, tokenizer), or None."""
+    folder = Path(folder)
+    seq = read_json(folder, "model_config.json").get("max_position_embeddings")
+    if seq is not None and seq != manifest.seq_len:
+        return (f"the cache has seq_len {manifest.seq_len} but checkpoint {folder.name} was trained with "
+                f"seq_len {seq}: resume on a cache of the same seq_len")
+    saved, tok = read_json(folder, "tokenizer.json"), manifest.tokenizer
+    if saved.get("vocab_hash") != tok.get("vocab_hash"):
+        return (f"the cache's tokenizer ({tok.get('name')}, vocab hash {str(tok.get('vocab_hash'))[:12]}) differs "
+                f"from checkpoint {folder.name}'s ({saved.get('name')}, {str(saved.get('vocab_hash'))[:12]})")
+    return None

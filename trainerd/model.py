@@ -1,0 +1,154 @@
+"""The model: transformers' LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, grouped-query attention, tied embeddings).
+
+Built from transformers' own classes so that a checkpoint exports with `save_pretrained` and loads with
+`AutoModelForCausalLM`. Document masking: the batch's `position_ids` restart at 0 at every document start;
+with `attention_mask=None` and `use_cache=False`, transformers' SDPA path builds a block-diagonal causal mask
+from them, so attention never crosses a document boundary. With flash-attention installed (and CUDA), the
+batch is flattened to one row and the varlen kernel gets the document boundaries as `cu_seq_lens`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+# head_dim 64 in the two real sizes; parameter counts with the GPT-2 vocabulary (50,304 after padding)
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
+    "124m": Preset(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2304),
+    "415m": Preset(hidden_size=1024, num_layers=30, num_heads=16, num_kv_heads=4, intermediate_size=3072),
+}
+
+
+def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def resolve(cfg: ModelConfig) -> Preset:
+    """The preset with the config's overrides applied; checks the shapes fit together."""
+    p = PRESETS[cfg.preset]
+    hidden = cfg.hidden_size or p.hidden_size
+    heads = cfg.num_heads or p.num_heads
+    kv = cfg.num_kv_heads or min(p.num_kv_heads, heads)
+    inter = cfg.intermediate_size or (p.intermediate_size if hidden == p.hidden_size else
+                                      int(math.ceil(hidden * 8 / 3 / 64) * 64))
+    from .config import ConfigError
+    if hidden % heads:
+        raise ConfigError(f"model.hidden_size ({hidden}) must be a multiple of model.num_heads ({heads})")
+    if heads % kv:
+        raise ConfigError(f"model.num_kv_heads ({kv}) must divide model.num_heads ({heads})")
+    if (hidden // heads) % 2:
+        raise ConfigError(f"model.hidden_size / model.num_heads must be even for RoPE (got {hidden // heads})")
+    return Preset(hidden, cfg.num_layers or p.num_layers, heads, kv, inter)
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, use_flash: bool = False) -> LlamaConfig:
+    p = resolve(cfg)
+    return LlamaConfig(
+        vocab_size=padded_vocab(vocab_size),
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_kv_heads,
+        head_dim=p.hidden_size // p.num_heads,
+        hidden_act="silu",                    # SwiGLU: down(silu(gate(x)) * up(x))
+        max_position_embeddings=seq_len,
+        initializer_range=cfg.init_std,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=True,
+        use_cache=False,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        attn_implementation="flash_attention_2" if use_flash else "sdpa",
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, use_flash: bool = False) -> LlamaForCausalLM:
+    """A freshly initialised model (weights from torch's current RNG: seed before calling)."""
+    config = llama_config(cfg, vocab_size, seq_len, eos_id, use_flash)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+def model_from_config_dict(d: dict, use_flash: bool = False) -> LlamaForCausalLM:
+    """The model described by a checkpoint's model_config.json (weights uninitialised until loaded)."""
+    config = LlamaConfig.from_dict(d)
+    config._attn_implementation = "flash_attention_2" if use_flash else "sdpa"
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
+def num_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
+    """Parameters, tied ones counted once; non_embedding leaves out the (tied) token embedding."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    if non_embedding:
+        total -= model.get_input_embeddings().weight.numel()
+    return total
+
+
+def flops_per_token(config: LlamaConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N (matmuls, forward + backward) plus attention 12 L H Q T / 2 (causal).
+
+    The attention term assumes full causal attention over seq_len; with document masking the kernel
+    may do less work, so MFU is an upper-bound-free, honest lower estimate of the useful work.
+    """
+    head_dim = config.hidden_size // config.num_attention_heads
+    attn = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len / 2
+    return 6 * n_params + attn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and the tied embedding), none on norms."""
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """Flash-attention varlen arguments for a batch flattened to one row.
+
+    A new segment starts at position 0 and at the start of each row (a row may begin mid-document).
+    Computed on the host from the CPU tensor: max_length must be a Python int for the kernel.
+    """
+    pos = position_ids.reshape(-1).cpu()
+    n, L = position_ids.shape
+    starts = (pos == 0)
+    starts[::L] = True
+    idx = torch.nonzero(starts).view(-1)
+    cu = torch.cat([idx, torch.tensor([pos.numel()])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}

@@ -1,0 +1,138 @@
+"""Learning rate over a total that is not known in advance.
+
+The learning rate is a pure function of (step, the schedule's parameters, its small state); the state
+changes only through `update()` at an optimizer-step boundary, and never so that the rate jumps:
+a scheduler is never rebuilt and stepped N times (that is how an earlier system made the LR jump).
+
+- Warmup: `warmup_fraction` of the steps of the FULL dataset estimate (the manifest's), fixed at the
+  first update (or `warmup_steps`). Linear from peak/W to peak.
+- wsd (default): warmup, constant, then a 1-sqrt decay to `min_lr_fraction * lr` over the last
+  `decay_fraction` of the run. The end of the run becomes known when the cache is finished, from
+  `--max-steps`, or from a token budget (`decay_tokens`: the decay starts there and lasts
+  decay_fraction/(1-decay_fraction) of it). Growth before the decay starts moves nothing.
+- cosine: from peak to the minimum over the current estimate of the total, continuous as it changes.
+
+Continuity: a phase's progress q(s) is anchored, q(s) = q0 + (1 - q0) (s - s0) / (end - s0). When the end
+moves at step s, the anchor becomes (s, q(s), new end): the rate at s is what it would have been, and only
+the speed of the remaining decay changes. So the difference at an expansion is at most one normal step's.
+"""
+from __future__ import annotations
+
+import math
+
+from .config import ScheduleConfig
+
+
+class LRSchedule:
+    def __init__(self, cfg: ScheduleConfig, peak_lr: float, max_steps: int | None = None,
+                 tokens_per_step: int | None = None):
+        self.kind = cfg.kind
+        self.peak = float(peak_lr)
+        self.min = float(peak_lr) * cfg.min_lr_fraction
+        self.warmup_fraction = cfg.warmup_fraction
+        self.warmup_steps_cfg = cfg.warmup_steps
+        self.decay_fraction = cfg.decay_fraction
+        self.max_steps = max_steps
+        self.budget_end: tuple[int, int] | None = None  # (decay start, end) from the token budget
+        if cfg.decay_tokens and tokens_per_step:
+            d = max(1, math.ceil(cfg.decay_tokens / tokens_per_step))
+            k = max(1, round(d * self.decay_fraction / (1 - self.decay_fraction))) if self.decay_fraction < 1 else d
+            self.budget_end = (d, d + k)
+        # state
+        self.warmup: int | None = None
+        self.end: int | None = None        # the step count the schedule decays to (None: not known yet)
+        self.anchor: tuple[int, float] | None = None  # (s0, q0) of the decay phase
+
+    # -- state changes, only at optimizer-step boundaries ------------------------------------------------
+    def update(self, step: int, total_steps: int, estimated_total_steps: int, finished: bool) -> list[str]:
+        """Take in the plan as it is before optimizer step `step`; returns warnings for the log."""
+        notes = []
+        if self.warmup is None:
+            if self.warmup_steps_cfg is not None:
+                self.warmup = self.warmup_steps_cfg
+            else:
+                full = estimated_total_steps if estimated_total_steps else total_steps
+                if self.max_steps:
+                    full = min(full, self.max_steps) if full else self.max_steps
+                self.warmup = int(round(self.warmup_fraction * full))
+            if not finished and self.warmup > total_steps:
+                notes.append(f"warmup of {self.warmup:,} steps (from the full dataset estimate) is longer than "
+                             f"the {total_steps:,} steps the cache holds now")
+        end = self._target_end(total_steps, estimated_total_steps, finished)
+        if end is not None and end != self.end:
+            self._move_end(step, end)
+        return notes
+
+    def _target_end(self, total: int, estimate: int, finished: bool) -> int | None:
+        ends = []
+        if self.max_steps:
+            ends.append(self.max_steps)
+        if finished:
+            ends.append(total)
+        if self.kind == "cosine":
+            ends.append(max(estimate, total))
+        elif self.budget_end:
+            ends.append(self.budget_end[1])
+        return min(ends) if ends else None
+
+    def _move_end(self, step: int, end: int) -> None:
+        w = self.warmup or 0
+        if self.end is None or self.anchor is None:
+            self.end = end
+            self.anchor = (self._decay_start(step, end), 0.0)
+            return
+        s0, q0 = self.anchor
+        if step <= s0 and q0 == 0.0:
+            # the decay has not begun: place it again for the new end (nothing used the old one yet)
+            self.end = end
+            self.anchor = (self._decay_start(step, end), 0.0)
+            return
+        at = max(step, w)
+        self.anchor = (at, self._progress(at))
+        self.end = end
+
+    def _decay_start(self, step: int, end: int) -> int:
+        w = self.warmup or 0
+        if self.kind == "cosine":
+            return max(w, step)
+        if self.budget_end and end == self.budget_end[1]:
+            start = self.budget_end[0]
+        else:
+            start = end - int(round(self.decay_fraction * end))
+        return max(start, step, w)
+
+    # -- the rate --------------------------------------------------------------------------------
+    def _progress(self, step: int) -> float:
+        if self.anchor is None or self.end is None:
+            return 0.0
+        s0, q0 = self.anchor
+        if step <= s0:
+            return q0
+        span = max(self.end - s0, 1)
+        return min(1.0, q0 + (1.0 - q0) * (step - s0) / span)
+
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based)."""
+        w = self.warmup or 0
+        if step < w:
+            return self.peak * (step + 1) / (w + 1)
+        q = self._progress(step)
+        if self.kind == "cosine":
+            return self.min + (self.peak - self.min) * 0.5 * (1.0 + math.cos(math.pi * q))
+        return self.min + (self.peak - self.min) * (1.0 - math.sqrt(q))
+
+    @property
+    def decay_start(self) -> int | None:
+        return self.anchor[0] if self.anchor and self.anchor[1] == 0.0 else None
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "peak": self.peak, "min": self.min, "warmup": self.warmup, "end": self.end,
+                "anchor": list(self.anchor) if self.anchor else None, "max_steps": self.max_steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        """The phase state (warmup, end, anchor) of a saved run; the rates come from the current config."""
+        if d.get("kind") != self.kind:
+            raise ValueError(f"the checkpoint's schedule is {d.get('kind')}, the config says {self.kind}")
+        self.warmup = d["warmup"]
+        self.end = d["end"]
+        self.anchor = (int(d["anchor"][0]), float(d["anchor"][1])) if d.get("anchor") else None
