@@ -129,6 +129,18 @@ def _existing_manifest(cache_dir) -> Manifest | None:
 
 def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
     cache_dir = Path(cfg.cache_dir)
+    # check the tokenizer and the sources before touching the folder: a typo must neither create a cache
+    # folder nor, with --force-rebuild, delete an existing cache
+    try:
+        tok = load_tokenizer(cfg.tokenizer, cfg.eos)
+    except TokenizerError as e:
+        raise _fail(str(e))
+    known = None if force_rebuild else _existing_manifest(cache_dir)
+    try:
+        Source(cfg.source, cfg.text_field, known.source_files if known else None)
+    except SourceError as e:
+        raise _fail(str(e))
+    created = not cache_dir.exists()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -138,64 +150,68 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
         lock.acquire()
     except LockHeld as e:
         raise _fail(f"another packer is running on this cache: {e}")
+    manifest = None
     try:
-        if force_rebuild:
-            _clear(cache_dir, yes)
-        try:
-            tok = load_tokenizer(cfg.tokenizer, cfg.eos)
-        except TokenizerError as e:
-            raise _fail(str(e))
+        _pack_locked(cfg, cache_dir, tok, force_rebuild, yes)
         manifest = load_manifest(cache_dir)
-        manifest = _check_or_create(manifest, cfg, tok)
-        _clean_uncommitted(cache_dir, manifest)
-        try:
-            source = Source(cfg.source, cfg.text_field, manifest.source_files)
-        except SourceError as e:
-            raise _fail(str(e))
-        if cfg.mode == "forward" and manifest.finished:
-            click.echo(f"cache {cache_dir} is finished: {manifest.total_sequences:,} sequences; nothing to do "
-                       f"(--force-rebuild packs it again)", err=True)
-            return
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        workers = cfg.workers or os.cpu_count() or 1
-        try:
-            publisher = (Publisher(cfg.endpoint, uuid.uuid4().hex[:12], curve_dir=cfg.curve_dir)
-                         if cfg.mode == "forward" else None)
-        except OSError as e:
-            raise _fail(str(e))
-        progress = Progress()
-        packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
-                        cfg.estimate_tokens, progress)
-        try:
-            if cfg.mode == "inverse":
-                missing = open_cache(cache_dir).missing_chunks()
-                if not missing:
-                    click.echo("no chunk is missing", err=True)
-                    return
-                click.echo(f"regenerating {len(missing)} missing chunk(s): {_ranges(missing)}", err=True)
-                done = packer.regenerate(missing)
-                click.echo(f"regenerated {len(done)} chunk(s)", err=True)
-            else:
-                packer.forward(follow=cfg.follow, poll_seconds=cfg.poll_seconds)
-        except (SourceError, PackError) as e:
-            raise _fail(f"{e} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
-        except OSError as e:
-            what = "disk full" if e.errno == 28 else (e.strerror or str(e))
-            raise _fail(f"{what} while writing to {cache_dir} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
-        finally:
-            progress.close()
-            packer.close()
-            if publisher:
-                publisher.close()
-        t = manifest.totals()
-        state = "finished" if manifest.finished else "stopped"
-        click.echo(f"{state}: {t['chunks']:,} chunks, {t['sequences']:,} sequences, {t['tokens']:,} tokens, "
-                   f"{t['bytes_per_token'] or 0:.3f} bytes/token, utilization {t['utilization'] or 0:.4f}"
-                   + (f", {sum(manifest.skipped.values())} empty records skipped" if manifest.skipped else ""), err=True)
     finally:
         lock.release()
+        if created and (manifest is None or not manifest.chunks) and not (cache_dir / MANIFEST_NAME).exists():
+            shutil.rmtree(cache_dir, ignore_errors=True)  # a failed first run leaves no folder behind
+
+
+def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, yes: bool) -> None:
+    if force_rebuild:
+        _clear(cache_dir, yes)
+    manifest = load_manifest(cache_dir)
+    manifest = _check_or_create(manifest, cfg, tok)
+    _clean_uncommitted(cache_dir, manifest)
+    try:
+        source = Source(cfg.source, cfg.text_field, manifest.source_files)
+    except SourceError as e:
+        raise _fail(str(e))
+    if cfg.mode == "forward" and manifest.finished:
+        click.echo(f"cache {cache_dir} is finished: {manifest.total_sequences:,} sequences; nothing to do "
+                   f"(--force-rebuild packs it again)", err=True)
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    workers = cfg.workers or os.cpu_count() or 1
+    try:
+        publisher = (Publisher(cfg.endpoint, uuid.uuid4().hex[:12], curve_dir=cfg.curve_dir)
+                     if cfg.mode == "forward" else None)
+    except OSError as e:
+        raise _fail(str(e))
+    progress = Progress()
+    packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
+                    cfg.estimate_tokens, progress)
+    try:
+        if cfg.mode == "inverse":
+            missing = open_cache(cache_dir).missing_chunks()
+            if not missing:
+                click.echo("no chunk is missing", err=True)
+                return
+            click.echo(f"regenerating {len(missing)} missing chunk(s): {_ranges(missing)}", err=True)
+            done = packer.regenerate(missing)
+            click.echo(f"regenerated {len(done)} chunk(s)", err=True)
+        else:
+            packer.forward(follow=cfg.follow, poll_seconds=cfg.poll_seconds)
+    except (SourceError, PackError) as e:
+        raise _fail(f"{e} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
+    except OSError as e:
+        what = "disk full" if e.errno == 28 else (e.strerror or str(e))
+        raise _fail(f"{what} while writing to {cache_dir} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
+    finally:
+        progress.close()
+        packer.close()
+        if publisher:
+            publisher.close()
+    t = manifest.totals()
+    state = "finished" if manifest.finished else "stopped"
+    click.echo(f"{state}: {t['chunks']:,} chunks, {t['sequences']:,} sequences, {t['tokens']:,} tokens, "
+               f"{t['bytes_per_token'] or 0:.3f} bytes/token, utilization {t['utilization'] or 0:.4f}"
+               + (f", {sum(manifest.skipped.values())} empty records skipped" if manifest.skipped else ""), err=True)
 
 
 def _ranges(ids: list[int]) -> str:

@@ -347,9 +347,6 @@ def test_bad_input_is_one_line_and_writes_nothing(in_root, case):
                defect=defect if ok else "not handled")
 
 
-@pytest.mark.xfail(strict=True, reason="packerd/cli.py _pack: the cache folder is created and locked (DIR/.lock) before "
-                                       "the tokenizer is loaded and the sources are opened, so a bad tokenizer or source "
-                                       "leaves a new cache folder behind")
 @pytest.mark.parametrize("case_id", ["packerd-source-txt-not-utf8", "packerd-tokenizer-empty-folder"])
 def test_packerd_bad_source_or_tokenizer_creates_no_cache_folder(in_root, case_id):
     case = next(c for c in CASES if c.id == case_id)
@@ -359,9 +356,6 @@ def test_packerd_bad_source_or_tokenizer_creates_no_cache_folder(in_root, case_i
     assert added == [], f"{case.id} created {added}"
 
 
-@pytest.mark.xfail(strict=True, reason="packerd/cli.py _pack calls _clear(cache_dir) for --force-rebuild before it loads "
-                                       "the tokenizer and opens the sources, so a typo in --tokenizer or --source "
-                                       "deletes the whole existing cache and then fails")
 @pytest.mark.parametrize("bad", ["tokenizer", "source"])
 def test_force_rebuild_with_a_bad_input_keeps_the_cache(in_root, bad):
     w = in_root

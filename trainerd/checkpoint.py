@@ -279,7 +279,12 @@ def load_torch(folder: Path, name: str, map_location="cpu"):
     try:
         return torch.load(Path(folder) / name, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, or a pickle with code in it
-        raise CheckpointError(f"checkpoint {Path(folder).name}: cannot load {name}: {e}") from None
+        import pickle
+        if isinstance(e, pickle.UnpicklingError):  # torch's text advises weights_only=False: never do that here
+            first = "it holds objects other than tensors and plain data (a pickle that may run code); refused"
+        else:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {Path(folder).name}: cannot load {name}: {first}") from None
 
 
 def compatibility_error(folder: Path, manifest) -> str | None:

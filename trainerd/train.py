@@ -533,10 +533,21 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             meta = {"run": start.run, "run_id": start.run_id, "step": step, "loss": last_loss, "tokens": tokens_done,
                     "time": time.time(), "elapsed_s": round(elapsed, 3), "world_size": world,
                     "model": cfg.model.preset, "params": n_params}
-            path = ck.save_checkpoint(run_dir, name, model=raw_model, optimizer_state=optimizer.state_dict(),
-                                      state=state, meta=meta, config=cfg.to_dict(),
-                                      model_config=raw_model.config.to_dict(), tokenizer=tok,
-                                      kill_after_weights=(fault_kind == "kill-in-save" and step == fault_step))
+            try:
+                path = ck.save_checkpoint(run_dir, name, model=raw_model, optimizer_state=optimizer.state_dict(),
+                                          state=state, meta=meta, config=cfg.to_dict(),
+                                          model_config=raw_model.config.to_dict(), tokenizer=tok,
+                                          kill_after_weights=(fault_kind == "kill-in-save" and step == fault_step))
+            except (OSError, RuntimeError) as e:  # disk full surfaces as OSError, or RuntimeError from torch.save
+                errno_ = getattr(e, "errno", None)
+                what = "disk full" if errno_ == 28 or "No space" in str(e) or "unexpected pos" in str(e) else \
+                    (str(e).strip().splitlines() or [type(e).__name__])[0]
+                try:
+                    jsonl.event("checkpoint_failed", step=step, name=name, error=what)
+                except OSError:
+                    pass  # the log lives on the same full disk
+                raise click.ClickException(f"cannot save checkpoint {name} in {run_dir}: {what}; "
+                                           f"the previous checkpoint is intact") from None
             pruned = ck.prune(run_dir, start.run, cfg.checkpoint.keep)
             dt = time.monotonic() - t0
             jsonl.event("checkpoint_saved", step=step, name=name, reason=reason, seconds=round(dt, 3), pruned=pruned)

@@ -452,9 +452,6 @@ def test_disk_full_keeps_the_previous_checkpoint(disk_full):
                data_lost=0 if ok else None)
 
 
-@pytest.mark.xfail(strict=True, reason="trainerd/train.py save() lets the exception of ck.save_checkpoint through "
-                                       "(torch.save raises RuntimeError 'unexpected pos', safetensors/json an OSError "
-                                       "ENOSPC): a traceback instead of a one-line Error")
 def test_disk_full_is_a_one_line_error(disk_full):
     out = disk_full["out"]
     assert "Traceback" not in out, out[-2000:]
@@ -547,9 +544,6 @@ def test_a_checkpoint_pickle_with_code_is_refused(tmp_path, small_cache):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="trainerd/checkpoint.py load_torch puts torch's whole multi-line "
-                                       "UnpicklingError text (advice to use weights_only=False included) into the "
-                                       "CheckpointError, so `trainerd --resume` prints a multi-line error")
 def test_a_checkpoint_pickle_with_code_is_a_one_line_error(tmp_path, small_cache):
     from trainerd import checkpoint as ck
     d, _ = _checkpoint_with_code(tmp_path, small_cache)
