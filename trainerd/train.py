@@ -26,6 +26,7 @@ Decisions where the issue leaves a choice:
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -557,6 +558,9 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             accelerator.wait_for_everyone()
 
     # -- the training loop --------------------------------------------------------------------------------
+    # everything built so far (model, optimizer, torch's modules) lives for the whole run: move it out of the
+    # garbage collector's view, whose full passes over torch's objects otherwise pause a step for ~0.2 s
+    gc.freeze()
     known, finished, est_seen = -1, False, -1  # what the plan was last grown with
     notify_ms = None                 # the slowest notification (commit to receipt) since the last growth
     waiting_since = None
