@@ -52,9 +52,9 @@ def main() -> int:
         cmd.append("--run-slow")
     cmd += shlex.split(a.pytest_args)
     env = {**os.environ, "FAULTS_REPORT": str(report), "FAULTS_SEED": str(seed)}
-    print(f"$ FAULTS_SEED={seed} {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+    print(f"$ FAULTS_SEED={seed} python {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
     tail = [l for l in p.stdout.splitlines() if l.strip()]
     summary = tail[-1] if tail else "(no pytest output)"

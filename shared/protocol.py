@@ -11,6 +11,7 @@ one packer run carries the run's id and a `seq` that grows by one, so a subscrib
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -55,6 +56,8 @@ def validate(msg) -> dict:
         value = msg.get(key)
         if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(f"{kind} message field {key!r} is {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"{kind} message field {key!r} is not a finite number")
     return msg
 
 
