@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from shared.chunk import Chunk, encode_chunk, read_header
+from shared.chunk import Chunk, encode_chunk, file_checksum
 from shared.fsutil import atomic_write_bytes
 from shared.manifest import ChunkEntry, Manifest, chunk_filename
 
@@ -287,7 +287,7 @@ class Packer:
         cid = self.m.next_chunk_id()
         atomic_write_bytes(self.dir / chunk_filename(cid), data)
         entry = ChunkEntry(id=cid, sequences=chunk.num_sequences, tokens=len(tokens), bytes=len(data),
-                           checksum=f"{read_header(data)['checksum']:016x}", start=start, end=end,
+                           checksum=file_checksum(data), start=start, end=end,
                            documents=len(starts), committed_at=time.time())
         self.m.chunks.append(entry)
         self.m.documents = end[0]
@@ -330,7 +330,7 @@ class Packer:
     def _rewrite(self, stream: TokenStream, entry: ChunkEntry) -> None:
         tokens, starts, start, end = stream.take(entry.tokens)
         data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.level)
-        checksum = f"{read_header(data)['checksum']:016x}"
+        checksum = file_checksum(data)
         if start != entry.start or checksum != entry.checksum or len(data) != entry.bytes:
             raise PackError(f"regenerated chunk {entry.id} differs from the manifest (source changed, "
                             f"or another tokenizer or level); not written")

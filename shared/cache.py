@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .chunk import Chunk, ChunkError, decode_chunk, read_header
+from .chunk import Chunk, ChunkError, decode_chunk, file_checksum
 from .manifest import ChunkEntry, Manifest, ManifestError, load_manifest
 
 QUARANTINE_DIR = "quarantine"
@@ -82,7 +82,7 @@ class Cache:
         try:
             if len(data) != entry.bytes:
                 raise ChunkError(f"size {len(data)} bytes, manifest says {entry.bytes}")
-            if f"{read_header(data)['checksum']:016x}" != entry.checksum:
+            if file_checksum(data) != entry.checksum:
                 raise ChunkError("header checksum differs from the manifest")
             chunk = decode_chunk(data, verify=True)
         except ChunkError as e:

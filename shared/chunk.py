@@ -150,8 +150,3 @@ def file_checksum(buf: bytes | memoryview) -> str:
     """The checksum the manifest records for a chunk file (the one stored in its header), as hex."""
     return f"{read_header(buf)['checksum']:016x}"
 
-
-def read_chunk_file(path, verify: bool = True) -> Chunk:
-    with open(path, "rb") as f:
-        data = f.read()
-    return decode_chunk(data, verify=verify)
