@@ -1,13 +1,17 @@
 """packerd throughput against the raw tokenizer and the usual datasets pipeline, on the same documents.
 
-    python bench/bench_packerd.py [--copies 16] [--workers N]
+    python bench/bench_packerd.py [--copies 64] [--rounds 3] [--workers N]
 
 Prints one table: tokens/s and bytes per token on disk for
   1. the raw tokenizer: tokenizers' encode_batch over all documents (Rust threads on every core),
-  2. packerd end to end: the real CLI, from process start to a finished manifest (all chunks committed),
+  2. packerd end to end: the real CLI, from process start to a finished manifest (all chunks committed);
+     also its steady rate, first to last chunk commit (start-up excluded),
   3. what users write instead: datasets `map(tokenize)` + `group_texts` (transformers' run_clm.py), saved to disk.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times
-(each copy numbered, so nothing is deduplicated); falls back to builtin:pydoc + builtin:bpe when absent.
+(each copy numbered, so nothing is deduplicated), written as jsonl shards of 8 copies (about 2 MB each, as
+datasets ship shards); falls back to builtin:pydoc + builtin:bpe when absent.
+The machine's speed drifts by 10-20% from minute to minute on shared hosts, so raw and packerd alternate for
+--rounds rounds and the table gives each one's median; the ratio column is the median of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,8 +55,10 @@ def bench_raw(texts: list[str], tok_dir: str) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int) -> tuple[float, int, float]:
+def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int) -> tuple[float, float, int, float]:
+    """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token) of one packerd run into a new cache."""
     cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src), "--tokenizer",
            tok_dir, "--seq-len", "1024", "--endpoint", f"ipc://{work}/bench.sock"]
     if workers:
@@ -60,7 +67,10 @@ def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int) -> tuple[fl
     subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
     dt = time.perf_counter() - t0
     m = json.loads((cache / "manifest.json").read_text())
-    return m["totals"]["tokens"] / dt, m["totals"]["tokens"], dir_bytes(cache) / m["totals"]["tokens"]
+    c = m["chunks"]
+    tokens = m["totals"]["tokens"]
+    steady = (tokens - c["tokens"][0]) / (c["committed_at"][-1] - c["committed_at"][0]) if len(c["id"]) > 2 else float("nan")
+    return tokens / dt, steady, tokens, dir_bytes(cache) / tokens
 
 
 def bench_datasets(src: Path, tok_dir: str, work: Path, nproc: int) -> tuple[float, int, float]:
@@ -92,31 +102,44 @@ def bench_datasets(src: Path, tok_dir: str, work: Path, nproc: int) -> tuple[flo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--copies", type=int, default=16)
+    ap.add_argument("--copies", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="packerd --workers (0: one per core)")
     args = ap.parse_args()
     base, tok_dir, name = corpus()
     texts = [f"{k} {t}" for k in range(args.copies) for t in base]
     cores = os.cpu_count()
+    per_file = 8 * len(base)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = work / "src"
         src.mkdir()
-        for k in range(args.copies):
-            with open(src / f"part{k:03d}.jsonl", "w") as f:
-                for t in texts[k * len(base):(k + 1) * len(base)]:
+        for k in range(0, len(texts), per_file):
+            with open(src / f"part{k // per_file:03d}.jsonl", "w") as f:
+                for t in texts[k:k + per_file]:
                     f.write(json.dumps({"text": t}) + "\n")
-        raw, n_raw = bench_raw(texts, tok_dir)
-        pk, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers)
+        raws, packs, steadies, ratios = [], [], [], []
+        for r in range(args.rounds):
+            raw, n_raw = bench_raw(texts, tok_dir)
+            pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers)
+            raws.append(raw), packs.append(pk), steadies.append(steady), ratios.append(pk / raw)
+            print(f"round {r + 1}: raw {raw:,.0f} tok/s, packerd {pk:,.0f} tok/s end to end ({pk / raw:.2f}), "
+                  f"steady {steady:,.0f} tok/s ({steady / raw:.2f})", flush=True)
+        assert n_pk == n_raw, (n_pk, n_raw)  # the same tokens, EOS included
         (work / "p").mkdir()
         ds, n_ds, bpt_ds = bench_datasets(src, tok_dir, work / "p", cores)
+    med = statistics.median
+    raw = med(raws)
     print(f"\ncorpus: {name} x {args.copies} copies, {len(texts):,} documents, {n_raw:,} tokens; {cores} cores; "
-          f"python {sys.version.split()[0]}")
-    print(f"{'pipeline':44s} {'tokens/s':>12s} {'vs raw':>7s} {'bytes/token':>12s}")
-    print(f"{'raw tokenizer (encode_batch_fast, no disk)':44s} {raw:12,.0f} {1.0:7.2f} {'-':>12s}")
-    print(f"{'packerd run (process start to finished)':44s} {pk:12,.0f} {pk / raw:7.2f} {bpt_pk:12.2f}")
-    print(f"{'datasets map + group_texts + save_to_disk':44s} {ds:12,.0f} {ds / raw:7.2f} {bpt_ds:12.2f}")
-    print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies}" + (f" --workers {args.workers}" if args.workers else ""))
+          f"python {sys.version.split()[0]}; medians of {args.rounds} alternating rounds")
+    print(f"{'pipeline':48s} {'tokens/s':>12s} {'vs raw':>7s} {'bytes/token':>12s}")
+    print(f"{'raw tokenizer (encode_batch_fast, no disk)':48s} {raw:12,.0f} {1.0:7.2f} {'-':>12s}")
+    print(f"{'packerd run (process start to finished)':48s} {med(packs):12,.0f} {med(ratios):7.2f} {bpt_pk:12.2f}")
+    print(f"{'packerd run (steady: first to last commit)':48s} {med(steadies):12,.0f} "
+          f"{med(s / r for s, r in zip(steadies, raws)):7.2f} {bpt_pk:12.2f}")
+    print(f"{'datasets map + group_texts + save_to_disk':48s} {ds:12,.0f} {ds / raw:7.2f} {bpt_ds:12.2f}")
+    print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"
+          + (f" --workers {args.workers}" if args.workers else ""))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from shared.protocol import DEFAULT_ENDPOINT, Publisher
 
 from .builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
 from .pack import Packer, PackError, Progress
-from .source import Source, SourceError
+from .source import Source, SourceError, keep_torch_out
 from .tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger("packerd")
@@ -129,6 +129,7 @@ def _existing_manifest(cache_dir) -> Manifest | None:
 
 def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
     cache_dir = Path(cfg.cache_dir)
+    keep_torch_out()
     # check the tokenizer and the sources before touching the folder: a typo must neither create a cache
     # folder nor, with --force-rebuild, delete an existing cache
     try:
@@ -193,9 +194,11 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
                 click.echo("no chunk is missing", err=True)
                 return
             click.echo(f"regenerating {len(missing)} missing chunk(s): {_ranges(missing)}", err=True)
+            packer.start_workers()
             done = packer.regenerate(missing)
             click.echo(f"regenerated {len(done)} chunk(s)", err=True)
         else:
+            packer.start_workers()
             packer.forward(follow=cfg.follow, poll_seconds=cfg.poll_seconds)
     except (SourceError, PackError) as e:
         raise _fail(f"{e} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")

@@ -33,6 +33,7 @@ from .tokenizer import TokenizerInfo, encode_batch, init_worker
 log = logging.getLogger("packerd")
 
 BATCH_CHARS = 1 << 18  # text per worker task: large enough to amortise IPC, small enough to keep order cheap
+IN_FLIGHT = 4  # batches queued per worker: enough that workers keep busy while the main process commits a chunk
 
 
 class PackError(RuntimeError):
@@ -183,21 +184,19 @@ class Packer:
             yield np.asarray(idx, dtype=np.int64), texts
 
     def _tokenized(self, batches):
-        """(indices, tokens, lengths) in source order; at most 2 batches per worker in flight."""
+        """(indices, tokens, lengths) in source order; at most IN_FLIGHT batches per worker in flight."""
         if self.workers <= 0:
             init_worker(self.tok.backend_json, self.tok.eos_id, self.dtype.str)
             for idx, texts in batches:
                 yield (idx, *encode_batch(texts))
             return
-        if self._pool is None:
-            ctx = mp.get_context("spawn")  # fork after datasets/pyarrow threads exist can deadlock
-            self._pool = ctx.Pool(self.workers, init_worker, (self.tok.backend_json, self.tok.eos_id, self.dtype.str))
+        self.start_workers()
         pending: deque = deque()
         error = None
         try:
             for idx, texts in batches:
                 pending.append((idx, self._pool.apply_async(encode_batch, (texts,))))
-                if len(pending) >= 2 * self.workers:
+                if len(pending) >= IN_FLIGHT * self.workers:
                     i, r = pending.popleft()
                     yield (i, *r.get())
         except SourceError as e:
@@ -207,6 +206,13 @@ class Packer:
             yield (i, *r.get())
         if error is not None:
             raise error
+
+    def start_workers(self) -> None:
+        """Start the tokenizer processes; called before the source is opened so that their start-up
+        (interpreter, numpy, tokenizers) overlaps the main process importing datasets."""
+        if self._pool is None and self.workers > 0:
+            ctx = mp.get_context("spawn")  # fork after datasets/pyarrow threads exist can deadlock
+            self._pool = ctx.Pool(self.workers, init_worker, (self.tok.backend_json, self.tok.eos_id, self.dtype.str))
 
     def close(self) -> None:
         if self._pool is not None:

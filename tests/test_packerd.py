@@ -63,6 +63,27 @@ def test_invariant_every_document_exactly_once(tmp_path, corpus_texts, tokenizer
     assert m.chunks[0].start == [0, 0] and m.chunks[-1].end == [len(texts), 0]
 
 
+def test_packer_reads_in_batches_in_order_without_importing_torch(tmp_path, corpus_texts, tokenizer_dir):
+    """More records in one file than one datasets read batch, an empty record across a batch boundary, and
+    the packer process never loads torch (datasets would import it for every streaming dataset)."""
+    from packerd.source import READ_BATCH
+    texts = [f"{k} {t}" for k in range(4) for t in corpus_texts]
+    texts[READ_BATCH] = ""
+    assert len(texts) > READ_BATCH + 10
+    write_jsonl(tmp_path / "one.jsonl", texts)
+    cache = tmp_path / "cache"
+    code = ("import sys\nfrom packerd.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+            "    print('modules:', 'datasets' in sys.modules, 'torch' in sys.modules)")
+    args = ["run", "--cache-dir", cache, "--source", tmp_path / "one.jsonl", "--tokenizer", tokenizer_dir,
+            "--seq-len", 64, "--chunk-sequences", 50, "--workers", 2, "--endpoint", free_endpoint(tmp_path)]
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "modules: True False" in r.stdout, r.stdout  # datasets did the reading; torch stayed out
+    assert_exactly_once(cache, texts, tokenizer_dir)
+    assert load_manifest(cache).skipped == {"empty": 1}
+
+
 def test_real_gpt2_on_wikitext(tmp_path, gpt2_dir, wikitext_jsonl):
     texts = [json.loads(line)["text"] for line in open(wikitext_jsonl)]
     cache = tmp_path / "cache"
