@@ -22,6 +22,38 @@ class CacheError(RuntimeError):
     pass
 
 
+class CacheReplaced(CacheError):
+    """The manifest now describes another cache: rebuilt (`packerd run --force-rebuild`) or swapped under a reader."""
+
+
+def replaced_reason(old: Manifest, new: Manifest) -> str | None:
+    """Why `new` is not a later state of the cache `old` describes, or None when it is one.
+
+    A cache only grows: its layout and tokenizer never change, and a chunk once listed keeps its checksum
+    (`--mode inverse` rewrites a lost chunk byte for byte). Anything else is another cache.
+    """
+    for name in ("seq_len", "chunk_sequences", "dtype"):
+        if getattr(new, name) != getattr(old, name):
+            return f"{name} is {getattr(new, name)}, was {getattr(old, name)}"
+    if new.tokenizer.get("vocab_hash") != old.tokenizer.get("vocab_hash"):
+        return f"the tokenizer is {new.tokenizer.get('name')} (vocab_hash {new.tokenizer.get('vocab_hash')}), " \
+               f"was {old.tokenizer.get('name')} (vocab_hash {old.tokenizer.get('vocab_hash')})"
+    if len(new.chunks) < len(old.chunks):
+        return f"it lists {len(new.chunks)} chunks, {len(old.chunks)} before"
+    for a, b in zip(old.chunks, new.chunks):
+        if a.checksum != b.checksum:
+            return f"chunk {a.id} has checksum {b.checksum}, was {a.checksum}"
+    return None
+
+
+def check_same_cache(cache_dir, old: Manifest, new: Manifest) -> None:
+    """Raise CacheReplaced when `new` (just read from cache_dir) belongs to another cache than `old`."""
+    why = replaced_reason(old, new)
+    if why:
+        raise CacheReplaced(f"{cache_dir} holds another cache now: {why} (rebuilt with --force-rebuild "
+                            f"or replaced under this reader)")
+
+
 class CorruptChunk(CacheError):
     def __init__(self, chunk_id: int, reason: str):
         super().__init__(f"chunk {chunk_id} is corrupt: {reason}")
@@ -36,14 +68,27 @@ class Cache:
 
     # -- manifest ------------------------------------------------------------------------------
     def refresh(self) -> bool:
-        """Re-read the manifest; True when it changed (more chunks, or finished)."""
-        m = load_manifest(self.dir)
-        if m is None:
-            raise CacheError(f"{self.dir}: the manifest disappeared")
+        """Re-read the manifest; True when it changed (more chunks, or finished). Raises CacheReplaced when
+        the folder holds another cache now, CacheError when its manifest is gone."""
+        m = self._read_same()
         changed = (len(m.chunks), m.finished, m.updated_at) != (
             len(self.manifest.chunks), self.manifest.finished, self.manifest.updated_at)
         self.manifest = m
         return changed
+
+    def check_unchanged(self) -> None:
+        """refresh()'s checks without taking the new manifest (other threads use self.manifest)."""
+        self._read_same()
+
+    def _read_same(self) -> Manifest:
+        try:
+            m = load_manifest(self.dir)
+        except ManifestError as e:
+            raise CacheError(str(e)) from None
+        if m is None:
+            raise CacheError(f"{self.dir}: the manifest disappeared (the cache is being rebuilt or was deleted)")
+        check_same_cache(self.dir, self.manifest, m)
+        return m
 
     @property
     def chunks(self) -> list[ChunkEntry]:
@@ -73,7 +118,16 @@ class Cache:
         return self.dir / self.entry(chunk_id).file
 
     def read_chunk(self, chunk_id: int) -> Chunk:
-        """The decoded chunk, checked against the manifest; raises CorruptChunk when it is not intact."""
+        """The decoded chunk, checked against the manifest; raises CorruptChunk when it is not intact, and
+        CacheError instead when the manifest is gone or names another cache: a cache rebuilt under the reader
+        has no corrupt chunks, and quarantining them would damage the new one."""
+        try:
+            return self._read_chunk(chunk_id)
+        except CorruptChunk:
+            self.check_unchanged()
+            raise
+
+    def _read_chunk(self, chunk_id: int) -> Chunk:
         entry = self.entry(chunk_id)
         try:
             data = (self.dir / entry.file).read_bytes()

@@ -10,7 +10,7 @@ import time
 import msgpack
 import zmq
 
-from conftest import ROOT, free_endpoint, write_jsonl
+from conftest import ROOT, free_endpoint, run_packerd, write_jsonl
 from shared.manifest import ChunkEntry, Manifest, load_manifest
 from shared.protocol import PROTOCOL_VERSION, encode
 from trainerd.follow import CacheFollower, FollowState
@@ -150,3 +150,50 @@ def test_garbage_and_gaps_on_the_socket(tmp_path):
     finally:
         follower.close()
         pub.close(0)
+
+
+def test_a_curve_endpoint_speaks_only_to_key_holders(tmp_path, corpus_texts, tokenizer_dir):
+    """packerd --curve-dir publishes encrypted: a follower with the keys is notified of each new chunk; one
+    without keys hears nothing there and still knows every chunk, by its manifest reconcile timer."""
+    keys = tmp_path / "keys"
+    run_packerd("keys", keys)
+    src = tmp_path / "src"
+    src.mkdir()
+    add_file(src, "a.jsonl", corpus_texts[:5])
+    cache, endpoint = tmp_path / "cache", free_endpoint(tmp_path)
+    keyed = CacheFollower(cache, endpoint, reconcile_seconds=1e6, curve_dir=keys)
+    plain = CacheFollower(cache, endpoint, reconcile_seconds=0.3)
+    proc = subprocess.Popen([sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src),
+                             "--tokenizer", str(tokenizer_dir), "--seq-len", "64", "--chunk-sequences", "16",
+                             "--workers", "1", "--follow", "--endpoint", endpoint, "--curve-dir", str(keys)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        def settled(docs):
+            def pred(states):
+                m = load_manifest(cache) if (cache / "manifest.json").exists() else None
+                return m is not None and m.documents >= docs and all(s.known_chunks == len(m.chunks) for s in states)
+            return pred
+        # in follow mode the last document waits for more input: one fewer than written is consumed
+        states, _ = poll_until([keyed, plain], settled(4), "the first file")
+        first = states[0].known_chunks
+        add_file(src, "b.jsonl", corpus_texts[5:10])
+        states, events = poll_until([keyed, plain], settled(9), "the second file")
+        final = states[0].known_chunks
+        assert final > first and states[1].known_chunks == final
+        assert {e["chunk_id"] for e in events[0] if e["event"] == "notified"} >= set(range(first, final))
+        assert keyed.sub.last_heard and plain.sub.last_heard is None and plain.sub.ignored == 0
+        assert not [e for e in events[1] if e["event"] == "notified"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        keyed.close()
+        plain.close()
+
+
+def test_curve_dir_without_keys_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from trainerd.__main__ import main
+    r = CliRunner().invoke(main, ["--cache-dir", str(tmp_path), "--curve-dir", str(tmp_path / "nokeys")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: data.curve_dir: the CURVE key folder") and "packerd keys" in r.output

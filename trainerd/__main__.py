@@ -35,6 +35,7 @@ def _parse_set(values) -> dict:
 FLAGS = {
     "cache_dir": "data.cache_dir",
     "endpoint": "data.endpoint",
+    "curve_dir": "data.curve_dir",
     "target_epochs": "data.target_epochs",
     "epoch_fraction": "data.epoch_fraction",
     "wait": "data.wait",
@@ -89,6 +90,7 @@ FLAGS = {
 @click.option("--checkpoint-every", type=int, help="Save every N optimizer steps (0: only at the end and on a signal).")
 @click.option("--keep", type=int, help="Keep the newest N checkpoints of the run (0: all).")
 @click.option("--endpoint", help="packerd's ZeroMQ endpoint (default tcp://127.0.0.1:5557).")
+@click.option("--curve-dir", help="CURVE key folder (from `packerd keys`) for an endpoint of `packerd run --curve-dir`.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), help="auto: bf16 on CUDA, fp32 on the CPU.")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
 @click.option("--flash-attention/--no-flash-attention", default=None, help="Flash-attention varlen (default: when installed).")

@@ -18,6 +18,8 @@ from typing import Literal
 from shared.config import ConfigError, build, describe, load_toml, merge, opt, to_dict
 from shared.protocol import DEFAULT_ENDPOINT
 
+from .follow import curve_problem
+
 PRESETS = ("tiny", "124m", "415m")
 
 
@@ -47,6 +49,9 @@ class ModelConfig:
 class DataConfig:
     cache_dir: str = opt("", "Folder of the chunk cache written by packerd (required).")
     endpoint: str = opt(DEFAULT_ENDPOINT, "ZeroMQ endpoint where packerd announces chunks.")
+    curve_dir: str = opt("", "Folder with server.key, client.key and client.key_secret from `packerd keys DIR`, "
+                             "for an endpoint packerd runs with --curve-dir (encrypted, only key holders hear it; "
+                             "without keys the trainer follows by re-reading the manifest alone). Empty: no CURVE.")
     target_epochs: float = opt(1.0, "Passes over the data (fractions allowed, e.g. 1.5).")
     epoch_fraction: float = opt(1.0, "Fraction of the dataset that makes one epoch (0 < f <= 1).")
     wait: bool = opt(True, "Wait for a missing or empty cache to appear (false: fail at once, --no-wait).")
@@ -61,6 +66,8 @@ class DataConfig:
             raise ConfigError(f"data.epoch_fraction must be in (0, 1] (got {self.epoch_fraction})")
         if not self.endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"data.endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
+        if self.curve_dir and (problem := curve_problem(self.curve_dir)):
+            raise ConfigError(f"data.curve_dir: {problem}")
         if self.reconcile_seconds <= 0:
             raise ConfigError(f"data.reconcile_seconds must be positive (got {self.reconcile_seconds})")
         if self.prefetch < 1:

@@ -6,6 +6,13 @@ know yet (or a finished message), when the subscriber saw a gap in `seq` (a lost
 run), and every `reconcile_seconds` in any case: a lost message delays a chunk by at most that long and
 never loses it. Messages that are not valid protocol messages are ignored by shared.protocol.Subscriber.
 
+A manifest that is missing for a while keeps the last one read (`packerd run --force-rebuild` deletes it
+before the chunks); one that comes back describing another cache (other seq_len, chunk_sequences, dtype or
+tokenizer, fewer chunks, or a known chunk with another checksum) raises shared.cache.CacheReplaced.
+With `curve_dir` (a folder holding server.key, client.key and client.key_secret from `packerd keys`) the
+subscriber speaks CURVE to a `packerd run --curve-dir` endpoint; without the keys it hears nothing there
+and follows by reconciliation alone.
+
 poll() returns a FollowState; its events are dicts the trainer logs as they are:
     {"event": "notified", "chunk_id", "latency_ms"}   latency from the packer's commit time (manifest
                                                        entry `committed_at`) to this FollowState, in ms
@@ -21,9 +28,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.cache import CacheError
+import zmq
+
+from shared.cache import CacheError, check_same_cache
 from shared.manifest import Manifest, ManifestError, load_manifest
 from shared.protocol import Subscriber
+
+CURVE_FILES = ("server.key", "client.key", "client.key_secret")
+
+
+def curve_problem(curve_dir) -> str | None:
+    """What is wrong with a subscriber's CURVE key folder (None when nothing is)."""
+    missing = [n for n in CURVE_FILES if not (Path(curve_dir) / n).is_file()]
+    if missing:
+        return (f"the CURVE key folder {curve_dir} has no {', '.join(missing)} (create keys with `packerd keys DIR` "
+                f"and copy {', '.join(CURVE_FILES)} from it)")
+    return None
 
 
 @dataclass
@@ -37,16 +57,28 @@ class FollowState:
 class CacheFollower:
     """Rank 0's view of the cache: a ZeroMQ subscriber that wakes it, the manifest that tells it."""
 
-    def __init__(self, cache_dir: str | os.PathLike, endpoint: str, reconcile_seconds: float = 2.0):
+    def __init__(self, cache_dir: str | os.PathLike, endpoint: str, reconcile_seconds: float = 2.0,
+                 curve_dir: str | os.PathLike | None = None):
         self.cache_dir = Path(cache_dir)
         self.endpoint = endpoint
         self.reconcile_seconds = float(reconcile_seconds)
+        problem = curve_problem(curve_dir) if curve_dir else None
+        if problem:
+            raise CacheError(problem)
         # subscribe before the first read: a chunk committed in between is announced to us, or is in it
-        self.sub = Subscriber(endpoint)
+        try:
+            self.sub = Subscriber(endpoint, curve_dir=curve_dir or None)
+        except (OSError, ValueError, zmq.ZMQError) as e:  # a malformed key file, or a bad endpoint
+            raise CacheError(f"cannot subscribe to {endpoint}" + (f" with the keys in {curve_dir}" if curve_dir else "")
+                             + f": {e}") from None
         self.manifest: Manifest | None = None
         self._last_read = 0.0
         self._pending: list[dict] = []
-        self._read("start", self._pending)
+        try:
+            self._read("start", self._pending)
+        except CacheError:
+            self.sub.close()
+            raise
 
     # -- what the manifest says --------------------------------------------------------------------
     @property
@@ -68,7 +100,9 @@ class CacheFollower:
         except ManifestError as e:
             raise CacheError(str(e)) from None
         self._last_read = time.monotonic()
-        if m is not None:
+        if m is not None:  # None: not written yet, or deleted by a rebuild (the old one stays until then)
+            if self.manifest is not None:
+                check_same_cache(self.cache_dir, self.manifest, m)
             self.manifest = m
         after = (self.known_chunks, self.finished)
         if reason in ("start", "gap") or (reason == "timer" and after != before):

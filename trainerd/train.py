@@ -26,6 +26,7 @@ Decisions where the issue leaves a choice:
 """
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -263,8 +264,11 @@ class JsonlLog:
         self.path = path
         self.f = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(path, "a", buffering=1)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.f = open(path, "a", buffering=1)
+            except OSError as e:
+                raise self._failed(e) from None
 
     @staticmethod
     def next_index(run_dir: str, run: str) -> int:
@@ -277,15 +281,35 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         """One record per line; the file is opened for appending and line-buffered."""
         if self.f is not None:
-            self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            try:
+                self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            except OSError as e:
+                raise self._failed(e) from None
 
     def event(self, kind: str, /, **fields) -> None:
         self.write({"event": kind, "time": round(time.time(), 3), **fields})
 
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
+    def close(self, quiet: bool = False) -> None:
+        """Close the file; quiet (in a finally) drops an error, so it never hides the one that got there."""
+        f, self.f = self.f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:
+                if not quiet:
+                    raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> TrainError:
+        # later writes do nothing: the record that failed stays in the buffer and each flush would fail again
+        f, self.f = self.f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        return TrainError(f"{what} while writing the training log {self.path} (the steps after the last "
+                          f"checkpoint are lost; {'make room, then ' if e.errno == errno.ENOSPC else ''}resume)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,7 +499,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             optimizer.load_state_dict(ck.load_torch(ckpt_dir, "optimizer.pt"))  # moved to the parameters' device
             sched.load_state_dict(state["schedule"])
             plan.load_state_dict(state["data"])
-        except (ck.CheckpointError, KeyError, ValueError) as e:
+        except (ck.CheckpointError, KeyError, ValueError, CacheError) as e:
             fail(f"cannot resume from {ckpt_dir.name}: {e}")
         step, tokens_done = int(state["step"]), int(state["tokens"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
@@ -511,7 +535,13 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             accelerator.init_trackers(start.run, config=_flat(cfg.to_dict()))
 
     fault_kind, fault_step = _fault()
-    follower = CacheFollower(cfg.data.cache_dir, cfg.data.endpoint, cfg.data.reconcile_seconds) if main else None
+    follower, follow_error = None, None  # rank 0 follows; its error stops every rank at the next step boundary
+    if main:
+        try:
+            follower = CacheFollower(cfg.data.cache_dir, cfg.data.endpoint, cfg.data.reconcile_seconds,
+                                     curve_dir=cfg.data.curve_dir or None)
+        except CacheError as e:
+            follow_error = str(e)
     prefetch = Prefetcher(plan, depth=cfg.data.prefetch, pin_memory=cuda)
 
 
@@ -545,7 +575,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                     (str(e).strip().splitlines() or [type(e).__name__])[0]
                 try:
                     jsonl.event("checkpoint_failed", step=step, name=name, error=what)
-                except OSError:
+                except TrainError:
                     pass  # the log lives on the same full disk
                 raise click.ClickException(f"cannot save checkpoint {name} in {run_dir}: {what}; "
                                            f"the previous checkpoint is intact") from None
@@ -570,20 +600,26 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     try:
         while True:
             # sync the plan: rank 0's view of the cache, and any rank's stop signal, at a step boundary
-            if main:
-                fs = follower.poll(200 if waiting_since is not None else 0)
-                view = [fs.known_chunks, int(fs.finished), int(STOP.sig is not None), fs.est_total_sequences]
-                for ev in fs.events:
-                    if ev.get("latency_ms") is not None:
-                        notify_ms = ev["latency_ms"] if notify_ms is None else max(notify_ms, ev["latency_ms"])
-                    kind = ev.pop("event")
-                    jsonl.event("cache_finished" if kind == "finished" else kind, step=step, **ev)
-            else:
-                view = [0, 0, int(STOP.sig is not None), 0]
+            view = [0, 0, int(STOP.sig is not None), 0, 0]  # chunks, finished, stop, estimate, rank 0 failed
+            if main and follow_error is None:
+                try:
+                    fs = follower.poll(200 if waiting_since is not None else 0)
+                except CacheError as e:  # e.g. the cache was rebuilt under the run: every rank stops below
+                    follow_error = str(e)
+                else:
+                    view[0], view[1], view[3] = fs.known_chunks, int(fs.finished), fs.est_total_sequences
+                    for ev in fs.events:
+                        if ev.get("latency_ms") is not None:
+                            notify_ms = ev["latency_ms"] if notify_ms is None else max(notify_ms, ev["latency_ms"])
+                        kind = ev.pop("event")
+                        jsonl.event("cache_finished" if kind == "finished" else kind, step=step, **ev)
+            view[4] = int(follow_error is not None)
             if world > 1:
                 t = torch.tensor(view, dtype=torch.int64, device=device)
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
                 view = t.tolist()  # note: a host sync point, once per optimizer step
+            if view[4]:
+                fail(f"cannot follow the cache: {follow_error}")
             new_known, new_finished, stop, est = view[0], bool(view[1]), bool(view[2]), view[3]
             if (new_known, new_finished, est) != (known, finished, est_seen):
                 before = plan.total_steps
@@ -632,7 +668,10 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                 waiting_since = None
 
             # one optimizer step: grad_accum micro-batches of this rank's share of global step `step`
-            batch = prefetch.get(step)
+            try:
+                batch = prefetch.get(step)
+            except CacheError as e:  # a chunk read found the cache rebuilt (or every chunk corrupt)
+                fail(f"cannot follow the cache: {e}")
             trace.write({"step": step, "seq_ids": batch.seq_ids})
             input_ids = batch.input_ids.to(device, non_blocking=True)
             position_ids = batch.position_ids.to(device, non_blocking=True)
@@ -721,13 +760,15 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             what = "stopped by signal" if status == "stopped" else "done"
             console.message(f"{what}: step {step:,}, {tokens_done:,} tokens, loss {last_loss if last_loss is not None else float('nan'):.3f}; "
                             f"checkpoints in {ck.ckpt_root(run_dir)}; resume with --resume {start.run}")
+        jsonl.close()  # a last flush that fails is reported here; the finally below stays quiet
+        trace.close()
     finally:
         console.close()
         prefetch.close()
         if follower is not None:
             follower.close()
-        jsonl.close()
-        trace.close()
+        jsonl.close(quiet=True)
+        trace.close(quiet=True)
         if cfg.log.log_with and main:
             accelerator.end_training()
     return 0

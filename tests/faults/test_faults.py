@@ -542,9 +542,6 @@ def test_packer_disk_full_then_room_again_continues_exactly_once(tmp_path, corpu
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainerd/train.py JsonlLog.write (line ~280) and JsonlLog.close (line ~287, "
-                                       "reached from _train's finally) let OSError ENOSPC through: a disk that fills up "
-                                       "while the trainer appends its JSON-lines log ends it with two tracebacks")
 def test_disk_full_while_logging_is_a_one_line_error(tmp_path, small_cache):
     """The run folder fills up while the trainer appends its training log (no checkpoint in between): one Error
     line naming the full disk, exit 1."""
@@ -972,11 +969,6 @@ def test_plan_follows_a_restarted_packer_late_and_deaf(tmp_path, corpus_texts, t
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainerd/follow.py CacheFollower._read and trainerd/data.py DataPlan "
-                                       "(_wait_for_manifest / cache.refresh) accept a manifest of a different cache "
-                                       "(seq_len, tokenizer or chunk checksums changed by `packerd run --force-rebuild`): "
-                                       "the trainer dies in data.py _assemble with a ValueError traceback (or, with "
-                                       "the same seq_len, trains on other data under the old plan)")
 def test_a_cache_rebuilt_under_a_running_trainer_is_one_error(tmp_path, small_cache):
     """The packer is restarted with --force-rebuild and another seq_len while a trainer follows the cache: the
     trainer must notice the cache is another one and stop with one Error line, not train on it or crash."""
