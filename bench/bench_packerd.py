@@ -1,6 +1,6 @@
 """packerd throughput against the raw tokenizer and the usual datasets pipeline, on the same documents.
 
-    python bench/bench_packerd.py [--copies 64] [--rounds 3] [--workers N]
+    python bench/bench_packerd.py [--copies 64] [--rounds 3] [--workers N] [--lz4-level L]
 
 Prints one table: tokens/s and bytes per token on disk for
   1. the raw tokenizer: tokenizers' encode_batch over all documents (Rust threads on every core),
@@ -55,7 +55,7 @@ def bench_raw(texts: list[str], tok_dir: str) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int) -> tuple[float, float, int, float]:
+def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int | None) -> tuple[float, float, int, float]:
     """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token) of one packerd run into a new cache."""
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -63,6 +63,8 @@ def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int) -> tuple[fl
            tok_dir, "--seq-len", "1024", "--endpoint", f"ipc://{work}/bench.sock"]
     if workers:
         cmd += ["--workers", str(workers)]
+    if level is not None:
+        cmd += ["--lz4-level", str(level)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
     dt = time.perf_counter() - t0
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="packerd --workers (0: one per core)")
+    ap.add_argument("--lz4-level", type=int, help="packerd --lz4-level (default: packerd's)")
     args = ap.parse_args()
     base, tok_dir, name = corpus()
     texts = [f"{k} {t}" for k in range(args.copies) for t in base]
@@ -121,7 +124,7 @@ def main() -> None:
         raws, packs, steadies, ratios = [], [], [], []
         for r in range(args.rounds):
             raw, n_raw = bench_raw(texts, tok_dir)
-            pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers)
+            pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level)
             raws.append(raw), packs.append(pk), steadies.append(steady), ratios.append(pk / raw)
             print(f"round {r + 1}: raw {raw:,.0f} tok/s, packerd {pk:,.0f} tok/s end to end ({pk / raw:.2f}), "
                   f"steady {steady:,.0f} tok/s ({steady / raw:.2f})", flush=True)
@@ -139,7 +142,8 @@ def main() -> None:
           f"{med(s / r for s, r in zip(steadies, raws)):7.2f} {bpt_pk:12.2f}")
     print(f"{'datasets map + group_texts + save_to_disk':48s} {ds:12,.0f} {ds / raw:7.2f} {bpt_ds:12.2f}")
     print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"
-          + (f" --workers {args.workers}" if args.workers else ""))
+          + (f" --workers {args.workers}" if args.workers else "")
+          + (f" --lz4-level {args.lz4_level}" if args.lz4_level is not None else ""))
 
 
 if __name__ == "__main__":
