@@ -10,6 +10,19 @@
         state.pt            step, schedule, data plan state, RNG states of every rank
     RUN_DIR/checkpoints/.tmp-<name>-<pid>/   a save in progress
 
+FSDP2 (accelerate's fsdp_version 2: parameters are DTensor shards). The full weights and optimizer state
+are gathered with torch.distributed.checkpoint.state_dict (collectives: every rank calls
+`gather_full_state`, rank 0 receives the tensors and writes). model.safetensors then has the same layout
+as save_model's: the same names, the tied duplicate dropped under the same rule and recorded in the same
+metadata, so `ckpt export` and transformers read either. optimizer.pt differs in its keys only:
+
+    unsharded   {"state": {0: {...}, 1: ...}, "param_groups": [{"params": [0, 1, ...], ...}]}
+    FSDP2       {"state": {"model.embed_tokens.weight": {...}, ...}, "param_groups": [{"params": [FQN, ...], ...}]}
+
+Both hold full (unsharded) tensors. Ids are positions in the optimizer's parameter order, names are
+each parameter's first name in model.named_parameters() (the tied embedding: model.embed_tokens.weight);
+`load_optimizer` converts one into the other, so a checkpoint of either kind resumes under either kind.
+
 A crash during a save leaves only the temporary folder: the previous checkpoint is intact, and the next
 trainer of that run removes the leftover. Everything loads with `torch.load(weights_only=True)`: no
 pickled code runs. meta.json is written last inside the temporary folder, so a folder with a complete
@@ -118,6 +131,10 @@ def _torch_save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def file_digest(path: Path) -> dict:
     h = xxhash.xxh64()
     with open(path, "rb") as f:
@@ -131,13 +148,14 @@ def file_digest(path: Path) -> dict:
 
 def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: dict,
                     meta: dict, config: dict, model_config: dict, tokenizer: dict,
-                    kill_after_weights: bool = False) -> Path:
+                    weights: dict | None = None, kill_after_weights: bool = False) -> Path:
     """Write checkpoint `name` atomically; returns its folder. `model` must be the unwrapped module.
 
+    `weights`: the full state dict from `gather_full_state` when the model is sharded (FSDP2); then the
+    file is written from it, and `model` only tells which names are tied. None: save_model(model).
     `kill_after_weights` is a fault hook for tests: SIGKILL this process once the weights are in the
     temporary folder (a crash in the middle of a save).
     """
-    from safetensors.torch import save_model
     root = ckpt_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
@@ -149,7 +167,7 @@ def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: 
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "model_config.json", model_config)
         _write_json(tmp / "tokenizer.json", tokenizer)
-        save_model(model, str(tmp / "model.safetensors"))
+        _save_weights(model, weights, tmp / "model.safetensors")
         _fsync_file(tmp / "model.safetensors")
         if kill_after_weights:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -170,6 +188,18 @@ def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _save_weights(model, weights: dict | None, path: Path) -> None:
+    from safetensors.torch import save_file, save_model
+    if weights is None:
+        save_model(model, str(path))
+        return
+    # the gathered tensors are copies, so safetensors cannot see the tie: drop the duplicates by name,
+    # as save_model would, and record them the same way ({dropped: kept}, read by `ckpt verify`)
+    aliases = tied_names(model)
+    tensors = {k: v.contiguous() for k, v in weights.items() if k not in aliases}
+    save_file(tensors, str(path), metadata=aliases or None)
 
 
 def prune(run_dir, run: str, keep: int) -> list[str]:
@@ -265,13 +295,25 @@ def check_files(folder: Path, meta: dict) -> None:
 
 
 def load_weights(folder: Path, model) -> None:
-    """Weights into the (unwrapped) model; tied weights were saved once and are restored to both names."""
-    from safetensors.torch import load_model
+    """Weights into the (unwrapped) model; tied weights were saved once and are restored to both names.
+
+    A sharded (FSDP2) model: every rank reads the whole file and keeps its shards (no collective).
+    """
+    from safetensors.torch import load_file, load_model
+    path = str(Path(folder) / "model.safetensors")
     try:
-        load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
-    except (RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {Path(folder).name}: weights do not fit the model: {first}") from None
+        if not is_sharded(model):
+            load_model(model, path, strict=True)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        weights = load_file(path)
+        for dropped, kept in tied_names(model).items():
+            if dropped not in weights and kept in weights:
+                weights[dropped] = weights[kept]
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+    except (RuntimeError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {Path(folder).name}: weights do not fit the model: "
+                              f"{_first_line(e)}") from None
 
 
 def load_torch(folder: Path, name: str, map_location="cpu"):
@@ -299,3 +341,92 @@ def compatibility_error(folder: Path, manifest) -> str | None:
         return (f"the cache's tokenizer ({tok.get('name')}, vocab hash {str(tok.get('vocab_hash'))[:12]}) differs "
                 f"from checkpoint {folder.name}'s ({saved.get('name')}, {str(saved.get('vocab_hash'))[:12]})")
     return None
+
+
+# -- FSDP2: full state from sharded parameters ------------------------------------------------------------
+def is_sharded(model) -> bool:
+    """True when the model's parameters are DTensor shards (FSDP2's fully_shard, as accelerate applies it)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def tied_names(model) -> dict[str, str]:
+    """{dropped name: kept name} for parameters shared under several names (the tied embedding).
+
+    The kept name follows save_model's rule (the first in sorted order), so both writers give one layout.
+    """
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out = {}
+    for group in names.values():
+        kept, *dropped = sorted(group)
+        out.update({d: kept for d in dropped})
+    return out
+
+
+def _unwrap_optimizer(optimizer):
+    # accelerate wraps the optimizer; torch's state-dict helpers want the torch optimizer inside
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def gather_full_state(model, optimizer) -> tuple[dict, dict]:
+    """The full model state dict and full optimizer state dict (keyed by parameter name) of a sharded model.
+
+    A collective: every rank must call it, in the same order relative to other collectives. With
+    cpu_offload only rank 0 receives the tensors (on the CPU); the other ranks get empty dicts.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, _unwrap_optimizer(optimizer), options=options)
+    return weights, optim
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's order (the ids of an unsharded state_dict)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}  # first name of a tied parameter, as torch's
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _keyed_by(state: dict, new: dict) -> dict:
+    """Optimizer state dict `state` with its parameter keys mapped through `new` (ids <-> names)."""
+    try:
+        groups = [{**group, "params": [new[k] for k in group["params"]]} for group in state["param_groups"]]
+        return {"state": {new[k]: v for k, v in state["state"].items()}, "param_groups": groups}
+    except KeyError as e:
+        raise CheckpointError(f"the optimizer state names parameter {e.args[0]!r}, which the model lacks") from None
+
+
+def _by_name(state: dict) -> bool:
+    params = [k for group in state.get("param_groups", []) for k in group["params"]]
+    return bool(params) and isinstance(params[0], str)
+
+
+def load_optimizer(folder: Path, model, optimizer) -> None:
+    """optimizer.pt into `optimizer`, whether the model is sharded or not and whichever way it was saved.
+
+    Sharded: every rank loads the full state (host memory: one full copy per rank) and keeps its shards.
+    """
+    state = load_torch(folder, "optimizer.pt")
+    try:
+        _load_optimizer_state(state, model, optimizer)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {Path(folder).name}: {e}") from None
+
+
+def _load_optimizer_state(state: dict, model, optimizer) -> None:
+    if not is_sharded(model):
+        if _by_name(state):  # saved under FSDP2
+            state = _keyed_by(state, {n: i for i, n in enumerate(_param_names(model, optimizer))})
+        optimizer.load_state_dict(state)  # moved to the parameters' device
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    inner = _unwrap_optimizer(optimizer)
+    if not _by_name(state):  # saved unsharded (one process, DDP)
+        state = _keyed_by(state, dict(enumerate(_param_names(model, inner))))
+    try:
+        set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"the optimizer state does not fit: {_first_line(e)}") from None

@@ -463,6 +463,8 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     try:
         if ckpt_dir is not None:
             raw_model = model_from_config_dict(ck.read_json(ckpt_dir, "model_config.json"), use_flash)
+            # every rank loads the full weights before accelerator.prepare; FSDP2's fully_shard then keeps
+            # each rank's shards of these values, so one path serves every launch mode
             ck.load_weights(ckpt_dir, raw_model)
         else:
             raw_model = build_model(cfg.model, int(tok["vocab_size"]), cache.seq_len, int(tok["eos_id"]), use_flash)
@@ -478,6 +480,9 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                                   **({"fused": True} if cuda else {}))
     model = torch.compile(raw_model) if cfg.train.compile else raw_model
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 shards raw_model in place (its parameters become DTensor shards): saving then gathers the full
+    # state on every rank, and the optimizer state is loaded shard by shard
+    sharded = ck.is_sharded(raw_model)
 
     # -- data plan, schedule and the saved state ----------------------------------------------------------
     mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
@@ -496,7 +501,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     if ckpt_dir is not None:
         try:
             state = ck.load_torch(ckpt_dir, "state.pt")
-            optimizer.load_state_dict(ck.load_torch(ckpt_dir, "optimizer.pt"))  # moved to the parameters' device
+            ck.load_optimizer(ckpt_dir, raw_model, optimizer)  # moved to the parameters' device
             sched.load_state_dict(state["schedule"])
             plan.load_state_dict(state["data"])
         except (ck.CheckpointError, KeyError, ValueError, CacheError) as e:
@@ -554,6 +559,9 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
         if step == saved_step:
             return
         rngs = gather_object([ck.rng_state()]) if world > 1 else [ck.rng_state()]
+        # sharded: gathering the full weights and optimizer state is a collective, so every rank takes
+        # part; rank 0 receives them (on the CPU) and writes. Unsharded: rank 0 saves its own copy.
+        full_weights, full_optim = ck.gather_full_state(raw_model, optimizer) if sharded else (None, None)
         if main:
             t0 = time.monotonic()
             name = ck.ckpt_name(start.run, step)
@@ -565,7 +573,8 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                     "time": time.time(), "elapsed_s": round(elapsed, 3), "world_size": world,
                     "model": cfg.model.preset, "params": n_params}
             try:
-                path = ck.save_checkpoint(run_dir, name, model=raw_model, optimizer_state=optimizer.state_dict(),
+                path = ck.save_checkpoint(run_dir, name, model=raw_model, weights=full_weights,
+                                          optimizer_state=full_optim if sharded else optimizer.state_dict(),
                                           state=state, meta=meta, config=cfg.to_dict(),
                                           model_config=raw_model.config.to_dict(), tokenizer=tok,
                                           kill_after_weights=(fault_kind == "kill-in-save" and step == fault_step))
@@ -828,9 +837,13 @@ def _device_name(device) -> str:
 
 
 def _weights_digest(model) -> str:
+    """xxh64 of this rank's weights: the whole model, or under FSDP2 this rank's shards (no collective)."""
     import xxhash
+    from torch.distributed.tensor import DTensor
     h = xxhash.xxh64()
     for name, t in sorted(model.state_dict().items()):
+        if isinstance(t, DTensor):
+            t = t.to_local()
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
