@@ -34,6 +34,7 @@ log = logging.getLogger("packerd")
 
 BATCH_CHARS = 1 << 18  # text per worker task: large enough to amortise IPC, small enough to keep order cheap
 IN_FLIGHT = 4  # batches queued per worker: enough that workers keep busy while the main process commits a chunk
+MAX_CUTS = 2  # chunks cut and waiting for compression before the main process waits for the oldest
 
 
 class PackError(RuntimeError):
@@ -153,6 +154,7 @@ class Packer:
         self.progress = progress
         self.dtype = np.dtype(manifest.dtype)
         self._pool = None
+        self._cuts: deque = deque()  # (sequences, tokens, documents, start, end, bytes or pending result)
         # running ratio of source units (bytes, or rows) to tokens, for the size estimate
         self.units_seen = 0.0
         self.tokens_seen = 0
@@ -242,31 +244,39 @@ class Packer:
         stream = TokenStream(base, self.dtype)
         stream.next_doc = start[0]
         read_from = start
-        while not self.stop.is_set():
-            for _ in self._feed(stream, read_from):
-                while len(stream) >= S * L:
-                    self._commit(stream, S * L)
+        try:
+            while not self.stop.is_set():
+                for _ in self._feed(stream, read_from):
+                    while len(stream) >= S * L:
+                        self._cut(stream, S * L)
+                    self._commit_ready()
+                    if self.progress:
+                        self.progress.update(self.m)
+                read_from = [stream.next_doc, 0]
+                if self.stop.is_set():
+                    break
+                if not follow:
+                    if len(stream):
+                        self._cut(stream, len(stream))  # the final window, short, with its real length
+                    self._commit_ready(wait=True)
+                    self.m.finished = True
+                    self._save_manifest()
+                    if self.pub:
+                        self.pub.finished(total_sequences=self.m.total_sequences, total_tokens=self.m.total_tokens)
+                    break
+                # follow mode: hand the trainer every complete window now, keep the partial one in memory
+                whole = len(stream) // L * L
+                if whole:
+                    self._cut(stream, whole)
+                self._commit_ready(wait=True)
                 if self.progress:
                     self.progress.update(self.m)
-            read_from = [stream.next_doc, 0]
-            if self.stop.is_set():
-                break
-            if not follow:
-                if len(stream):
-                    self._commit(stream, len(stream))  # the final window, short, with its real length
-                self.m.finished = True
-                self._save_manifest()
-                if self.pub:
-                    self.pub.finished(total_sequences=self.m.total_sequences, total_tokens=self.m.total_tokens)
-                break
-            # follow mode: hand the trainer every complete window now, keep the partial one in memory
-            whole = len(stream) // L * L
-            if whole:
-                self._commit(stream, whole)
-            if self.progress:
-                self.progress.update(self.m)
-            while not self.stop.is_set() and not self.source.rescan():
-                self.stop.wait(poll_seconds)
+                while not self.stop.is_set() and not self.source.rescan():
+                    self.stop.wait(poll_seconds)
+        except SourceError:
+            self._commit_ready(wait=True)  # the chunks cut before the bad record are complete: commit them
+            raise
+        self._commit_ready(wait=True)  # after a stop, likewise
         if self.progress:
             self.progress.update(self.m, force=True)
 
@@ -286,15 +296,37 @@ class Packer:
         self.m.estimate = self._estimate()
         self.m.save(self.dir)
 
-    def _commit(self, stream: TokenStream, n: int) -> None:
+    def _cut(self, stream: TokenStream, n: int) -> None:
+        """Take the next n tokens as a chunk and have it compressed (by a worker when there are workers).
+
+        LZ4 high compression costs about as much main-process time as everything else the main process
+        does together; in the workers it runs in parallel, and with many cores the main process stays off
+        the critical path. Chunks are still committed strictly in order, by _commit_ready."""
         tokens, starts, start, end = stream.take(n)
         chunk = build_chunk(tokens, starts, self.m.seq_len)
-        data = encode_chunk(chunk, self.level)
+        if self._pool is not None:
+            data = self._pool.apply_async(encode_chunk, (chunk, self.level))
+        else:
+            data = encode_chunk(chunk, self.level)
+        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end, data))
+
+    def _commit_ready(self, wait: bool = False) -> None:
+        """Commit the compressed chunks at the head of the queue; with wait, all of them.
+
+        At most MAX_CUTS chunks wait for compression, which bounds memory."""
+        while self._cuts:
+            data = self._cuts[0][-1]
+            if not isinstance(data, bytes) and not data.ready() and not wait and len(self._cuts) <= MAX_CUTS:
+                return
+            sequences, tokens, documents, start, end, data = self._cuts.popleft()
+            self._commit(data if isinstance(data, bytes) else data.get(), sequences, tokens, documents, start, end)
+
+    def _commit(self, data: bytes, sequences: int, tokens: int, documents: int, start: list[int], end: list[int]) -> None:
         cid = self.m.next_chunk_id()
         atomic_write_bytes(self.dir / chunk_filename(cid), data)
-        entry = ChunkEntry(id=cid, sequences=chunk.num_sequences, tokens=len(tokens), bytes=len(data),
+        entry = ChunkEntry(id=cid, sequences=sequences, tokens=tokens, bytes=len(data),
                            checksum=file_checksum(data), start=start, end=end,
-                           documents=len(starts), committed_at=time.time())
+                           documents=documents, committed_at=time.time())
         self.m.chunks.append(entry)
         self.m.documents = end[0]
         counted = [i for i in self.skipped_at if i < end[0]]
