@@ -210,6 +210,26 @@ def test_resume_from_state_gives_the_same_batches_across_growth(cache, k):
     assert b.total_steps == a.total_steps and b.finished
 
 
+def test_ranks_match_one_rank_row_for_row_across_epochs(cache):
+    # each rank copies only its own rows of a window; an epoch length that is not a multiple of W moves
+    # the rows a rank takes at every epoch boundary
+    G, W = 12, 3
+    n = sum(e.sequences for e in cache.chunks)
+    frac = next(f for f in (0.9, 0.8, 0.7) if int(f * n) % W)
+    kw = dict(seed=13, target_epochs=2.5, epoch_fraction=frac)
+    one = DataPlan(cache, global_batch=G, rank=0, world_size=1, **kw)
+    ranks = [DataPlan(cache, global_batch=G, rank=r, world_size=W, **kw) for r in range(W)]
+    assert one.epoch_of(one.total_steps - 1) == 2
+    for s in range(one.total_steps):
+        b = one.get_batch(s)
+        parts = [p.get_batch(s) for p in ranks]
+        for r, x in enumerate(parts):
+            assert x.seq_ids == b.seq_ids[r::W], f"step {s} rank {r}"
+            assert torch.equal(x.input_ids, b.input_ids[r::W]) and torch.equal(x.labels, b.labels[r::W])
+            assert torch.equal(x.position_ids, b.position_ids[r::W])
+        assert sum(x.num_tokens for x in parts) == b.num_tokens
+
+
 def test_resume_refuses_another_layout(cache):
     state = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=2).state_dict()
     for kw, word in [(dict(global_batch=8, world_size=4, rank=0), "world_size"),
@@ -315,7 +335,7 @@ def test_prefetcher_returns_the_plan_batches_and_leaves_global_rng_alone(cache):
     torch.manual_seed(123)
     rng_before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
     plan = DataPlan(cache, seed=6, global_batch=G, rank=0, world_size=1, known_chunks=10)
-    with Prefetcher(plan, depth=3) as pf:
+    with Prefetcher(plan, depth=3, start=0) as pf:
         got = []
         for s in range(len(steps)):
             if s % 10 == 0:  # let the thread build ahead, so that a grow must void prepared batches
@@ -336,6 +356,36 @@ def test_prefetcher_returns_the_plan_batches_and_leaves_global_rng_alone(cache):
     assert random.getstate() == rng_before[0]
     assert np.array_equal(np.random.get_state()[1], rng_before[1])
     assert torch.equal(torch.get_rng_state(), rng_before[2])
+
+
+def test_prefetcher_after_a_resume_starts_at_the_resumed_step(cache):
+    # a resumed run asks for step k first: nothing of steps 0..k-1 may be decoded or assembled
+    G, k = 8, 30
+    ref = DataPlan(cache, seed=12, global_batch=G, rank=0, world_size=1)
+    state = ref.state_dict()
+    expected = [ref.get_batch(s) for s in range(k, k + 3)]
+    assert {c for c, _ in expected[0].seq_ids}.isdisjoint(c for c, _ in ref.get_batch(0).seq_ids)
+
+    resumed = DataPlan(cache, seed=12, global_batch=G, rank=0, world_size=1)
+    resumed.load_state_dict(state)
+    with Prefetcher(resumed, depth=3) as pf:  # as the trainer builds it, not told the step
+        deadline = time.monotonic() + 0.3     # time enough for a thread that starts at step 0 to decode it
+        while resumed.chunks_decoded == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resumed.chunks_decoded == 0 and pf.batches_built == 0  # it waits for the first get()
+        got = [pf.get(s) for s in range(k, k + 3)]
+        assert pf.first_step_built == k
+    told = DataPlan(cache, seed=12, global_batch=G, rank=0, world_size=1)
+    told.load_state_dict(state)
+    with Prefetcher(told, depth=3, start=k) as pf:  # told the resumed step: prepares it before the first get()
+        deadline = time.monotonic() + 10
+        while pf.batches_built < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert pf.first_step_built == k and pf.batches_built >= 1
+        got_told = [pf.get(s) for s in range(k, k + 3)]
+    for x, y, z in zip(got, got_told, expected):
+        assert x.seq_ids == y.seq_ids == z.seq_ids
+        assert torch.equal(x.input_ids, z.input_ids) and torch.equal(y.position_ids, z.position_ids)
 
 
 def test_estimated_total_steps_from_the_full_dataset_estimate(cache):

@@ -6,9 +6,10 @@ Order
     back; each epoch contributes M = floor(epoch_fraction * N) positions, the first M of that epoch's order
     (N = sequences in the cache). An epoch's order is a permutation of its chunks cut into windows of
     `window_chunks` chunks (default 4); the sequences of one window are permuted among themselves (local
-    shuffle). A rank reads from at most two windows at a time; a window is decoded once into one array
-    (tokens, positions with document restarts, real lengths) and kept while in use (an LRU of 3 windows),
-    so every chunk is decompressed once per epoch, not once per sample, and a batch is a few gathers.
+    shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
+    rank into one token array holding that rank's rows in the order it reads them, and kept while in use
+    (an LRU of 3 windows): every chunk is decompressed once per epoch, not once per sample, and a batch
+    is one slice per window it spans (a cast to int64 and a copy), with no gather.
     Every permutation comes from a numpy Generator seeded by (seed, epoch, kind, index); the global
     torch/numpy/random generators are never touched.
 
@@ -42,9 +43,12 @@ Batches
     int64 input_ids, position_ids (0 at each sequence start and at each document start recorded in the
     chunk) and labels (input_ids with -100 past a sequence's real length; never masked by token id).
     Batch arrays come from a small pool and are reused once no tensor or view of an earlier batch refers
-    to them (fresh memory costs a page fault per 4 KB). Every rank decodes all chunks of the windows it
-    reads, since ranks interleave within each global batch: W times the decompression of the tokens a
-    rank trains on, which at LZ4 speed is a small share of a core.
+    to them (fresh memory costs a page fault per 4 KB); so are window token arrays. Positions are built
+    per batch: arange, then one slice assignment per document start in its rows (a vectorised path for
+    many short documents). Every rank decompresses all chunks of the windows it reads, since ranks
+    interleave within each global batch and a chunk is one LZ4 block: W times the decompression of the
+    tokens a rank trains on. Everything after the decompression (copy into the window, positions, the
+    int64 batch) is done for the rank's own rows only.
 
 State
     state_dict(): seed, global batch, world size, window, the known chunk count and sequences, finished,
@@ -74,6 +78,8 @@ STATE_FORMAT = 1
 WINDOW_CHUNKS = 4
 IGNORE_INDEX = -100
 MANIFEST_WAIT_SECONDS = 10.0   # a rank whose manifest lags the broadcast count waits this long for it
+FEW_DOCUMENTS = 128            # up to this many document starts, positions restart with one slice assignment
+                               # each (about a microsecond apiece); more take a vectorised path
 _ORDER, _WINDOW = 1, 2          # generator kinds: chunk order of an epoch, sequence order inside a window
 _NEVER = 1 << 62
 
@@ -109,7 +115,7 @@ def _positions(out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
     rows, starts = rows[keep], starts[keep]
     if not starts.size:
         return
-    if starts.size * 256 <= out.size:
+    if starts.size <= FEW_DOCUMENTS:
         # few documents (the usual case): rewrite each document's stretch of the flat array
         flat = out.reshape(-1)
         b = rows * L + starts
@@ -118,55 +124,108 @@ def _positions(out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
         for lo, hi in zip(b.tolist(), e.tolist()):
             flat[lo:hi] = ar[:hi - lo]
     else:
-        # many short documents: the last document start at or before each position, by a running max
-        u = np.unique(rows)
-        last = np.zeros((u.size, L), dtype=np.int64)
-        last[np.searchsorted(u, rows), starts] = starts
-        np.maximum.accumulate(last, axis=1, out=last)
-        out[u] = ar - last
+        # many short documents (a loop would cost a few microseconds each): over the rows that hold a
+        # start, cut the flat array at every row start and document start and subtract each piece's base
+        u, slot = np.unique(rows, return_inverse=True)
+        cuts = np.concatenate([np.arange(u.size, dtype=np.int64) * L, slot * L + starts])
+        base = np.concatenate([np.zeros(u.size, dtype=np.int64), starts])
+        order = np.argsort(cuts)
+        size = np.diff(cuts[order], append=u.size * L)
+        out[u] = ar - np.repeat(base[order].astype(out.dtype), size).reshape(u.size, L)
+
+
+def _take_csr(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `rows` of a CSR list (row r holds values[ptr[r]:ptr[r + 1]]): (count per taken row, their values)."""
+    lo = ptr[rows].astype(np.int64)
+    counts = ptr[rows + 1].astype(np.int64) - lo
+    total = int(counts.sum())
+    # each taken value's index: its row's first index plus its rank among the taken values of that row
+    first = np.cumsum(counts) - counts
+    return counts, values[np.arange(total) + np.repeat(lo - first, counts)]
 
 
 class _Decoded:
-    """A decoded chunk: [n, seq_len] tokens (padded), real lengths, and its document starts (row, position)."""
-    __slots__ = ("tokens", "lengths", "doc_rows", "doc_starts", "n")
+    """A decoded chunk: [n, seq_len] tokens (padded), real lengths, and its document starts (CSR by row)."""
+    __slots__ = ("tokens", "lengths", "full", "doc_ptr", "doc_starts", "n")
 
     def __init__(self, chunk, pad_id: int):
         n, L = chunk.num_sequences, chunk.seq_len
-        full = chunk.num_tokens == n * L
-        self.tokens = chunk.tokens.reshape(n, L) if full else chunk.padded(pad_id)  # reshape is a view
-        self.lengths = chunk.lengths.astype(np.int64)
-        self.doc_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(chunk.doc_ptr.astype(np.int64)))
-        self.doc_starts = chunk.doc_starts.astype(np.int64)
+        self.full = chunk.num_tokens == n * L       # every sequence is seq_len long (all but a last chunk)
+        self.tokens = chunk.tokens.reshape(n, L) if self.full else chunk.padded(pad_id)  # reshape is a view
+        self.lengths, self.doc_ptr, self.doc_starts = chunk.lengths, chunk.doc_ptr, chunk.doc_starts
         self.n = n
 
 
 class _Window:
-    """The chunks of one window decoded into one array, with positions and the source (chunk, index) of each row."""
-    __slots__ = ("tokens", "positions", "lengths", "chunk", "index", "short")
+    """One rank's rows of one window, in the order that rank reads them: tokens, the source (chunk, index)
+    of each row, real lengths (short rows only) and document starts as stretches to restart positions on.
 
-    def __init__(self, parts: list[tuple[int, _Decoded, np.ndarray | None]], seq_len: int):
-        # parts: (source chunk id, decoded chunk, its rows to take or None for all) in window order
-        def cat(arrays):
-            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        self.tokens = cat([d.tokens if r is None else d.tokens[r] for _, d, r in parts])
-        self.lengths = cat([d.lengths if r is None else d.lengths[r] for _, d, r in parts])
-        self.chunk = cat([np.full(d.n if r is None else len(r), c, dtype=np.int64) for c, d, r in parts])
-        self.index = cat([np.arange(d.n, dtype=np.int64) if r is None else r for _, d, r in parts])
-        self.short = bool((self.lengths < seq_len).any())  # only the window of a finished cache's last chunk
-        rows, starts, base = [], [], 0
-        for _, d, r in parts:
-            if r is None:
-                rows.append(d.doc_rows + base)
-                starts.append(d.doc_starts)
-            else:  # rows borrowed from another chunk (a corrupt one's replacement): their starts, renumbered
-                for k, i in enumerate(r.tolist()):
-                    sel = d.doc_rows == i
-                    rows.append(np.full(int(sel.sum()), base + k, dtype=np.int64))
-                    starts.append(d.doc_starts[sel])
-            base += d.n if r is None else len(r)
-        self.positions = np.empty((base, seq_len), dtype=np.uint16 if seq_len <= 1 << 16 else np.uint32)
-        _positions(self.positions, cat(rows) if rows else np.zeros(0, np.int64),
-                   cat(starts) if starts else np.zeros(0, np.int64))
+    A batch is then one slice of each array it spans: no gather and no temporary per batch. Only this
+    rank's rows are copied (the LZ4 block of a chunk decodes whole, but nothing else is paid for the
+    rows of other ranks). Chunks are added one at a time, each dropped before the next is read, so
+    that the next decompression reuses memory still in the CPU cache.
+
+    Document starts past position 0 are kept sorted by row as Python lists (row, flat start row*L+s,
+    stretch length up to the next start or the row's end): a batch restarts its few documents with one
+    slice assignment each, and its many documents (short ones) with _positions.
+    """
+    __slots__ = ("tokens", "chunk", "index", "lengths", "seq_ids", "doc_rows", "doc_lo", "doc_len", "doc_row",
+                 "doc_start", "_docs")
+
+    def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
+        self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
+        self.chunk, self.index = chunk, index  # source of each row (int64 [n]); add() changes replaced rows
+        self.lengths: np.ndarray | None = None  # real length of each row, only once a short row was added
+        self.seq_ids: list[tuple[int, int]] = []
+        self._docs: list[tuple[np.ndarray, np.ndarray]] = []   # (window row, start) of each document start
+
+    def add(self, c: int, d: _Decoded, dest: np.ndarray, src: np.ndarray | None, replaced: bool = False) -> None:
+        """Copy rows `src` of chunk d (all of them in order when None) to window rows `dest`. `replaced`:
+        d (id c) stands in for a corrupt chunk, src may repeat rows and seq_ids show c and src."""
+        if src is None:
+            self.tokens[dest] = d.tokens
+            self._docs.append((np.repeat(dest, np.diff(d.doc_ptr)), d.doc_starts))
+        else:
+            self.tokens[dest] = d.tokens[src]
+            counts, starts = _take_csr(d.doc_ptr, d.doc_starts, src)
+            self._docs.append((np.repeat(dest, counts), starts))
+        if not d.full:
+            if self.lengths is None:
+                self.lengths = np.full(len(self.tokens), self.tokens.shape[1], dtype=np.int64)
+            self.lengths[dest] = d.lengths if src is None else d.lengths[src]
+        if replaced:
+            self.chunk[dest] = c
+            self.index[dest] = src
+
+    def finish(self) -> "_Window":
+        n, L = self.tokens.shape
+        none = np.zeros(0, dtype=np.int64)
+        rows = np.concatenate([none] + [r for r, _ in self._docs]).astype(np.int64, copy=False)
+        starts = np.concatenate([none] + [s for _, s in self._docs]).astype(np.int64, copy=False)
+        keep = starts > 0  # a document starting at position 0 changes no position
+        lo = rows[keep] * L + starts[keep]
+        lo.sort()
+        hi = np.minimum(np.append(lo[1:], n * L), (lo // L + 1) * L)  # the next start, or the end of the row
+        self.doc_row, self.doc_start = lo // L, lo % L
+        self.doc_rows, self.doc_lo, self.doc_len = self.doc_row.tolist(), lo.tolist(), (hi - lo).tolist()
+        if self.lengths is not None and bool((self.lengths == L).all()):
+            self.lengths = None  # a short chunk's rows that this rank reads are all full
+        self.seq_ids = list(zip(self.chunk.tolist(), self.index.tolist()))
+        self._docs = []
+        return self
+
+    def positions(self, out: np.ndarray, q0: int, ar: np.ndarray) -> None:
+        """Fill out [k, L] with the positions of rows q0 .. q0+k-1 (ar: arange(L) in out's dtype)."""
+        k, L = out.shape
+        i0 = bisect.bisect_left(self.doc_rows, q0)
+        i1 = bisect.bisect_left(self.doc_rows, q0 + k, i0)
+        if i1 - i0 > FEW_DOCUMENTS:  # many short documents: vectorised
+            _positions(out, self.doc_row[i0:i1] - q0, self.doc_start[i0:i1])
+            return
+        out[:] = ar
+        flat, shift = out.reshape(-1), -q0 * L
+        for lo, n in zip(self.doc_lo[i0:i1], self.doc_len[i0:i1]):
+            flat[lo + shift:lo + shift + n] = ar[:n]
 
 
 class _Layout:
@@ -205,29 +264,32 @@ class _Layout:
             p = self._perms[w] = _rng(self.seed, self.epoch, _WINDOW, int(self.order[self.bounds[w]])).permutation(n)
         return p
 
-    def segments(self, start: int, stride: int, count: int, end: int) -> list[tuple[int, np.ndarray]]:
-        """(window, its rows) of the epoch offsets start, start+stride, ... (count of them, all < end)."""
+    def segments(self, start: int, stride: int, count: int, end: int) -> list[tuple[int, int, int]]:
+        """(window, first row, row count) of the epoch offsets start, start+stride, ... (count of them, all
+        < end): offset o is row o - lo of its window in shuffled order (lo: the window's first offset)."""
         out = []
         while count:
             w = bisect.bisect_right(self.win_pos, start) - 1
             lo, hi = self.win_pos[w], min(self.win_pos[w + 1], end)
             k = min(count, (hi - start + stride - 1) // stride)
-            out.append((w, self.perm(w)[start - lo:start - lo + stride * (k - 1) + 1:stride]))
+            out.append((w, start - lo, k))
             count -= k
             start += stride * k
         return out
 
 
 class _BufferPool:
-    """Recycled [3, rows, seq_len] int64 arrays for batches: a buffer is reused only once nothing refers to it.
+    """Recycled arrays (batches: [3, rows, seq_len] int64; windows: [rows, seq_len] tokens): a buffer is
+    reused only once nothing refers to it.
 
     Fresh memory costs a page fault per 4 KB on first touch (several microseconds each on some VMs, more
-    than building the batch); a batch's tensors come from torch.from_numpy views of the buffer, so the
-    buffer's reference count shows whether any tensor, view or slice of that batch is still alive.
+    than building the batch) and is not in the CPU cache; a batch's tensors come from torch.from_numpy
+    views of the buffer and a window's tokens are a view of it, so the buffer's reference count shows
+    whether any tensor, view or slice of it is still alive.
     """
 
-    def __init__(self, shape: tuple[int, int, int], keep: int = 16):
-        self.shape, self.keep = shape, keep
+    def __init__(self, shape: tuple[int, ...], dtype=np.int64, keep: int = 16):
+        self.shape, self.dtype, self.keep = shape, np.dtype(dtype), keep
         self._bufs: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -236,7 +298,7 @@ class _BufferPool:
             for i in range(len(self._bufs)):
                 if sys.getrefcount(self._bufs[i]) == 2:  # held by this list (and the call's argument) only
                     return self._bufs[i]
-            buf = np.empty(self.shape, dtype=np.int64)
+            buf = np.empty(self.shape, dtype=self.dtype)
             if len(self._bufs) < self.keep:
                 self._bufs.append(buf)
             return buf
@@ -277,6 +339,11 @@ class DataPlan:
         self._cache_windows = self._keep_windows = cache_windows
         self._decoded = 0
         self._buffers = _BufferPool((3, self.rows, self.seq_len))
+        # window token arrays: the windows kept plus those being built or read by another thread
+        # (more rows than chunk_sequences per chunk is not expected; such a window gets fresh arrays)
+        shape = (window_chunks * cache.manifest.chunk_sequences, self.seq_len)
+        self._window_tokens = _BufferPool(shape, cache.manifest.dtype, keep=8)
+        self._arange = np.arange(self.seq_len, dtype=np.int64)
         self._events: list[dict] = []                 # data problems for the loop to log (take_events)
         self._changes: list[int] = []                 # first step each plan change may alter (index = version)
         self.corrupt: dict[int, str] = {}             # chunk id -> reason
@@ -423,68 +490,86 @@ class DataPlan:
             segments = self._segments(step)
         # keep at least the windows of two batches (small chunks make a batch span many windows)
         self._keep_windows = max(self._cache_windows, 2 * len(segments) + 1)
-        return self._assemble([(self._window(lay, w), rows) for lay, w, rows in segments]), version
+        W = self.world_size
+        # this rank reads rows j, j+W, ... of a window: its own copy holds those only, so row j is its j // W
+        return self._assemble([(self._window(lay, w, j % W), j // W, k) for lay, w, j, k in segments]), version
 
-    def _segments(self, step: int) -> list[tuple[_Layout, int, np.ndarray]]:
-        """(epoch layout, window, rows of the window) for this rank's positions step*G + rank + W*j, j < rows."""
+    def _segments(self, step: int) -> list[tuple[_Layout, int, int, int]]:
+        """(epoch layout, window, first row, row count) for this rank's positions step*G + rank + W*j."""
         pos, count, m, W = step * self.global_batch + self.rank, self.rows, self._m, self.world_size
         out = []
         while count:
             epoch, offset = divmod(pos, m)
             k = min(count, (m - offset + W - 1) // W)  # rows left in this epoch
             lay = self._layout(epoch)
-            out += [(lay, w, rows) for w, rows in lay.segments(offset, W, k, m)]
+            out += [(lay, *seg) for seg in lay.segments(offset, W, k, m)]
             count -= k
             pos += W * k
         return out
 
-    def _assemble(self, parts: list[tuple[_Window, np.ndarray]]) -> Batch:
+    def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
         n, L = self.rows, self.seq_len
         buf = self._buffers.take()                    # [3, n, L] int64: ids, positions, labels
         ids, pos, labels = buf[0], buf[1], buf[2]
-        r0, chunk, index, num_tokens = 0, [], [], n * L
-        for win, rows in parts:
-            r1 = r0 + len(rows)
-            tokens = win.tokens[rows]                 # the small dtype, once: ids and labels are cast from it
-            ids[r0:r1] = tokens
-            labels[r0:r1] = tokens
-            pos[r0:r1] = win.positions[rows]
-            if win.short:
-                lengths = win.lengths[rows]
+        r0, seq_ids, num_tokens = 0, [], n * L
+        for win, q0, k in parts:
+            r1 = r0 + k
+            ids[r0:r1] = win.tokens[q0:q0 + k]        # one copy that casts to int64
+            np.copyto(labels[r0:r1], ids[r0:r1])      # an int64 copy of rows still in cache: cheaper than a cast
+            win.positions(pos[r0:r1], q0, self._arange)
+            if win.lengths is not None:
+                lengths = win.lengths[q0:q0 + k]
                 for r in np.flatnonzero(lengths < L).tolist():
                     # padding by real length, never by token id (EOS may equal pad)
                     labels[r0 + r, lengths[r]:] = IGNORE_INDEX
                     num_tokens -= L - int(lengths[r])
-            chunk.append(win.chunk[rows])
-            index.append(win.index[rows])
+            seq_ids += win.seq_ids[q0:q0 + k]
             r0 = r1
-        if len(parts) > 1:
-            chunk, index = [np.concatenate(chunk)], [np.concatenate(index)]
-        return Batch(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(labels), num_tokens,
-                     list(zip(chunk[0].tolist(), index[0].tolist())))
+        return Batch(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(labels), num_tokens, seq_ids)
 
-    def _window(self, lay: _Layout, w: int) -> _Window:
-        """Window w of an epoch, decoded (each window is built once while it is in use: a small LRU)."""
-        key = (lay.epoch, lay.chunks_of(w))
+    def _window(self, lay: _Layout, w: int, j0: int) -> _Window:
+        """This rank's rows j0, j0+W, ... of window w of an epoch, decoded (each is built once while it is
+        in use: a small LRU)."""
+        chunks = lay.chunks_of(w)
+        key = (lay.epoch, chunks, j0)
         with self._wlock:
             win = self._windows.get(key)
             if win is not None:
                 self._windows.move_to_end(key)
                 return win
-        parts = []
-        for c in key[1]:
-            d = self._decode(c)
-            if d is None:  # corrupt: its rows come from the next readable chunk
-                c2, d2 = self._replacement(c)
-                parts.append((c2, d2, np.arange(int(self._sizes[c]), dtype=np.int64) % d2.n))
-            else:
-                parts.append((c, d, None))
-        win = _Window(parts, self.seq_len)
+        # the rows this rank reads: rows of the window's chunks taken one after another (a corrupt chunk's
+        # rows are replaced one for one, so the manifest's sizes hold for every chunk)
+        src = lay.perm(w)[j0::self.world_size]
+        bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(self._sizes[list(chunks)], out=bounds[1:])
+        slot = np.searchsorted(bounds, src, side="right") - 1
+        pool = self._window_tokens
+        tokens = pool.take()[:len(src)] if len(src) <= pool.shape[0] else np.empty((len(src), self.seq_len), pool.dtype)
+        win = _Window(tokens, np.asarray(chunks, dtype=np.int64)[slot], src - bounds[slot])
+        order = np.argsort(src, kind="stable")       # reading positions sorted by source: a run per chunk
+        cuts = np.searchsorted(src[order], bounds).tolist()
+        for i, c in enumerate(chunks):
+            a, b = cuts[i], cuts[i + 1]
+            if a < b:
+                full = b - a == bounds[i + 1] - bounds[i]
+                self._add_chunk(win, c, order[a:b], None if full else src[order[a:b]] - bounds[i])
+        win.finish()
         with self._wlock:
             self._windows[key] = win
             while len(self._windows) > self._keep_windows:
                 self._windows.popitem(last=False)
         return win
+
+    def _add_chunk(self, win: _Window, c: int, dest: np.ndarray, rows: np.ndarray | None) -> None:
+        """Decode chunk c and copy its `rows` (all when None) into the window at `dest`; the decoded chunk
+        is dropped on return, before the next one is read."""
+        d = self._decode(c)
+        if d is None:  # corrupt: its rows come from the next readable chunk
+            c2, d2 = self._replacement(c)
+            rows = np.arange(int(self._sizes[c]), dtype=np.int64) if rows is None else rows
+            win.add(c2, d2, dest, rows % d2.n, replaced=True)
+        else:
+            win.add(c, d, dest, rows)
 
     # -- corrupt chunks --------------------------------------------------------------------------
     def _decode(self, c: int) -> _Decoded | None:
@@ -587,22 +672,31 @@ class DataPlan:
 
 
 class Prefetcher:
-    """A background thread that builds the next `depth` batches of a plan; never touches global RNG."""
+    """A background thread that builds the next `depth` batches of a plan; never touches global RNG.
 
-    def __init__(self, plan: DataPlan, depth: int = 4, pin_memory: bool = False):
+    It builds nothing before it knows where the consumer is: `start` (the step the loop runs first, e.g.
+    the resumed step) or else the first get(). Starting from step 0 would decode and assemble batches a
+    resumed run never asks for, and its first get() would wait behind them.
+    """
+
+    def __init__(self, plan: DataPlan, depth: int = 4, pin_memory: bool = False, start: int | None = None):
         self.plan = plan
         self.depth = max(1, int(depth))
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self.waited_seconds = 0.0
+        self.batches_built = 0             # batches assembled by the thread (those voided by a grow included)
+        self.first_step_built: int | None = None
         self._cv = threading.Condition()
         self._ready: dict[int, tuple[Batch, int]] = {}
-        self._next = 0             # the first step the consumer may still ask for
+        self._next: int | None = start  # the first step the consumer may still ask for (None: not known yet)
         self._error: BaseException | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="trainerd-prefetch", daemon=True)
         self._thread.start()
 
     def _wanted(self) -> int | None:
+        if self._next is None:
+            return None
         for s in range(self._next, self._next + self.depth):
             item = self._ready.get(s)
             if item is not None and not self.plan.unchanged_since(s, item[1]):
@@ -629,6 +723,9 @@ class Prefetcher:
                     self._cv.notify_all()
                 return
             with self._cv:
+                self.batches_built += 1
+                if self.first_step_built is None:
+                    self.first_step_built = step
                 if step >= self._next:
                     self._ready[step] = (batch, version)
                 self._cv.notify_all()

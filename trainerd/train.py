@@ -547,7 +547,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                                      curve_dir=cfg.data.curve_dir or None)
         except CacheError as e:
             follow_error = str(e)
-    prefetch = Prefetcher(plan, depth=cfg.data.prefetch, pin_memory=cuda)
+    prefetch = Prefetcher(plan, depth=cfg.data.prefetch, pin_memory=cuda, start=step)
 
 
     # -- checkpoint: RNG states of every rank are gathered; rank 0 writes ---------------------------------
