@@ -556,8 +556,11 @@ def test_disk_full_while_logging_is_a_one_line_error(tmp_path, small_cache):
         out = finish(p)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    ok = p.returncode == 1 and "Traceback" not in out and last.startswith("Error:") and "disk full" in last
+    record(kind="fault", item="6", name="disk full while the trainer appends its log", injected=1, survived=int(ok),
+           data_lost=0 if ok else None)
     assert p.returncode == 1 and "Traceback" not in out, out[-2500:]
-    last = out.strip().splitlines()[-1]
     assert last.startswith("Error:") and ("disk full" in last or "No space" in last), last
 
 
@@ -995,6 +998,9 @@ def test_a_cache_rebuilt_under_a_running_trainer_is_one_error(tmp_path, small_ca
         out = output(t)
     finally:
         kill_all(t)
+    ok = "Traceback" not in out and t.returncode == 1 and out.strip().splitlines()[-1].startswith("Error:")
+    record(kind="fault", item="3", name="cache rebuilt with --force-rebuild under a running trainer", injected=1,
+           survived=int(ok), data_lost=0 if ok else None)
     assert "Traceback" not in out, out[-2500:]
     assert t.returncode == 1 and out.strip().splitlines()[-1].startswith("Error:"), out[-2500:]
 
