@@ -52,7 +52,7 @@ from shared.fsutil import FolderLock, LockHeld, atomic_write_bytes
 from shared.manifest import ManifestError, load_manifest
 
 from . import checkpoint as ck
-from .config import Config, load_config
+from .config import Config, _flatten, load_config
 from .data import DataPlan, Prefetcher
 from .follow import CacheFollower
 from .model import (build_model, flash_attn_available, flops_per_token, model_from_config_dict, num_params,
@@ -849,12 +849,6 @@ def _weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flat(v, key))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-    return out
+def _flat(d: dict) -> dict:
+    """The config as dotted keys with scalar values: what trackers accept as hyperparameters."""
+    return {k: v for k, v in _flatten(d).items() if isinstance(v, (int, float, str, bool))}

@@ -65,6 +65,21 @@ def record(**fields) -> None:
             f.write(json.dumps({"seed": SEED, **fields}) + "\n")
 
 
+def partial_copy(small_cache: Path, tmp_path: Path, chunks: int) -> tuple:
+    """(full manifest, folder): the cache's chunk files hard-linked into tmp_path/part under a manifest that lists
+    only the first `chunks` and is not finished, as if the packer were still running; saving the full manifest
+    there later "commits" the rest."""
+    full = load_manifest(small_cache)
+    part = tmp_path / "part"
+    part.mkdir()
+    for e in full.chunks:
+        os.link(small_cache / e.file, part / e.file)
+    head = load_manifest(small_cache)
+    head.chunks, head.finished = head.chunks[:chunks], False
+    head.save(part)
+    return full, part
+
+
 def endpoint(tmp_path: Path, name: str = "p") -> str:
     """An ipc:// endpoint in tmp_path, or in a short /tmp folder when that path is too long for a socket."""
     p = f"{tmp_path}/{name}.sock"
@@ -273,14 +288,8 @@ def test_foreign_messages_while_training(tmp_path, small_cache):
     on its endpoint: each foreign one is ignored with a warning, the forged ones only make it re-read the
     manifest, which stays the truth. A second trainer on the same run refuses and writes nothing. When the cache
     is finished the trainer ends normally with the plan of the whole cache, its files following the umask."""
-    full = load_manifest(small_cache)
-    part = tmp_path / "part"
-    part.mkdir()
-    for e in full.chunks:
-        os.link(small_cache / e.file, part / e.file)
-    m = load_manifest(small_cache)
-    m.chunks, m.finished = m.chunks[: len(m.chunks) // 2], False
-    m.save(part)
+    full, part = partial_copy(small_cache, tmp_path, len(load_manifest(small_cache).chunks) // 2)
+    m = load_manifest(part)  # the half the trainer sees first
 
     ep = endpoint(tmp_path)
     pub = zmq.Context.instance().socket(zmq.PUB)
@@ -975,14 +984,7 @@ def test_plan_follows_a_restarted_packer_late_and_deaf(tmp_path, corpus_texts, t
 def test_a_cache_rebuilt_under_a_running_trainer_is_one_error(tmp_path, small_cache):
     """The packer is restarted with --force-rebuild and another seq_len while a trainer follows the cache: the
     trainer must notice the cache is another one and stop with one Error line, not train on it or crash."""
-    m = load_manifest(small_cache)
-    part = tmp_path / "part"
-    part.mkdir()
-    for e in m.chunks:
-        os.link(small_cache / e.file, part / e.file)
-    half = load_manifest(small_cache)
-    half.chunks, half.finished = half.chunks[:6], False
-    half.save(part)
+    m, part = partial_copy(small_cache, tmp_path, 6)
     runs, ep = tmp_path / "runs", endpoint(tmp_path)
     t = start(trainerd(part, runs, ep, "--new", "rb", "--checkpoint-every", "0", "--set", "data.reconcile_seconds=0.5"),
               tmp_path / "t.out")
@@ -1010,14 +1012,7 @@ def test_a_cache_rebuilt_under_a_running_trainer_is_one_error(tmp_path, small_ca
 def test_second_trainer_refuses_a_two_rank_run(tmp_path, small_cache):
     """Rank 0 of a 2-rank `accelerate launch` holds the run's lock; a second real `python -m trainerd` on that run
     exits 1 with one Error line and adds nothing to the run folder; the first run ends normally."""
-    m = load_manifest(small_cache)
-    part = tmp_path / "part"
-    part.mkdir()
-    for e in m.chunks:
-        os.link(small_cache / e.file, part / e.file)
-    half = load_manifest(small_cache)
-    half.chunks, half.finished = half.chunks[:6], False
-    half.save(part)
+    m, part = partial_copy(small_cache, tmp_path, 6)
     runs, ep = tmp_path / "runs", endpoint(tmp_path)
     env = child_env(hf_home=tmp_path / "hf")
     first = start(launch_2ranks(part, runs, ep, "--new", "two", "--checkpoint-every", "0",
