@@ -10,7 +10,7 @@ What runs:
     with the builtin BPE tokenizer, sequences of 64 tokens, chunks of 16 sequences;
   - trainerd (tiny model, hidden 64, 2 layers, 1 thread per rank) following the cache while it grows, with a
     checkpoint every --checkpoint-every steps (keep 2) and the per-rank data trace on.
-Every --sample-seconds the resident memory (RSS) of each process tree (the packer and its tokenizer workers;
+Every --sample-seconds the resident memory (RSS) of each process tree (the packer, whose tokenizer threads are inside it;
 the trainer, its launcher and ranks) is sampled with psutil, together with the manifest's chunk count and the
 trainer's step and plan. After --minutes the feeder stops, the packer is stopped and run once more without
 --follow to finish the cache, and the trainer runs to the end of its plan.

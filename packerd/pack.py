@@ -1,4 +1,4 @@
-"""The packing loop: ordered documents -> tokens (worker processes) -> fixed windows -> committed chunks.
+"""The packing loop: ordered documents -> tokens (tokenizer threads) -> fixed windows -> committed chunks.
 
 The packed stream is a pure function of the source documents in order, the tokenizer, seq_len and the
 chunk size. Every chunk records the source position of its first token and of the token after its last
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
 import os
 import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -28,12 +28,12 @@ from shared.fsutil import atomic_write_bytes
 from shared.manifest import ChunkEntry, Manifest, chunk_filename
 
 from .source import Source, SourceError
-from .tokenizer import TokenizerInfo, encode_batch, init_worker
+from .tokenizer import BatchEncoder, TokenizerInfo
 
 log = logging.getLogger("packerd")
 
-BATCH_CHARS = 1 << 18  # text per worker task: large enough to amortise IPC, small enough to keep order cheap
-IN_FLIGHT = 4  # batches queued per worker: enough that workers keep busy while the main process commits a chunk
+BATCH_CHARS = 1 << 18  # text per tokenizer task: a few hundred ms of work, small enough to keep order cheap
+IN_FLIGHT = 4  # batches queued per worker thread: enough that they keep busy while the main thread commits
 MAX_CUTS = 2  # chunks cut and waiting for compression before the main process waits for the oldest
 
 
@@ -153,7 +153,8 @@ class Packer:
         self.estimate_tokens = estimate_tokens
         self.progress = progress
         self.dtype = np.dtype(manifest.dtype)
-        self._pool = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._encode: BatchEncoder | None = None
         self._cuts: deque = deque()  # (sequences, tokens, documents, start, end, bytes or pending result)
         # running ratio of source units (bytes, or rows) to tokens, for the size estimate
         self.units_seen = 0.0
@@ -187,39 +188,40 @@ class Packer:
 
     def _tokenized(self, batches):
         """(indices, tokens, lengths) in source order; at most IN_FLIGHT batches per worker in flight."""
-        if self.workers <= 0:
-            init_worker(self.tok.backend_json, self.tok.eos_id, self.dtype.str)
-            for idx, texts in batches:
-                yield (idx, *encode_batch(texts))
-            return
         self.start_workers()
+        if self._pool is None:
+            for idx, texts in batches:
+                yield (idx, *self._encode(texts))
+            return
         pending: deque = deque()
         error = None
         try:
             for idx, texts in batches:
-                pending.append((idx, self._pool.apply_async(encode_batch, (texts,))))
+                pending.append((idx, self._pool.submit(self._encode, texts)))
                 if len(pending) >= IN_FLIGHT * self.workers:
                     i, r = pending.popleft()
-                    yield (i, *r.get())
+                    yield (i, *r.result())
         except SourceError as e:
             error = e  # hand over the batches read before the bad record first
         while pending:
             i, r = pending.popleft()
-            yield (i, *r.get())
+            yield (i, *r.result())
         if error is not None:
             raise error
 
     def start_workers(self) -> None:
-        """Start the tokenizer processes; called before the source is opened so that their start-up
-        (interpreter, numpy, tokenizers) overlaps the main process importing datasets."""
+        """Load the tokenizer and start the tokenizer threads (none with workers=0: encode inline).
+
+        Threads, not processes: `tokenizers` and LZ4 release the GIL for the work itself, and threads
+        share one tokenizer in memory (measured faster per token; README, Packer throughput)."""
+        if self._encode is None:
+            self._encode = BatchEncoder(self.tok.backend, self.tok.eos_id, self.dtype.str)
         if self._pool is None and self.workers > 0:
-            ctx = mp.get_context("spawn")  # fork after datasets/pyarrow threads exist can deadlock
-            self._pool = ctx.Pool(self.workers, init_worker, (self.tok.backend_json, self.tok.eos_id, self.dtype.str))
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tokenize")
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def _feed(self, stream: TokenStream, start: list[int]):
@@ -297,15 +299,15 @@ class Packer:
         self.m.save(self.dir)
 
     def _cut(self, stream: TokenStream, n: int) -> None:
-        """Take the next n tokens as a chunk and have it compressed (by a worker when there are workers).
+        """Take the next n tokens as a chunk and have it compressed (by a worker thread when there are any).
 
-        LZ4 high compression costs about as much main-process time as everything else the main process
-        does together; in the workers it runs in parallel, and with many cores the main process stays off
-        the critical path. Chunks are still committed strictly in order, by _commit_ready."""
+        LZ4 high compression costs about as much time as everything else the main thread does together;
+        it releases the GIL, so in a worker thread it runs in parallel and the main thread stays off the
+        critical path. Chunks are still committed strictly in order, by _commit_ready."""
         tokens, starts, start, end = stream.take(n)
         chunk = build_chunk(tokens, starts, self.m.seq_len)
         if self._pool is not None:
-            data = self._pool.apply_async(encode_chunk, (chunk, self.level))
+            data = self._pool.submit(encode_chunk, chunk, self.level)
         else:
             data = encode_chunk(chunk, self.level)
         self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end, data))
@@ -316,10 +318,10 @@ class Packer:
         At most MAX_CUTS chunks wait for compression, which bounds memory."""
         while self._cuts:
             data = self._cuts[0][-1]
-            if not isinstance(data, bytes) and not data.ready() and not wait and len(self._cuts) <= MAX_CUTS:
+            if not isinstance(data, bytes) and not data.done() and not wait and len(self._cuts) <= MAX_CUTS:
                 return
             sequences, tokens, documents, start, end, data = self._cuts.popleft()
-            self._commit(data if isinstance(data, bytes) else data.get(), sequences, tokens, documents, start, end)
+            self._commit(data if isinstance(data, bytes) else data.result(), sequences, tokens, documents, start, end)
 
     def _commit(self, data: bytes, sequences: int, tokens: int, documents: int, start: list[int], end: list[int]) -> None:
         cid = self.m.next_chunk_id()

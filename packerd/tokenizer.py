@@ -1,7 +1,7 @@
 """Loading a Hugging Face tokenizer, its identity, and the worker-side batch encoder.
 
-The worker side imports only numpy and `tokenizers`: worker processes start in a fraction of a second
-and receive the tokenizer as its JSON serialisation rather than loading transformers.
+Local tokenizers load through `tokenizers` alone (transformers would import torch); hub names go
+through transformers. Either way the packer encodes with the Rust `tokenizers.Tokenizer` underneath.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class TokenizerInfo:
     vocab_size: int
     eos_id: int
     pad_id: int
-    backend_json: str          # tokenizers.Tokenizer serialised, for the workers
+    backend: object            # the tokenizers.Tokenizer that encodes (shared by the tokenizer threads)
 
     def identity(self) -> dict:
         return {"name": self.name, "vocab_hash": self.vocab_hash, "vocab_size": self.vocab_size,
@@ -97,31 +97,34 @@ def load_tokenizer(spec: str, eos: str | None = None) -> TokenizerInfo:
         vocab_hash=hashlib.sha256(vocab_blob).hexdigest()[:16],
         vocab_size=max(vocab.values()) + 1,
         eos_id=int(eos_id), pad_id=int(pad_id),
-        backend_json=backend.to_str(),
+        backend=backend,
     )
 
 
-# ---- worker side -------------------------------------------------------------------------------
-_worker: dict = {}
+# ---- encoding ----------------------------------------------------------------------------------
+class BatchEncoder:
+    """Encodes batches of documents; one instance is shared by all tokenizer threads.
 
+    `tokenizers` releases the GIL while it encodes, so threads of one process tokenize in parallel.
+    Threads share one copy of the vocabulary, merges and word cache: on the 2-core test box that made
+    them a few percent faster per token than the same work in worker processes (bench/bench_workers.py)."""
 
-def init_worker(backend_json: str, eos_id: int, dtype: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no rayon threads inside
-    from tokenizers import Tokenizer
-    _worker["tok"] = Tokenizer.from_str(backend_json)
-    _worker["eos"] = eos_id
-    _worker["dtype"] = np.dtype(dtype)
+    def __init__(self, backend, eos_id: int, dtype: str):
+        # each thread encodes its own batch serially; rayon threads inside a call would oversubscribe cores
+        # (read by tokenizers at each call)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.tok = backend
+        self.eos = eos_id
+        self.dtype = np.dtype(dtype)
 
-
-def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of all texts, each followed by EOS, concatenated; and each document's length."""
-    tok, eos, dtype = _worker["tok"], _worker["eos"], _worker["dtype"]
-    encs = tok.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encs), dtype=np.int64, count=len(encs))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for e, n in zip(encs, lengths):
-        out[pos:pos + n - 1] = e.ids
-        out[pos + n - 1] = eos
-        pos += n
-    return out, lengths
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of all texts, each followed by EOS, concatenated; and each document's length."""
+        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        lengths = np.fromiter((len(e) + 1 for e in encs), dtype=np.int64, count=len(encs))
+        out = np.empty(int(lengths.sum()), dtype=self.dtype)
+        pos = 0
+        for e, n in zip(encs, lengths):
+            out[pos:pos + n - 1] = e.ids
+            out[pos + n - 1] = self.eos
+            pos += n
+        return out, lengths
