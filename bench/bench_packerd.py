@@ -11,7 +11,8 @@ Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, 
 (each copy numbered, so nothing is deduplicated), written as jsonl shards of 8 copies (about 2 MB each, as
 datasets ship shards); falls back to builtin:pydoc + builtin:bpe when absent.
 The machine's speed drifts by 10-20% from minute to minute on shared hosts, so raw and packerd alternate for
---rounds rounds and the table gives each one's median; the ratio column is the median of the per-round ratios.
+--rounds rounds (raw first in odd rounds, packerd first in even ones, after an untimed warm-up) and the table
+gives each one's median; the ratio column is the median of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -122,9 +123,16 @@ def main() -> None:
                 for t in texts[k:k + per_file]:
                     f.write(json.dumps({"text": t}) + "\n")
         raws, packs, steadies, ratios = [], [], [], []
+        # warm-up, untimed: on this host the first half minute after an idle spell runs faster (burst
+        # credit), which would otherwise favour whichever side runs first
+        bench_raw(texts[: len(texts) // 4], tok_dir)
         for r in range(args.rounds):
-            raw, n_raw = bench_raw(texts, tok_dir)
-            pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level)
+            if r % 2 == 0:  # the order alternates too (ABBA), so a drift within a round favours neither
+                raw, n_raw = bench_raw(texts, tok_dir)
+                pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level)
+            else:
+                pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level)
+                raw, n_raw = bench_raw(texts, tok_dir)
             raws.append(raw), packs.append(pk), steadies.append(steady), ratios.append(pk / raw)
             print(f"round {r + 1}: raw {raw:,.0f} tok/s, packerd {pk:,.0f} tok/s end to end ({pk / raw:.2f}), "
                   f"steady {steady:,.0f} tok/s ({steady / raw:.2f})", flush=True)
