@@ -1,6 +1,6 @@
 """trainerd's data side: loader tokens/s per core against LZ4 alone, and commit-to-trainer notification latency.
 
-    python bench/bench_loader.py [--copies 8] [--seq-len 1024] [--chunk-sequences 64] [--global-batch 32] [--epochs 40]
+    python bench/bench_loader.py [--copies 32] [--seq-len 1024] [--chunk-sequences 1024] [--global-batch 32] [--epochs 10]
                                  [--world-size 1] [--rounds 5] [--skip-latency]
 
 Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-threaded here), so that
@@ -242,11 +242,11 @@ def print_latencies(lat: dict, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--copies", type=int, default=8, help="corpus repeats for the loader cache")
+    ap.add_argument("--copies", type=int, default=32, help="corpus repeats for the loader cache")
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--chunk-sequences", type=int, default=64)
+    ap.add_argument("--chunk-sequences", type=int, default=1024, help="sequences per chunk (packerd's default)")
     ap.add_argument("--global-batch", type=int, default=32, help="rows per step (one rank)")
-    ap.add_argument("--epochs", type=int, default=40, help="epochs the loader runs over the cache")
+    ap.add_argument("--epochs", type=int, default=10, help="epochs the loader runs over the cache")
     ap.add_argument("--world-size", type=int, default=1, help="the loader is rank 0 of this many ranks")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds (the median is printed)")
     ap.add_argument("--skip-latency", action="store_true", help="measure the loader only")

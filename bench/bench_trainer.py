@@ -111,8 +111,8 @@ def minimal_loop(a, cache_dir: Path) -> dict:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = sched.lr(step)
-        ids, pos, labels = (x.to(device, non_blocking=True) for x in (b.input_ids, b.position_ids, b.labels))
-        n = torch.tensor(float((b.labels[:, 1:] != -100).sum()), dtype=torch.float64, device=device)
+        ids, pos, labels = b.to(device, non_blocking=True)  # as trainerd does: the labels of a full batch are its ids
+        n = torch.tensor(float(b.num_targets), dtype=torch.float64, device=device)
         scale = (1 / n).to(torch.float32)
         total = torch.zeros((), device=device)
         for m in range(a.grad_accum):

@@ -6,6 +6,7 @@ and every chunk read is checked against the checksum the manifest recorded.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,28 @@ from .chunk import Chunk, ChunkError, decode_chunk, file_checksum
 from .manifest import ChunkEntry, Manifest, ManifestError, load_manifest
 
 QUARANTINE_DIR = "quarantine"
+
+_read_buffers = threading.local()  # one reusable file buffer per reading thread (fresh memory costs page faults)
+
+
+def _read_file(path: Path, size: int) -> memoryview:
+    """The file's bytes in this thread's reusable buffer (valid until the thread's next call); raises
+    ValueError when the file's size is not `size`, FileNotFoundError when it is gone."""
+    buf = getattr(_read_buffers, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _read_buffers.buf = bytearray(max(size, 2 * len(buf) if buf else 0))
+    view = memoryview(buf)[:size]
+    with open(path, "rb", buffering=0) as f:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            raise ValueError(f"size {actual} bytes, manifest says {size}")
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"size {got} bytes, manifest says {size}")  # truncated while reading
+            got += n
+    return view
 
 
 class CacheError(RuntimeError):
@@ -130,17 +153,19 @@ class Cache:
     def _read_chunk(self, chunk_id: int) -> Chunk:
         entry = self.entry(chunk_id)
         try:
-            data = (self.dir / entry.file).read_bytes()
+            data = _read_file(self.dir / entry.file, entry.bytes)
         except FileNotFoundError:
             raise CorruptChunk(chunk_id, "file is missing") from None
+        except ValueError as e:
+            raise CorruptChunk(chunk_id, str(e)) from None
         try:
-            if len(data) != entry.bytes:
-                raise ChunkError(f"size {len(data)} bytes, manifest says {entry.bytes}")
             if file_checksum(data) != entry.checksum:
                 raise ChunkError("header checksum differs from the manifest")
             chunk = decode_chunk(data, verify=True)
         except ChunkError as e:
             raise CorruptChunk(chunk_id, str(e)) from None
+        # the index arrays are views of the reused buffer: copy them (the tokens are LZ4's own output)
+        chunk.lengths, chunk.doc_ptr, chunk.doc_starts = chunk.lengths.copy(), chunk.doc_ptr.copy(), chunk.doc_starts.copy()
         if chunk.num_sequences != entry.sequences or chunk.num_tokens != entry.tokens:
             raise CorruptChunk(chunk_id, "sequence or token count differs from the manifest")
         return chunk

@@ -68,3 +68,47 @@ def test_manifest_round_trip_and_totals(tmp_path):
     assert totals == {"chunks": 2, "sequences": 3, "tokens": 11, "bytes": 150, "bytes_per_token": round(150 / 11, 4),
                       "utilization": round(11 / 12, 6)}
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _write_cache(tmp_path, chunks):
+    from shared.chunk import file_checksum
+    from shared.manifest import chunk_filename
+    m = Manifest(seq_len=64, chunk_sequences=4, dtype="uint16", tokenizer={"name": "t", "vocab_hash": "h",
+                 "vocab_size": 50, "eos_id": 0, "pad_id": 0}, sources=["a"])
+    for cid, chunk in enumerate(chunks):
+        data = encode_chunk(chunk)
+        (tmp_path / chunk_filename(cid)).write_bytes(data)
+        m.chunks.append(ChunkEntry(id=cid, sequences=chunk.num_sequences, tokens=chunk.num_tokens, bytes=len(data),
+                                   checksum=file_checksum(data), start=[0, 0], end=[0, 0], documents=1,
+                                   committed_at=1.0))
+    m.save(tmp_path)
+
+
+def test_read_chunk_results_outlive_the_next_read(tmp_path):
+    """read_chunk reads files into one reused buffer per thread: what it returned must not change when
+    the next chunk is read into that buffer."""
+    from shared.cache import open_cache
+    a = build_chunk((np.arange(256, dtype=np.uint16) * 7) % 50, np.array([0, 9, 100, 200]), seq_len=64)
+    b = build_chunk(np.arange(200, dtype=np.uint16) % 50, np.array([0, 3, 70]), seq_len=64)  # fits a's buffer
+    _write_cache(tmp_path, [a, b])
+    cache = open_cache(tmp_path)
+    first = cache.read_chunk(0)
+    second = cache.read_chunk(1)
+    for got, want in ((first, a), (second, b)):
+        assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.lengths, want.lengths)
+        assert np.array_equal(got.doc_ptr, want.doc_ptr) and np.array_equal(got.doc_starts, want.doc_starts)
+
+
+@pytest.mark.parametrize("change", ["truncated", "longer", "missing"])
+def test_read_chunk_names_a_file_of_the_wrong_size(tmp_path, change):
+    from shared.cache import CorruptChunk, open_cache
+    from shared.manifest import chunk_filename
+    _write_cache(tmp_path, [build_chunk(np.arange(200, dtype=np.uint16) % 50, np.array([0]), seq_len=64)])
+    path = tmp_path / chunk_filename(0)
+    data = path.read_bytes()
+    if change == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data[:-5] if change == "truncated" else data + b"xx")
+    with pytest.raises(CorruptChunk, match="file is missing" if change == "missing" else "manifest says"):
+        open_cache(tmp_path).read_chunk(0)

@@ -267,6 +267,12 @@ def test_batch_positions_labels_and_padding(cache):
             saw_short |= n < cache.seq_len
             saw_doc_start |= len(chunks[c].doc_starts_of(i)) > 0 and chunks[c].doc_starts_of(i)[0] > 0
         assert b.num_tokens == real
+        assert b.num_targets == int((b.labels[:, 1:] != -100).sum())
+        # a batch without padding shares one tensor for ids and labels; a padded one has its own labels
+        short = any(len(chunks[c].sequence(i)) < cache.seq_len for c, i in b.seq_ids)
+        assert (b.labels is b.input_ids) == (not short)
+        ids, pos, labels = b.to("cpu")
+        assert (labels is ids) == (not short) and torch.equal(labels, b.labels) and torch.equal(pos, b.position_ids)
     assert saw_short and saw_doc_start
 
 

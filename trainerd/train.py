@@ -682,11 +682,8 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             except CacheError as e:  # a chunk read found the cache rebuilt (or every chunk corrupt)
                 fail(f"cannot follow the cache: {e}")
             trace.write({"step": step, "seq_ids": batch.seq_ids})
-            input_ids = batch.input_ids.to(device, non_blocking=True)
-            position_ids = batch.position_ids.to(device, non_blocking=True)
-            labels = batch.labels.to(device, non_blocking=True)
-            counts = torch.tensor([int((batch.labels[:, 1:] != -100).sum()), batch.num_tokens],
-                                  dtype=torch.float64, device=device)
+            input_ids, position_ids, labels = batch.to(device, non_blocking=True)
+            counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=device)
             if world > 1:
                 torch.distributed.all_reduce(counts)
             n_targets = counts[0].clamp(min=1)
