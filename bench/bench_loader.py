@@ -1,7 +1,7 @@
 """trainerd's data side: loader tokens/s per core against LZ4 alone, and commit-to-trainer notification latency.
 
     python bench/bench_loader.py [--copies 32] [--seq-len 1024] [--chunk-sequences 1024] [--global-batch 32] [--epochs 10]
-                                 [--world-size 1] [--rounds 5] [--skip-latency]
+                                 [--world-size 1] [--rounds 5] [--skip-latency] [--breakdown]
 
 Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-threaded here), so that
 "tokens/s" is per core:
@@ -13,6 +13,8 @@ Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-t
      only, although every rank decompresses every chunk,
   4. notification latency while `packerd run --follow` packs files added one at a time: the packer's commit
      time (manifest entry) to the CacheFollower's FollowState, and to DataPlan.grow having expanded the plan.
+With --breakdown, one more run of the loader prints the wall time spent inside each of its parts, in ns per
+token (file read, checksum + LZ4, rows copied into a window, the int64 batch and its positions).
 The three rates are measured in --rounds interleaved rounds (1, 2, 3, 1, 2, 3, ...) and the median of each
 is printed, so that the baseline and the loader see the same load on a shared machine.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times;
@@ -126,6 +128,59 @@ def bench_loader(cache_dir: Path, args) -> tuple[list[tuple[str, float, str]], l
     # the same round's rates side by side: on a shared machine the load moves between rounds
     ratios = [lo[0] / lz[0] for lz, lo in zip(rates[cases[0][0]], rates[cases[2][0]])]
     return rows, ratios
+
+
+def breakdown(cache_dir: Path, args) -> list[tuple[str, float]]:
+    """Where the loader's time goes: wall time inside its parts over --epochs epochs, per token of rank 0's
+    batches (the parts nest: a window build holds the decodes and row copies of its chunks)."""
+    import collections
+
+    import torch
+
+    import shared.cache as cache_mod
+    import trainerd.data as data_mod
+    from shared.cache import open_cache
+
+    torch.set_num_threads(1)
+    spent: collections.Counter = collections.Counter()
+    patched = []
+
+    def timed(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+        patched.append((owner, name, fn))
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t0
+        setattr(owner, name, wrapper)
+
+    order = [(data_mod.DataPlan, "_window", "window build or lookup (all below it)"),
+             (cache_mod, "_read_file", "  chunk file read"),
+             (cache_mod, "decode_chunk", "  checksum + LZ4 decompression"),
+             (data_mod._Window, "add", "  rows copied into the window"),
+             (data_mod._Window, "finish", "  window index (document starts, seq ids)"),
+             (data_mod.DataPlan, "_assemble", "batch: int64 ids + positions (+ labels if padded)"),
+             (data_mod._Window, "positions", "  positions")]
+    for owner, name, label in order:
+        timed(owner, name, label)
+    try:
+        cache = open_cache(cache_dir)
+        W = args.world_size
+        plan = data_mod.DataPlan(cache, seed=99, global_batch=args.global_batch * W, rank=0, world_size=W,
+                        target_epochs=args.epochs)
+        spent.clear()
+        t0 = time.perf_counter()
+        tokens = sum(plan.get_batch(s).num_tokens for s in range(plan.total_steps))
+        total = time.perf_counter() - t0
+    finally:
+        for owner, name, fn in patched:
+            setattr(owner, name, fn)
+    rows = [("all of DataPlan.get_batch", total / tokens * 1e9)]
+    rows += [(label, spent[label] / tokens * 1e9) for _, _, label in order]
+    return rows
 
 
 def bench_latency(work: Path, texts: list[str], tok_dir: str, files: int, tag: str) -> dict:
@@ -250,6 +305,7 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=1, help="the loader is rank 0 of this many ranks")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measuring rounds (the median is printed)")
     ap.add_argument("--skip-latency", action="store_true", help="measure the loader only")
+    ap.add_argument("--breakdown", action="store_true", help="also print where the loader's time goes (ns per token)")
     ap.add_argument("--follow-files", type=int, default=12, help="files added one by one while packerd follows")
     ap.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
@@ -268,6 +324,7 @@ def main() -> None:
     if proc.returncode:
         sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
     rows, ratios = bench_loader(cache, args)
+    parts = breakdown(cache, args) if args.breakdown else []
     lat = {} if args.skip_latency else latencies(work, texts, tok_dir, args)
 
     from shared.manifest import load_manifest
@@ -282,6 +339,10 @@ def main() -> None:
     print(f"loader / raw LZ4: {ratios[len(ratios) // 2]:.3f} (median of the per-round ratios; min "
           f"{ratios[0]:.3f}, max {ratios[-1]:.3f}); target: loader >= 200 M tokens/s per core, where issue 3 "
           f"quotes LZ4 alone at about 800 M (a ratio of 0.25)")
+    if parts:
+        print(f"\nwhere the loader's time goes (one run of {args.epochs} epochs, wall time inside each part):")
+        for label, ns in parts:
+            print(f"  {label:58s} {ns:6.2f} ns/token")
     if lat:
         print_latencies(lat, args)
     print("\ncommand: python bench/bench_loader.py " + " ".join(
