@@ -34,7 +34,7 @@ log = logging.getLogger("packerd")
 
 BATCH_CHARS = 1 << 18  # text per tokenizer task: a few hundred ms of work, small enough to keep order cheap
 IN_FLIGHT = 4  # batches queued per worker thread: enough that they keep busy while the main thread commits
-MAX_CUTS = 2  # chunks cut and waiting for compression before the main process waits for the oldest
+MAX_CUTS = 2  # chunks cut and waiting for compression before the main thread waits for the oldest
 
 
 class PackError(RuntimeError):

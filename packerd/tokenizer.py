@@ -1,4 +1,4 @@
-"""Loading a Hugging Face tokenizer, its identity, and the worker-side batch encoder.
+"""Loading a Hugging Face tokenizer, its identity, and the batch encoder the tokenizer threads share.
 
 Local tokenizers load through `tokenizers` alone (transformers would import torch); hub names go
 through transformers. Either way the packer encodes with the Rust `tokenizers.Tokenizer` underneath.

@@ -84,6 +84,24 @@ def test_packer_reads_in_batches_in_order_without_importing_torch(tmp_path, corp
     assert load_manifest(cache).skipped == {"empty": 1}
 
 
+def test_cache_is_byte_identical_whatever_the_number_of_tokenizer_threads(tmp_path, corpus_texts, tokenizer_dir,
+                                                                          monkeypatch):
+    """Tokenizer threads finish their batches in any order; the cache must not depend on that."""
+    import packerd.pack as pack
+    monkeypatch.setattr(pack, "BATCH_CHARS", 3000)  # many small batches in flight at once
+    src = write_jsonl(tmp_path / "src.jsonl", [f"{k} {t}" for k in range(3) for t in corpus_texts])
+    chunks = {}
+    for workers in (1, 3):
+        cache = tmp_path / f"cache{workers}"
+        r = CliRunner().invoke(packerd_cli, ["run", "--cache-dir", str(cache), "--source", str(src), "--tokenizer",
+                                             str(tokenizer_dir), "--seq-len", "64", "--chunk-sequences", "8",
+                                             "--workers", str(workers), "--endpoint", free_endpoint(tmp_path)])
+        assert r.exit_code == 0, r.output
+        chunks[workers] = {p.name: p.read_bytes() for p in sorted(cache.glob("chunk-*"))}
+    assert len(chunks[1]) > 10 and chunks[1] == chunks[3]
+    assert_exactly_once(tmp_path / "cache3", [f"{k} {t}" for k in range(3) for t in corpus_texts], tokenizer_dir)
+
+
 def test_real_gpt2_on_wikitext(tmp_path, gpt2_dir, wikitext_jsonl):
     texts = [json.loads(line)["text"] for line in open(wikitext_jsonl)]
     cache = tmp_path / "cache"
