@@ -170,8 +170,7 @@ def breakdown(cache_dir: Path, args) -> list[tuple[str, float]]:
         cache = open_cache(cache_dir)
         W = args.world_size
         plan = data_mod.DataPlan(cache, seed=99, global_batch=args.global_batch * W, rank=0, world_size=W,
-                        target_epochs=args.epochs)
-        spent.clear()
+                                        target_epochs=args.epochs)
         t0 = time.perf_counter()
         tokens = sum(plan.get_batch(s).num_tokens for s in range(plan.total_steps))
         total = time.perf_counter() - t0

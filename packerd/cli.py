@@ -194,11 +194,9 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
                 click.echo("no chunk is missing", err=True)
                 return
             click.echo(f"regenerating {len(missing)} missing chunk(s): {_ranges(missing)}", err=True)
-            packer.start_workers()
             done = packer.regenerate(missing)
             click.echo(f"regenerated {len(done)} chunk(s)", err=True)
         else:
-            packer.start_workers()
             packer.forward(follow=cfg.follow, poll_seconds=cfg.poll_seconds)
     except (SourceError, PackError) as e:
         raise _fail(f"{e} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")

@@ -14,6 +14,7 @@ import torch
 
 from conftest import free_endpoint, run_packerd
 from shared.cache import open_cache
+import trainerd.data as data_mod
 from trainerd.data import DataPlan, Prefetcher, _positions
 
 
@@ -240,7 +241,9 @@ def test_resume_refuses_another_layout(cache):
             DataPlan(cache, **kw).load_state_dict(state)
 
 
-def test_batch_positions_labels_and_padding(cache):
+@pytest.mark.parametrize("few", [128, 0])  # 0: every batch takes the vectorised path for many documents
+def test_batch_positions_labels_and_padding(cache, few, monkeypatch):
+    monkeypatch.setattr(data_mod, "FEW_DOCUMENTS", few)
     eos = cache.eos_id
     assert cache.pad_id == eos == 0  # the case where masking by token id would be wrong
     plan = DataPlan(cache, seed=2, global_batch=4, rank=0, world_size=1, target_epochs=2)
@@ -374,21 +377,16 @@ def test_prefetcher_after_a_resume_starts_at_the_resumed_step(cache):
 
     resumed = DataPlan(cache, seed=12, global_batch=G, rank=0, world_size=1)
     resumed.load_state_dict(state)
-    with Prefetcher(resumed, depth=3) as pf:  # as the trainer builds it, not told the step
-        deadline = time.monotonic() + 0.3     # time enough for a thread that starts at step 0 to decode it
-        while resumed.chunks_decoded == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert resumed.chunks_decoded == 0 and pf.batches_built == 0  # it waits for the first get()
+    with Prefetcher(resumed, depth=3) as pf:  # not told the step: it must want nothing before the first get()
+        with pf._cv:                          # (holding its lock also keeps its thread from building meanwhile)
+            assert pf._wanted() is None and pf.batches_built == 0
         got = [pf.get(s) for s in range(k, k + 3)]
-        assert pf.first_step_built == k
+        assert pf.first_step_built == k and resumed.chunks_decoded > 0
     told = DataPlan(cache, seed=12, global_batch=G, rank=0, world_size=1)
     told.load_state_dict(state)
-    with Prefetcher(told, depth=3, start=k) as pf:  # told the resumed step: prepares it before the first get()
-        deadline = time.monotonic() + 10
-        while pf.batches_built < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert pf.first_step_built == k and pf.batches_built >= 1
+    with Prefetcher(told, depth=3, start=k) as pf:  # told the resumed step: the first it builds is that one
         got_told = [pf.get(s) for s in range(k, k + 3)]
+        assert pf.first_step_built == k
     for x, y, z in zip(got, got_told, expected):
         assert x.seq_ids == y.seq_ids == z.seq_ids
         assert torch.equal(x.input_ids, z.input_ids) and torch.equal(y.position_ids, z.position_ids)

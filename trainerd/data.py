@@ -185,8 +185,7 @@ class _Window:
     stretch length up to the next start or the row's end): a batch restarts its few documents with one
     slice assignment each, and its many documents (short ones) with _positions.
     """
-    __slots__ = ("tokens", "chunk", "index", "lengths", "seq_ids", "doc_rows", "doc_lo", "doc_len", "doc_row",
-                 "doc_start", "_docs")
+    __slots__ = ("tokens", "chunk", "index", "lengths", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs")
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
         self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
@@ -222,8 +221,7 @@ class _Window:
         lo = rows[keep] * L + starts[keep]
         lo.sort()
         hi = np.minimum(np.append(lo[1:], n * L), (lo // L + 1) * L)  # the next start, or the end of the row
-        self.doc_row, self.doc_start = lo // L, lo % L
-        self.doc_rows, self.doc_lo, self.doc_len = self.doc_row.tolist(), lo.tolist(), (hi - lo).tolist()
+        self.doc_rows, self.doc_lo, self.doc_len = (lo // L).tolist(), lo.tolist(), (hi - lo).tolist()
         if self.lengths is not None and bool((self.lengths == L).all()):
             self.lengths = None  # a short chunk's rows that this rank reads are all full
         self.seq_ids = list(zip(self.chunk.tolist(), self.index.tolist()))
@@ -236,7 +234,8 @@ class _Window:
         i0 = bisect.bisect_left(self.doc_rows, q0)
         i1 = bisect.bisect_left(self.doc_rows, q0 + k, i0)
         if i1 - i0 > FEW_DOCUMENTS:  # many short documents: vectorised
-            _positions(out, self.doc_row[i0:i1] - q0, self.doc_start[i0:i1])
+            lo = np.asarray(self.doc_lo[i0:i1], dtype=np.int64)
+            _positions(out, lo // L - q0, lo % L)
             return
         out[:] = ar
         flat, shift = out.reshape(-1), -q0 * L
@@ -295,7 +294,7 @@ class _Layout:
 
 
 class _BufferPool:
-    """Recycled arrays (batches: [3, rows, seq_len] int64; windows: [rows, seq_len] tokens): a buffer is
+    """Recycled arrays (batches: [2, rows, seq_len] int64; windows: [rows, seq_len] tokens): a buffer is
     reused only once nothing refers to it.
 
     Fresh memory costs a page fault per 4 KB on first touch (several microseconds each on some VMs, more
@@ -354,7 +353,7 @@ class DataPlan:
         self._windows: OrderedDict[tuple, _Window] = OrderedDict()   # decoded windows in use
         self._cache_windows = self._keep_windows = cache_windows
         self._decoded = 0
-        self._buffers = _BufferPool((3, self.rows, self.seq_len))
+        self._buffers = _BufferPool((2, self.rows, self.seq_len))
         # window token arrays: the windows kept plus those being built or read by another thread
         # (more rows than chunk_sequences per chunk is not expected; such a window gets fresh arrays)
         shape = (window_chunks * cache.manifest.chunk_sequences, self.seq_len)
@@ -525,7 +524,7 @@ class DataPlan:
 
     def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
         n, L = self.rows, self.seq_len
-        buf = self._buffers.take()                    # [3, n, L] int64: ids, positions, labels
+        buf = self._buffers.take()                    # [2, n, L] int64: ids, positions
         ids, pos = buf[0], buf[1]
         r0, seq_ids, short = 0, [], []
         for win, q0, k in parts:
@@ -541,8 +540,7 @@ class DataPlan:
         if not short:
             labels = input_ids                        # no padding: the labels ARE the ids (a third less to write)
         else:
-            labels_np = buf[2]
-            np.copyto(labels_np, ids)
+            labels_np = ids.copy()                    # rare (a short final sequence): not pooled
             for r, length in short:
                 labels_np[r, length:] = IGNORE_INDEX  # padding by real length, never by token id (EOS may equal pad)
             labels = torch.from_numpy(labels_np)
