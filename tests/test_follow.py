@@ -65,9 +65,15 @@ def test_followers_see_a_following_packerd_grow(tmp_path, corpus_texts, tokenize
 
         add_file(src, "b.jsonl", corpus_texts[20:40])
 
+        heard_of: set[int] = set()
+
         def grew(states):
+            # chunks committed back to back can be known from the manifest read that the first one's message
+            # prompted before the next message is taken: wait for every message too, not only the count
+            heard_of.update(e["chunk_id"] for e in states[0].events if e["event"] == "notified")
             m = load_manifest(cache)
-            return m.documents >= 39 and all(s.known_chunks == len(m.chunks) for s in states)
+            return (m.documents >= 39 and all(s.known_chunks == len(m.chunks) for s in states)
+                    and heard_of >= set(range(first, len(m.chunks))))
         states, later = poll_until([heard, deaf], grew, "the second file")
         final = states[0].known_chunks
         assert states[1].known_chunks == final > first
