@@ -8,13 +8,14 @@ Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-t
   1. raw LZ4 block decompression of the cache's chunk payloads (already in memory): the baseline,
   2. cache.read_chunk: file read + xxh64 check + LZ4 + index arrays,
   3. the loader: DataPlan.get_batch over every step of --epochs epochs for rank 0 of --world-size (tokens,
-     positions with document restarts, labels as int64 tensors); each chunk is decompressed once per epoch
+     positions with document restarts, labels as int32 tensors); each chunk is decompressed once per epoch
      by design (the whole cache is never held decoded), and the rate counts the tokens of rank 0's batches
      only, although every rank decompresses every chunk,
   4. notification latency while `packerd run --follow` packs files added one at a time: the packer's commit
      time (manifest entry) to the CacheFollower's FollowState, and to DataPlan.grow having expanded the plan.
 With --breakdown, one more run of the loader prints the wall time spent inside each of its parts, in ns per
-token (file read, checksum + LZ4, rows copied into a window, the int64 batch and its positions).
+token (file read, checksum + LZ4, rows copied into a window, the int32 batch and its positions), and apart
+from the loader the cost of widening a batch to int64 on the host (Batch.to; on a GPU it runs on the device).
 The three rates are measured in --rounds interleaved rounds (1, 2, 3, 1, 2, 3, ...) and the median of each
 is printed, so that the baseline and the loader see the same load on a shared machine.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times;
@@ -162,7 +163,7 @@ def breakdown(cache_dir: Path, args) -> list[tuple[str, float]]:
              (cache_mod, "decode_chunk", "  checksum + LZ4 decompression"),
              (data_mod._Window, "add", "  rows copied into the window"),
              (data_mod._Window, "finish", "  window index (document starts, seq ids)"),
-             (data_mod.DataPlan, "_assemble", "batch: int64 ids + positions (+ labels if padded)"),
+             (data_mod.DataPlan, "_assemble", "batch: int32 ids + positions (+ labels if padded)"),
              (data_mod._Window, "positions", "  positions")]
     for owner, name, label in order:
         timed(owner, name, label)
@@ -171,14 +172,21 @@ def breakdown(cache_dir: Path, args) -> list[tuple[str, float]]:
         W = args.world_size
         plan = data_mod.DataPlan(cache, seed=99, global_batch=args.global_batch * W, rank=0, world_size=W,
                                         target_epochs=args.epochs)
-        t0 = time.perf_counter()
-        tokens = sum(plan.get_batch(s).num_tokens for s in range(plan.total_steps))
-        total = time.perf_counter() - t0
+        tokens = total = widen = 0.0
+        for s in range(plan.total_steps):
+            t0 = time.perf_counter()
+            b = plan.get_batch(s)
+            t1 = time.perf_counter()
+            b.to("cpu")
+            total += t1 - t0
+            widen += time.perf_counter() - t1
+            tokens += b.num_tokens
     finally:
         for owner, name, fn in patched:
             setattr(owner, name, fn)
     rows = [("all of DataPlan.get_batch", total / tokens * 1e9)]
     rows += [(label, spent[label] / tokens * 1e9) for _, _, label in order]
+    rows += [("not in the loader: Batch.to('cpu'), int32 -> int64", widen / tokens * 1e9)]
     return rows
 
 

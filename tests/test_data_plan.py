@@ -253,7 +253,7 @@ def test_batch_positions_labels_and_padding(cache, few, monkeypatch):
     saw_short = saw_doc_start = False
     for step in range(plan.total_steps // 2):
         b = plan.get_batch(step)
-        assert b.input_ids.dtype == b.position_ids.dtype == b.labels.dtype == torch.long
+        assert b.input_ids.dtype == b.position_ids.dtype == b.labels.dtype == torch.int32  # half the bytes
         assert b.input_ids.shape == (4, cache.seq_len)
         real = 0
         for row, (c, i) in enumerate(b.seq_ids):
@@ -274,8 +274,10 @@ def test_batch_positions_labels_and_padding(cache, few, monkeypatch):
         # a batch without padding shares one tensor for ids and labels; a padded one has its own labels
         short = any(len(chunks[c].sequence(i)) < cache.seq_len for c, i in b.seq_ids)
         assert (b.labels is b.input_ids) == (not short)
-        ids, pos, labels = b.to("cpu")
-        assert (labels is ids) == (not short) and torch.equal(labels, b.labels) and torch.equal(pos, b.position_ids)
+        ids, pos, labels = b.to("cpu")               # widened to what embedding and cross-entropy take
+        assert ids.dtype == pos.dtype == labels.dtype == torch.long
+        assert (labels is ids) == (not short) and torch.equal(labels, b.labels.long())
+        assert torch.equal(ids, b.input_ids.long()) and torch.equal(pos, b.position_ids.long())
     assert saw_short and saw_doc_start
 
 

@@ -9,7 +9,7 @@ Order
     shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
     rank into one token array holding that rank's rows in the order it reads them, and kept while in use
     (an LRU of 3 windows): every chunk is decompressed once per epoch, not once per sample, and a batch
-    is one slice per window it spans (a cast to int64 and a copy), with no gather.
+    is one slice per window it spans (a cast to int32 and a copy), with no gather.
     Every permutation comes from a numpy Generator seeded by (seed, epoch, kind, index); the global
     torch/numpy/random generators are never touched.
 
@@ -40,17 +40,19 @@ Corrupt chunks
     are bad, not on timing or on how far the cache has grown.
 
 Batches
-    int64 input_ids, position_ids (0 at each sequence start and at each document start recorded in the
+    int32 input_ids, position_ids (0 at each sequence start and at each document start recorded in the
     chunk) and labels (input_ids with -100 past a sequence's real length; never masked by token id). A batch
     without padding (all but the few that reach a short final sequence) has labels = the input_ids tensor
-    itself: a third less memory to write per token, and one host-to-device copy less.
+    itself: a third less memory to write per token, and one host-to-device copy less. int32, not int64:
+    half the bytes for the loader to write and for the host-to-device copy; Batch.to() widens to int64 on
+    the device (on a GPU a cast of a few hundred KB per step; on the CPU it is part of the step's time).
     Batch arrays come from a small pool and are reused once no tensor or view of an earlier batch refers
     to them (fresh memory costs a page fault per 4 KB); so are window token arrays. Positions are built
     per batch: arange, then one slice assignment per document start in its rows (a vectorised path for
     many short documents). Every rank decompresses all chunks of the windows it reads, since ranks
     interleave within each global batch and a chunk is one LZ4 block: W times the decompression of the
     tokens a rank trains on. Everything after the decompression (copy into the window, positions, the
-    int64 batch) is done for the rank's own rows only.
+    int32 batch) is done for the rank's own rows only.
 
 State
     state_dict(): seed, global batch, world size, window, the known chunk count and sequences, finished,
@@ -99,9 +101,9 @@ def _floor(x: float) -> int:
 class Batch:
     """One rank's rows of one global step. When no row is padded (every batch but those that reach a short
     final sequence), `labels` is the very tensor `input_ids`: never modify either in place."""
-    input_ids: torch.Tensor        # [n, seq_len] int64, this rank's sequences for one optimizer step
-    position_ids: torch.Tensor     # [n, seq_len] int64, restart at 0 at every document start
-    labels: torch.Tensor           # [n, seq_len] int64, = input_ids with -100 on padding positions only
+    input_ids: torch.Tensor        # [n, seq_len] int32, this rank's sequences for one optimizer step
+    position_ids: torch.Tensor     # [n, seq_len] int32, restart at 0 at every document start
+    labels: torch.Tensor           # [n, seq_len] int32, = input_ids with -100 on padding positions only
     num_tokens: int                # real (non-padding) tokens in this rank's batch
     seq_ids: list[tuple[int, int]]  # (chunk_id, index in chunk) of each row
 
@@ -116,10 +118,13 @@ class Batch:
         return Batch(ids, self.position_ids.pin_memory(), labels, self.num_tokens, self.seq_ids)
 
     def to(self, device, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, position_ids, labels) on `device`; labels that are input_ids are copied once."""
-        ids = self.input_ids.to(device, non_blocking=non_blocking)
-        labels = ids if self.labels is self.input_ids else self.labels.to(device, non_blocking=non_blocking)
-        return ids, self.position_ids.to(device, non_blocking=non_blocking), labels
+        """(input_ids, position_ids, labels) on `device` as int64 (what embedding and cross-entropy take):
+        copied as int32 and widened there; labels that are input_ids are copied and widened once."""
+        def wide(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking).long()
+        ids = wide(self.input_ids)
+        labels = ids if self.labels is self.input_ids else wide(self.labels)
+        return ids, wide(self.position_ids), labels
 
 
 def _positions(out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
@@ -294,7 +299,7 @@ class _Layout:
 
 
 class _BufferPool:
-    """Recycled arrays (batches: [2, rows, seq_len] int64; windows: [rows, seq_len] tokens): a buffer is
+    """Recycled arrays (batches: [2, rows, seq_len] int32; windows: [rows, seq_len] tokens): a buffer is
     reused only once nothing refers to it.
 
     Fresh memory costs a page fault per 4 KB on first touch (several microseconds each on some VMs, more
@@ -353,12 +358,12 @@ class DataPlan:
         self._windows: OrderedDict[tuple, _Window] = OrderedDict()   # decoded windows in use
         self._cache_windows = self._keep_windows = cache_windows
         self._decoded = 0
-        self._buffers = _BufferPool((2, self.rows, self.seq_len))
+        self._buffers = _BufferPool((2, self.rows, self.seq_len), np.int32)
         # window token arrays: the windows kept plus those being built or read by another thread
         # (more rows than chunk_sequences per chunk is not expected; such a window gets fresh arrays)
         shape = (window_chunks * cache.manifest.chunk_sequences, self.seq_len)
         self._window_tokens = _BufferPool(shape, cache.manifest.dtype, keep=8)
-        self._arange = np.arange(self.seq_len, dtype=np.int64)
+        self._arange = np.arange(self.seq_len, dtype=np.int32)
         self._events: list[dict] = []                 # data problems for the loop to log (take_events)
         self._changes: list[int] = []                 # first step each plan change may alter (index = version)
         self.corrupt: dict[int, str] = {}             # chunk id -> reason
@@ -524,12 +529,12 @@ class DataPlan:
 
     def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
         n, L = self.rows, self.seq_len
-        buf = self._buffers.take()                    # [2, n, L] int64: ids, positions
+        buf = self._buffers.take()                    # [2, n, L] int32: ids, positions
         ids, pos = buf[0], buf[1]
         r0, seq_ids, short = 0, [], []
         for win, q0, k in parts:
             r1 = r0 + k
-            ids[r0:r1] = win.tokens[q0:q0 + k]        # one copy that casts to int64
+            ids[r0:r1] = win.tokens[q0:q0 + k]        # one copy that casts to int32
             win.positions(pos[r0:r1], q0, self._arange)
             if win.lengths is not None:
                 lengths = win.lengths[q0:q0 + k]
