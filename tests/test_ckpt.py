@@ -269,15 +269,16 @@ def test_prune(run_dir):
     assert r.exit_code == 0 and names(run_dir) == ["runA-step00000300", "runB-step00000050"]
 
 
-def test_prune_keeps_by_step_not_time(run_dir):
-    # a checkpoint written last but at a lower step (a run restarted from an old checkpoint) is pruned first
+def test_prune_keeps_the_last_saved_not_the_highest_step(run_dir):
+    # a checkpoint written last at a lower step (the run was resumed from an older checkpoint and follows a new
+    # line) is the newest: it stays, the highest step of the line it left goes first (as the trainer prunes)
     d = run_dir / "checkpoints" / "runA-step00000100" / "meta.json"
     meta = json.loads(d.read_text())
     meta["time"] = T0 + 10_000
     d.write_text(json.dumps(meta))
     assert json.loads(ckpt(run_dir, "list", "--json").output)[0]["name"] == "runA-step00000100"
     r = ckpt(run_dir, "prune", "--keep", "2", "--run", "runA", "--yes")
-    assert r.exit_code == 0 and names(run_dir) == ["runA-step00000200", "runA-step00000300", "runB-step00000050"]
+    assert r.exit_code == 0 and names(run_dir) == ["runA-step00000100", "runA-step00000300", "runB-step00000050"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,9 +16,9 @@ from trainerd.model import build_model, model_from_config_dict
 SMALL = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
-def save(run_dir, run, step, model, opt, **kw):
+def save(run_dir, run, step, model, opt, time=None, **kw):
     meta = {"run": run, "run_id": "abc", "step": step, "loss": 1.0 / (step + 1), "tokens": 64 * step,
-            "time": 1000.0 + step, "elapsed_s": 1.0, "world_size": 1, "model": "tiny", "params": 1}
+            "time": 1000.0 + step if time is None else time, "elapsed_s": 1.0, "world_size": 1, "model": "tiny", "params": 1}
     state = {"step": step, "data": {"order0": np.arange(4), "n": np.int64(3)}, "rng": [ck.rng_state()]}
     return ck.save_checkpoint(run_dir, ck.ckpt_name(run, step), model=model, optimizer_state=opt.state_dict(),
                               state=state, meta=meta, config={"train": {"lr": 1e-3}},
@@ -89,6 +89,21 @@ def test_keep_last_n(tmp_path):
     save(tmp_path, "b", 1, m, opt)
     assert ck.prune(tmp_path, "a", keep=2) == ["a-step00000001", "a-step00000002"]
     assert sorted(x["name"] for x in ck.list_checkpoints(tmp_path)) == ["a-step00000003", "a-step00000004", "b-step00000001"]
+
+
+def test_a_run_resumed_from_an_older_step_keeps_its_new_saves(tmp_path):
+    # steps 30, 40, 50 kept; the run is resumed from step 30 and saves at 35 and 45 (a new line). By step,
+    # the prune after the save at 45 would delete 35, and --resume a would go back to step 50 of the old line
+    m, opt = trained_model()
+    for step in (10, 20, 30, 40, 50):
+        save(tmp_path, "a", step, m, opt)
+        ck.prune(tmp_path, "a", keep=3)
+    save(tmp_path, "a", 35, m, opt, time=2000.0)
+    assert ck.prune(tmp_path, "a", keep=3) == ["a-step00000030"]
+    save(tmp_path, "a", 45, m, opt, time=2001.0)
+    assert ck.prune(tmp_path, "a", keep=3) == ["a-step00000040"]
+    assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["a-step00000050", "a-step00000035", "a-step00000045"]
+    assert ck.find_checkpoint(tmp_path, "a")["name"] == ck.find_checkpoint(tmp_path, "latest")["name"] == "a-step00000045"
 
 
 def test_pickled_code_is_refused(tmp_path):

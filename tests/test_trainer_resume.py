@@ -130,6 +130,25 @@ def test_exact_resume_after_kill_9_and_a_kill_during_a_save(tmp_path, cache, uni
     assert final["weights_xxh64"] == events(records(uninterrupted, "ref", 1), "finished")[0]["weights_xxh64"]
 
 
+def test_resumed_from_an_older_checkpoint_the_new_line_is_kept(tmp_path, cache, uninterrupted):
+    """ref kept steps 15, 20, 24. Resumed from step 15 and saving every 3 steps, the new line's saves are the
+    ones kept (by step, the prune after step 21 would delete the new step 18), and the resume warns."""
+    import shutil
+    runs = tmp_path / "runs"
+    shutil.copytree(uninterrupted, runs)
+    p = run_trainer(cache, runs, tmp_path, "--resume", "ref-step00000015", "--max-steps", MAX_STEPS,
+                    "--checkpoint-every", 3)
+    assert p.returncode == 0, p.stderr
+    assert "warning: ref has 2 checkpoint(s) past step 15 (ref-step00000024 the last saved)" in p.stderr
+    recs = records(runs, "ref", 2)
+    assert events(recs, "resumed")[0]["later_checkpoints"] == ["ref-step00000020", "ref-step00000024"]
+    assert [(e["step"], e["pruned"]) for e in events(recs, "checkpoint_saved")] == [
+        (18, ["ref-step00000015"]), (21, ["ref-step00000020"]), (24, [])]
+    assert sorted(os.listdir(runs / "checkpoints")) == ["ref-step00000018", "ref-step00000021", "ref-step00000024"]
+    ref = steps(records(uninterrupted, "ref", 1))
+    assert all(r["loss"] == ref[s]["loss"] for s, r in steps(recs).items())  # saving more often changes nothing
+
+
 def test_signal_saves_and_exits_0_and_a_second_trainer_refuses(tmp_path, cache):
     """A trainer that caught up with a (still unfinished) cache waits; a second trainer on the same run
     refuses; SIGTERM makes the first save a checkpoint and exit 0."""

@@ -2,7 +2,7 @@
 
     ckpt list --run-dir runs/                      # newest first, from each checkpoint's meta.json alone
     ckpt show tiny_pydoc_64-step00000200
-    ckpt prune --keep 3 --yes                      # the newest 3 (by step) of every run stay
+    ckpt prune --keep 3 --yes                      # the newest 3 (last saved) of every run stay
     ckpt clean                                     # unfinished saves and orphaned logs, after a question
     ckpt verify tiny_pydoc_64-step00000200         # sizes, xxh64 and the weights against model_config.json
     ckpt export tiny_pydoc_64-step00000200 hf/tiny # a folder AutoModelForCausalLM.from_pretrained loads
@@ -265,7 +265,8 @@ def delete_checkpoints(rd: RunDir, cks: list[Checkpoint], yes: bool, verb: str =
 
 
 def prune_plan(rd: RunDir, keep: int, run: str | None = None) -> tuple[list[Checkpoint], list[Checkpoint]]:
-    """(checkpoints beyond the newest KEEP by step of each run, unreadable ones left alone)."""
+    """(checkpoints beyond the newest KEEP of each run, unreadable ones left alone). Newest: most recently
+    saved, then highest step, as the trainer prunes (a run resumed from an older step follows a new line)."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise click.ClickException(f"--keep must be at least 1 (got {keep}); `ckpt delete` removes single checkpoints")
     if run is not None:
@@ -282,7 +283,7 @@ def prune_plan(rd: RunDir, keep: int, run: str | None = None) -> tuple[list[Chec
             by_run.setdefault(c.run, []).append(c)
     doomed = []
     for r in sorted(by_run):
-        ordered = sorted(by_run[r], key=lambda c: (c.step, c.time or 0.0), reverse=True)
+        ordered = sorted(by_run[r], key=lambda c: (c.time or 0.0, c.step), reverse=True)
         doomed += ordered[keep:]
     return doomed, unreadable
 
@@ -788,11 +789,11 @@ def delete(run_dir, names, yes):
 
 @cli.command(name="prune")
 @run_dir_option
-@click.option("--keep", type=int, required=True, metavar="N", help="Checkpoints to keep per run (newest by step).")
+@click.option("--keep", type=int, required=True, metavar="N", help="Checkpoints to keep per run (the most recently saved).")
 @click.option("--run", metavar="NAME", help="Only this run.")
 @yes_option
 def prune_(run_dir, keep, run, yes):
-    """Delete all but the newest N checkpoints (by step) of each run."""
+    """Delete all but the newest N checkpoints (most recently saved) of each run."""
     prune(RunDir(run_dir), keep, run, yes)
 
 

@@ -203,11 +203,14 @@ def _save_weights(model, weights: dict | None, path: Path) -> None:
 
 
 def prune(run_dir, run: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` checkpoints of `run` (by step); returns the deleted names."""
+    """Delete all but the newest `keep` checkpoints of `run`; returns the deleted names.
+
+    Newest means most recently saved (then highest step), not highest step: a run resumed from an older
+    checkpoint follows a new line, and its saves must outlive the later steps of the line it left (by
+    step, each new save would be the first to go)."""
     if keep <= 0:
         return []
-    mine = [m for m in list_checkpoints(run_dir) if m.get("run") == run]
-    mine.sort(key=lambda m: m["step"])
+    mine = list_checkpoints(run_dir, run=run)  # oldest first by time, then step
     removed = []
     for m in mine[:-keep]:
         shutil.rmtree(ckpt_root(run_dir) / m["name"], ignore_errors=True)
@@ -260,7 +263,8 @@ def list_checkpoints(run_dir, run: str | None = None) -> list[dict]:
 
 
 def find_checkpoint(run_dir, spec: str) -> dict:
-    """'latest' (the newest of any run), a checkpoint name, or a run name (its newest checkpoint)."""
+    """'latest' (the newest of any run), a checkpoint name, or a run name (its newest checkpoint); newest is
+    the most recently saved, as for prune: after a resume from an older step, the line the run follows now."""
     metas = list_checkpoints(run_dir)
     if not metas:
         raise CheckpointError(f"no checkpoint in {ckpt_root(run_dir)} to resume from")
@@ -271,7 +275,7 @@ def find_checkpoint(run_dir, spec: str) -> dict:
             return m
     runs = [m for m in metas if m.get("run") == spec]
     if runs:
-        return max(runs, key=lambda m: m["step"])
+        return runs[-1]
     raise CheckpointError(f"no checkpoint or run named {spec!r} in {ckpt_root(run_dir)} "
                           f"(see `ckpt list --run-dir {run_dir}`)")
 

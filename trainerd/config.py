@@ -134,7 +134,7 @@ class ScheduleConfig:
 @dataclass
 class CheckpointConfig:
     every: int = opt(1000, "Save a checkpoint every this many optimizer steps (0 = only at the end and on a signal).")
-    keep: int = opt(3, "Keep the newest N checkpoints of this run (0 = keep all).")
+    keep: int = opt(3, "Keep the newest N checkpoints of this run, the most recently saved (0 = keep all).")
 
     def validate(self) -> None:
         if self.every < 0:

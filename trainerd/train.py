@@ -195,7 +195,7 @@ def decide_start(run_dir: str, new: str | None, resume: str | None, suggested: s
         return interactive_menu(run_dir, suggested)
     mine = ck.list_checkpoints(run_dir, run=suggested)
     if mine:
-        m = max(mine, key=lambda m: m["step"])
+        m = mine[-1]  # the most recently saved
         return Start("resume", m["run"], m.get("run_id") or uuid.uuid4().hex[:12], m["path"])
     return Start("new", suggested, uuid.uuid4().hex[:12])
 
@@ -530,8 +530,15 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                     global_batch=global_batch, seq_len=cache.seq_len, flash_attention=bool(use_flash),
                     compile=cfg.train.compile, config=cfg.to_dict())
         if ckpt_dir is not None:
-            jsonl.event("resumed", step=step, checkpoint=ckpt_dir.name, tokens=tokens_done)
+            later = [m["name"] for m in ck.list_checkpoints(run_dir, run=start.run) if m["step"] > step]
+            jsonl.event("resumed", step=step, checkpoint=ckpt_dir.name, tokens=tokens_done, later_checkpoints=later)
             console.message(f"resumed {start.run} from {ckpt_dir.name} (step {step:,})")
+            if later:
+                # the kept checkpoints are the most recently saved: this line's saves push the old line's out
+                fate = (f"checkpoint.keep = {cfg.checkpoint.keep} prunes those as it saves" if cfg.checkpoint.keep
+                        else "none is pruned (checkpoint.keep = 0)")
+                console.message(f"warning: {start.run} has {len(later)} checkpoint(s) past step {step:,} "
+                                f"({later[-1]} the last saved); this run's saves now count as its newest, {fate}")
         else:
             console.message(f"new run {start.run} ({start.run_id}): {cfg.model.preset}, {n_params:,} parameters, "
                             f"global batch {global_batch} x {cache.seq_len} tokens, {world} process(es) on {device}")
