@@ -7,6 +7,7 @@ Every field carries its help text in `field(metadata={"help": ...})`; errors nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -88,14 +89,17 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name} must be an integer (got {value!r})")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} must be a number (got {value!r})")
+        if number is not None and math.isfinite(number):  # nan would pass every range check after it
+            return number
+        raise ConfigError(f"{name} must be a finite number (got {value!r})")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -107,9 +111,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def build(cls, data: dict | None, prefix: str = ""):
     """An instance of dataclass `cls` from a (nested) dict; unknown keys and bad types are errors."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a table")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):  # e.g. `model = "124m"` at the top of run.toml instead of a [model] table
+        raise ConfigError(f"{prefix or 'config'} must be a table (got {data!r})")
+    data = dict(data)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):

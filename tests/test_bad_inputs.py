@@ -136,6 +136,11 @@ def _corrupt_ckpt_config(w: WS):
         (d / "config.json").write_text("{not json")
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def P(*args):   # packerd run with the workspace's endpoint and one worker
     return lambda w: ["run", "--endpoint", w.endpoint, "--workers", "1", *[a(w) if callable(a) else a for a in args]]
 
@@ -229,6 +234,20 @@ CASES = [
          "optimizer", setup=_write("section.toml", "[optimizer]\nname = \"adamw\"\n")),
     Case("trainerd-config-wrong-type", "trainerd", T("--config", R("type.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
          "train.micro_batch_size", setup=_write("type.toml", "[train]\nmicro_batch_size = \"eight\"\n")),
+    Case("trainerd-config-section-not-a-table", "trainerd", T("--config", R("flat.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
+         "model must be a table", setup=_write("flat.toml", "model = \"124m\"\n")),
+    Case("trainerd-lr-nan", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--lr", "nan"), "train.lr must be a finite number"),
+    Case("trainerd-beta1-one", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--set", "train.beta1=1"),
+         "train.beta1 must be in [0, 1)"),
+    Case("trainerd-weight-decay-negative", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--set", "train.weight_decay=-0.1"),
+         "train.weight_decay must be 0 or more"),
+    Case("trainerd-threads-negative", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--threads", "-1"),
+         "train.threads must be 0 or more"),
+    Case("trainerd-log-with-unknown", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--log-with", "tensorbored"),
+         "unknown tracker 'tensorbored'"),
+    *([] if _cuda() else [  # where CUDA is present fp16 is allowed
+        Case("trainerd-fp16-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--mixed-precision", "fp16"),
+             "fp16 needs CUDA")]),
     Case("trainerd-no-wait-folder-without-manifest", "trainerd", T("--cache-dir", R("not_a_run_dir"), "--new", "x", "--no-wait"),
          "has no manifest.json"),
     Case("trainerd-resume-without-checkpoints", "trainerd",

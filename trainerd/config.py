@@ -105,6 +105,14 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be at least 1 (got {self.max_steps})")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip must be 0 or more (got {self.grad_clip})")
+        for name in ("weight_decay", "eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
+        if self.threads < 0:
+            raise ConfigError(f"train.threads must be 0 or more (got {self.threads})")
         if not self.run_dir:
             raise ConfigError("train.run_dir must not be empty")
 
@@ -154,6 +162,12 @@ class LogConfig:
     def validate(self) -> None:
         if self.every < 1:
             raise ConfigError(f"log.every must be at least 1 (got {self.every})")
+        if self.log_with:
+            from accelerate.utils import LoggerType
+            known = [t.value for t in LoggerType]
+            for name in self.log_with.split(","):
+                if name.strip() not in known:
+                    raise ConfigError(f"log.log_with: unknown tracker {name.strip()!r} (known: {', '.join(known)})")
 
 
 @dataclass

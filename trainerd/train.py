@@ -315,6 +315,21 @@ class JsonlLog:
 # ---------------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------------
+def resolve_mixed_precision(asked: str, cuda: bool) -> str:
+    """no, bf16 or fp16. auto: what `accelerate launch --mixed_precision X` (or its config file) set, else bf16
+    where CUDA has it, else no."""
+    mixed = asked
+    if mixed == "auto":
+        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+        if mixed not in ("no", "bf16", "fp16"):
+            raise TrainError(f"accelerate's mixed precision {mixed!r} is not supported here (no, bf16, fp16)")
+    if mixed == "fp16" and not cuda:
+        # Accelerate would skip fp16 on the CPU and silently train in fp32
+        raise TrainError("train.mixed_precision fp16 needs CUDA; on the CPU use bf16 or no")
+    return mixed
+
+
 def run(config_file: str | None, overrides: dict, new: str | None = None, resume: str | None = None) -> int:
     """Train; returns the exit status. Every rank of an `accelerate launch` runs this."""
     # -- config, a first pass: enough to find the run folder and the cache ------------------------------
@@ -325,6 +340,7 @@ def run(config_file: str | None, overrides: dict, new: str | None = None, resume
     logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s trainerd %(levelname)s %(message)s",
                         datefmt="%Y-%m-%dT%H:%M:%S")
     cuda = torch.cuda.is_available()
+    resolve_mixed_precision(cfg.train.mixed_precision, cuda)  # fail before anything is written
     state = PartialState(cpu=not cuda)  # the process group, before the run (and so the config) is known
     world, main = state.num_processes, state.is_main_process
     console = Console(main, cfg.log.every)
@@ -379,13 +395,12 @@ def run(config_file: str | None, overrides: dict, new: str | None = None, resume
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        mixed = cfg.train.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        mixed = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
         # bf16 autocast is ours (around the forward only): Accelerate's would also convert the logits to
         # fp32 inside the forward, a copy of [batch, seq_len, vocab] per micro-batch. fp16 needs its scaler.
         accelerator = Accelerator(cpu=not cuda, mixed_precision="fp16" if mixed == "fp16" else "no",
-                                  log_with=cfg.log.log_with or None, project_dir=run_dir)
+                                  log_with=[t.strip() for t in cfg.log.log_with.split(",")] if cfg.log.log_with else None,
+                                  project_dir=run_dir)
         return _train(cfg, start, accelerator, console, mixed)
     finally:
         if lock is not None:
