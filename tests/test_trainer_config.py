@@ -73,3 +73,21 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "train.grad_accum" in err[0], p.stderr
     assert not run_dir.exists()
+
+
+def test_mixed_precision_auto_follows_accelerate_launch(monkeypatch):
+    import click
+
+    from trainerd.train import resolve_mixed_precision
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision("auto", cuda=False) == "no"
+    assert resolve_mixed_precision("bf16", cuda=False) == "bf16"          # bf16 autocast works on the CPU
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")            # accelerate launch --mixed_precision bf16
+    assert resolve_mixed_precision("auto", cuda=False) == "bf16"
+    assert resolve_mixed_precision("no", cuda=False) == "no"             # trainerd's own setting wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(click.ClickException, match="'fp8' is not supported"):
+        resolve_mixed_precision("auto", cuda=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(click.ClickException, match="fp16 needs CUDA"):
+        resolve_mixed_precision("auto", cuda=False)

@@ -91,7 +91,7 @@ FLAGS = {
 @click.option("--keep", type=int, help="Keep the newest N checkpoints of the run (0: all).")
 @click.option("--endpoint", help="packerd's ZeroMQ endpoint (default tcp://127.0.0.1:5557).")
 @click.option("--curve-dir", help="CURVE key folder (from `packerd keys`) for an endpoint of `packerd run --curve-dir`.")
-@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), help="auto: bf16 on CUDA, fp32 on the CPU.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), help="auto: accelerate launch's --mixed_precision bf16/fp16 if given, else bf16 on CUDA, fp32 on the CPU.")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
 @click.option("--flash-attention/--no-flash-attention", default=None, help="Flash-attention varlen (default: when installed).")
 @click.option("--seed", type=int, help="Seed of weights and data order.")

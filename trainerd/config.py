@@ -89,7 +89,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (unset: when the data is done).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "auto: bf16 autocast on CUDA, fp32 on the CPU; or no, bf16, fp16.")
+        "auto", "auto: accelerate launch's --mixed_precision bf16/fp16 if given, else bf16 autocast on CUDA, fp32 on the CPU; "
+        "or no, bf16, fp16 (fp16: CUDA only).")
     compile: bool = opt(False, "torch.compile the model (checkpoints stay uncompiled).")
     seed: int = opt(1337, "Seed of the weights and of the data order.")
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True): bitwise-repeatable on the CPU.")

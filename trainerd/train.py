@@ -316,14 +316,15 @@ class JsonlLog:
 # the trainer
 # ---------------------------------------------------------------------------------------------------------
 def resolve_mixed_precision(asked: str, cuda: bool) -> str:
-    """no, bf16 or fp16. auto: what `accelerate launch --mixed_precision X` (or its config file) set, else bf16
-    where CUDA has it, else no."""
+    """no, bf16 or fp16. auto: bf16 or fp16 when `accelerate launch --mixed_precision` (or its config file)
+    asked for it, else bf16 where CUDA has it, else no. accelerate launch sets "no" when it was not asked
+    (ACCELERATE_MIXED_PRECISION is always set), so fp32 on CUDA takes trainerd's own --mixed-precision no."""
     mixed = asked
     if mixed == "auto":
-        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
-            "bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
-        if mixed not in ("no", "bf16", "fp16"):
-            raise TrainError(f"accelerate's mixed precision {mixed!r} is not supported here (no, bf16, fp16)")
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launched not in ("no", "bf16", "fp16"):
+            raise TrainError(f"accelerate's mixed precision {launched!r} is not supported here (no, bf16, fp16)")
+        mixed = launched if launched != "no" else ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
     if mixed == "fp16" and not cuda:
         # Accelerate would skip fp16 on the CPU and silently train in fp32
         raise TrainError("train.mixed_precision fp16 needs CUDA; on the CPU use bf16 or no")
