@@ -104,3 +104,28 @@ def test_state_dict_restores_the_same_rates():
         assert a.lr(s) == b.lr(s)
     with pytest.raises(ValueError, match="schedule"):
         LRSchedule(ScheduleConfig(kind="wsd"), PEAK).load_state_dict(a.state_dict())
+
+
+def test_warmup_waits_for_data_and_stands_in_for_a_missing_estimate():
+    sched = LRSchedule(ScheduleConfig(), PEAK)
+    assert sched.update(0, 0, 0, False) == [] and sched.warmup is None   # an empty cache fixes nothing yet
+    notes = sched.update(0, 40, 40, False)          # 40 steps and no estimate (the source gave no size)
+    assert sched.warmup == 1 and "no estimate of the full dataset" in notes[0]
+    # --max-steps or a token budget stand in for the estimate: 2.5% of them, not of the 40 steps there now
+    sched = LRSchedule(ScheduleConfig(), PEAK, max_steps=4000)
+    assert sched.update(0, 40, 40, False) and sched.warmup == 100
+    sched = LRSchedule(ScheduleConfig(decay_tokens=80_000, decay_fraction=0.2), PEAK, tokens_per_step=100)
+    sched.update(0, 40, 40, False)
+    assert sched.warmup == 25                       # of the budget's 800 + 200 steps
+    sched = LRSchedule(ScheduleConfig(), PEAK, max_steps=4000)
+    assert sched.update(0, 40, 10_000, False) and sched.warmup == 100   # the smaller of estimate and max-steps
+
+
+def test_a_late_end_warns_that_the_decay_is_short():
+    sched = LRSchedule(ScheduleConfig(kind="wsd", warmup_steps=10), PEAK)
+    notes = [n for s in range(1000) for n in sched.update(s, 1000, 1000, s >= 950)]
+    assert len(notes) == 1 and "decay starts at step 950 with 50 steps left, not 200" in notes[0]
+    on_time = LRSchedule(ScheduleConfig(kind="wsd", warmup_steps=10), PEAK)
+    assert [n for s in range(1000) for n in on_time.update(s, 1000, 1000, s >= 700)] == []
+    budget = LRSchedule(ScheduleConfig(kind="wsd", warmup_steps=0, decay_tokens=70_000), PEAK, tokens_per_step=100)
+    assert [n for s in range(900) for n in budget.update(s, 5000, 5000, False)] == []

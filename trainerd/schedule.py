@@ -5,11 +5,15 @@ changes only through `update()` at an optimizer-step boundary, and never so that
 a scheduler is never rebuilt and stepped N times (that is how an earlier system made the LR jump).
 
 - Warmup: `warmup_fraction` of the steps of the FULL dataset estimate (the manifest's), fixed at the
-  first update (or `warmup_steps`). Linear from peak/W to peak.
+  first update that has a step to train (or `warmup_steps`). Linear from peak/W to peak. Without an
+  estimate (a source that gives no size) --max-steps or the token budget stand in for it; with none of
+  them, the cache as it is then, with a warning.
 - wsd (default): warmup, constant, then a 1-sqrt decay to `min_lr_fraction * lr` over the last
   `decay_fraction` of the run. The end of the run becomes known when the cache is finished, from
   `--max-steps`, or from a token budget (`decay_tokens`: the decay starts there and lasts
-  decay_fraction/(1-decay_fraction) of it). Growth before the decay starts moves nothing.
+  decay_fraction/(1-decay_fraction) of it). Growth before the decay starts moves nothing. An end that
+  becomes known with fewer steps left than the decay should take (a trainer that kept up with the packer
+  learns the final size near the end) gives a shorter decay, with a warning.
 - cosine: from peak to the minimum over the current estimate of the total, continuous as it changes.
 
 Continuity: a phase's progress q(s) is anchored, q(s) = q0 + (1 - q0) (s - s0) / (end - s0). When the end
@@ -42,25 +46,41 @@ class LRSchedule:
         self.warmup: int | None = None
         self.end: int | None = None        # the step count the schedule decays to (None: not known yet)
         self.anchor: tuple[int, float] | None = None  # (s0, q0) of the decay phase
+        self._warned_late = False
 
     # -- state changes, only at optimizer-step boundaries ------------------------------------------------
     def update(self, step: int, total_steps: int, estimated_total_steps: int, finished: bool) -> list[str]:
         """Take in the plan as it is before optimizer step `step`; returns warnings for the log."""
         notes = []
-        if self.warmup is None:
+        if self.warmup is None and (total_steps > step or finished):  # fixed when there is a step to train
             if self.warmup_steps_cfg is not None:
                 self.warmup = self.warmup_steps_cfg
             else:
-                full = estimated_total_steps if estimated_total_steps else total_steps
-                if self.max_steps:
-                    full = min(full, self.max_steps) if full else self.max_steps
-                self.warmup = int(round(self.warmup_fraction * full))
+                # the run's length as far as it is known: the full estimate (an unfinished cache whose
+                # estimate is no larger than what it holds has none: its source gives no size),
+                # --max-steps, the token budget; the cache as it is now only when none of them is known
+                known = [estimated_total_steps] if finished or estimated_total_steps > total_steps else []
+                known += [n for n in (self.max_steps, self.budget_end and self.budget_end[1]) if n]
+                self.warmup = int(round(self.warmup_fraction * (min(known) if known else total_steps)))
+                if not known:
+                    notes.append(f"no estimate of the full dataset (its source gives no size; packerd "
+                                 f"--estimate-tokens sets one): warmup is {self.warmup:,} steps, "
+                                 f"{self.warmup_fraction:g} of the {total_steps:,} the cache holds now; set "
+                                 f"schedule.warmup_steps, --max-steps or schedule.decay_tokens")
             if not finished and self.warmup > total_steps:
                 notes.append(f"warmup of {self.warmup:,} steps (from the full dataset estimate) is longer than "
                              f"the {total_steps:,} steps the cache holds now")
         end = self._target_end(total_steps, estimated_total_steps, finished)
         if end is not None and end != self.end:
             self._move_end(step, end)
+            if self.kind == "wsd" and not self._warned_late and self.decay_start is not None:
+                planned = int(round(self.decay_fraction * end))
+                have = end - self.decay_start
+                if have + 1 < planned:  # (+1: the token budget's decay length is rounded on its own)
+                    self._warned_late = True
+                    notes.append(f"the decay starts at step {self.decay_start:,} with {have:,} steps left, not "
+                                 f"{planned:,} ({self.decay_fraction:g} of {end:,}): the run's end became known late; "
+                                 f"schedule.decay_tokens or --max-steps start it in time")
         return notes
 
     def _target_end(self, total: int, estimate: int, finished: bool) -> int | None:
