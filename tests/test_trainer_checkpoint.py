@@ -79,7 +79,28 @@ def test_unfinished_save_is_invisible_and_latest_is_found(tmp_path):
     assert ck.find_checkpoint(tmp_path, "a-step00000010")["step"] == 10
     with pytest.raises(ck.CheckpointError, match="no checkpoint or run named"):
         ck.find_checkpoint(tmp_path, "c")
-    assert ck.remove_stale_temporaries(tmp_path, "a") == [".tmp-a-step00000020-999"]
+    assert ck.remove_stale_temporaries(tmp_path, "a") == ["removed .tmp-a-step00000020-999: an unfinished save of an earlier trainer"]
+
+
+def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_loses_nothing(tmp_path):
+    # the save of a step that exists renames the old folder aside, then the new one into place: a crash
+    # between the two leaves .tmp-old-NAME-PID (complete) and no NAME; the next trainer renames it back
+    m, opt = trained_model()
+    path = save(tmp_path, "a", 10, m, opt)
+    want = ck.read_meta(path)
+    root = tmp_path / "checkpoints"
+    os.replace(path, root / ".tmp-old-a-step00000010-4242")
+    (root / ".tmp-a-step00000010-4242").mkdir()   # the new save, complete or not
+    assert ck.list_checkpoints(tmp_path) == []
+    assert ck.remove_stale_temporaries(tmp_path, "a") == [
+        "removed .tmp-a-step00000010-4242: an unfinished save of an earlier trainer",
+        "restored a-step00000010: a save that replaced it was interrupted"]
+    assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["a-step00000010"]
+    assert ck.read_meta(root / "a-step00000010") == want and sorted(os.listdir(root)) == ["a-step00000010"]
+    # with NAME in place (the crash came after the second rename), the old folder is only removed
+    save(tmp_path, "a", 20, m, opt)
+    (root / ".tmp-old-a-step00000020-7").mkdir()
+    assert ck.remove_stale_temporaries(tmp_path, "a") == ["removed .tmp-old-a-step00000020-7: an unfinished save of an earlier trainer"]
 
 
 def test_keep_last_n(tmp_path):

@@ -221,16 +221,28 @@ def prune(run_dir, run: str, keep: int) -> list[str]:
 
 
 def remove_stale_temporaries(run_dir, run: str) -> list[str]:
-    """Temporary folders of crashed saves of `run` (call only while holding the run's lock)."""
+    """Clear what crashed saves of `run` left (call only while holding the run's lock); returns one line each.
+
+    A save that replaced a checkpoint of the same step and died between its two renames left the old
+    checkpoint as .tmp-old-NAME-PID and no NAME: that one is complete, and is renamed back into place."""
     root = ckpt_root(run_dir)
     out = []
     if not root.is_dir():
         return out
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(TMP_PREFIX) and (
-                p.name.startswith(f"{TMP_PREFIX}{run}-step") or p.name.startswith(f"{TMP_PREFIX}old-{run}-step")):
-            shutil.rmtree(p, ignore_errors=True)
-            out.append(p.name)
+    for p in sorted(root.iterdir()):
+        if not (p.is_dir() and p.name.startswith(TMP_PREFIX)):
+            continue
+        if p.name.startswith(f"{TMP_PREFIX}old-{run}-step"):
+            name = p.name[len(f"{TMP_PREFIX}old-"):].rsplit("-", 1)[0]
+            if not (root / name).exists() and read_meta(p) is not None:
+                os.replace(p, root / name)
+                fsync_dir(root)
+                out.append(f"restored {name}: a save that replaced it was interrupted")
+                continue
+        elif not p.name.startswith(f"{TMP_PREFIX}{run}-step"):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        out.append(f"removed {p.name}: an unfinished save of an earlier trainer")
     return out
 
 

@@ -534,9 +534,8 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     # optional data trace, every rank: which sequences it trained on at each step (audits order and disjointness)
     trace = JsonlLog(logs / f"{start.run}_run_{start.log_k}.rank{rank}.data.jsonl" if cfg.log.data_trace else None)
     if main:
-        removed = ck.remove_stale_temporaries(run_dir, start.run)
-        for name in removed:
-            console.message(f"removed {name}: an unfinished save of an earlier trainer")
+        for line in ck.remove_stale_temporaries(run_dir, start.run):
+            console.message(line)
         if start.mode == "new":
             rec = {"run": start.run, "run_id": start.run_id, "created": time.time(), "config": cfg.to_dict()}
             (Path(run_dir) / RUNS_DIR).mkdir(parents=True, exist_ok=True)
