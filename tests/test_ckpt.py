@@ -333,6 +333,20 @@ def test_clean_leaves_a_training_run_alone(run_dir):
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")] == []
 
 
+def test_clean_restores_a_checkpoint_whose_re_save_was_interrupted(run_dir):
+    # a re-save of runA's step 300 renamed the old folder aside and died before renaming the new one in
+    cks = run_dir / "checkpoints"
+    (cks / "runA-step00000300").rename(cks / ".tmp-old-runA-step00000300-55")
+    (cks / ".tmp-runA-step00000300-55").mkdir()
+    assert "runA-step00000300" not in names(run_dir)
+    r = ckpt(run_dir, "clean", "--yes")
+    assert r.exit_code == 0, r.output
+    assert "checkpoints/.tmp-old-runA-step00000300-55/  (interrupted re-save of runA-step00000300: restored, not removed" in r.output
+    assert "Restored runA-step00000300" in r.output
+    assert "runA-step00000300" in names(run_dir) and not (cks / ".tmp-runA-step00000300-55").exists()
+    assert ckpt(run_dir, "verify", "runA-step00000300").exit_code == 0
+
+
 def test_clean_after_deleting_a_run(run_dir):
     ckpt(run_dir, "delete", "runB-step00000050", "--yes")
     r = ckpt(run_dir, "clean", "--yes")

@@ -299,8 +299,9 @@ def prune(rd: RunDir, keep: int, run: str | None, yes: bool) -> int:
 
 
 class Leftover:
-    def __init__(self, path: Path, runs: tuple[str, ...] | None, why: str):
+    def __init__(self, path: Path, runs: tuple[str, ...] | None, why: str, restore_as: Path | None = None):
         self.path, self.runs, self.why = path, runs, why   # runs: the runs it may belong to; None: unknown
+        self.restore_as = restore_as                       # renamed back there instead of removed
         self.bytes = _tree_bytes(path)
 
 
@@ -320,7 +321,15 @@ def clean_plan(rd: RunDir) -> tuple[list[Leftover], list[str]]:
     if rd.checkpoints_dir.is_dir():
         for e in sorted(os.scandir(rd.checkpoints_dir), key=lambda e: e.name):
             if e.name.startswith(TMP_PREFIX):
-                found.append(Leftover(Path(e.path), _tmp_runs(e.name), "unfinished save"))
+                # .tmp-old-NAME-PID without NAME: a same-step re-save died between its two renames, and
+                # this folder is the complete checkpoint NAME (checkpoint.save_checkpoint): put it back
+                name = e.name[len(f"{TMP_PREFIX}old-"):].rsplit("-", 1)[0] if e.name.startswith(f"{TMP_PREFIX}old-") else ""
+                back = rd.checkpoints_dir / name if name else None
+                if back is not None and not back.exists() and _tmp_runs(e.name) and (Path(e.path) / "meta.json").is_file():
+                    found.append(Leftover(Path(e.path), _tmp_runs(e.name), f"interrupted re-save of {name}: "
+                                          f"restored, not removed", restore_as=back))
+                else:
+                    found.append(Leftover(Path(e.path), _tmp_runs(e.name), "unfinished save"))
     with_checkpoints = {c.run for c in rd.checkpoints()}
     if rd.logs_dir.is_dir():
         for p in sorted(rd.logs_dir.iterdir()):
@@ -362,6 +371,12 @@ def clean(rd: RunDir, yes: bool) -> int:
                 click.echo(f"Skipping {i.path.name}: its run started training meanwhile")
                 continue
             try:
+                if i.restore_as is not None:
+                    os.replace(i.path, i.restore_as)
+                    from shared.fsutil import fsync_dir
+                    fsync_dir(rd.checkpoints_dir)
+                    click.echo(f"Restored {i.restore_as.name}")
+                    continue
                 if i.path.is_dir() and not i.path.is_symlink():
                     shutil.rmtree(i.path)
                 else:
