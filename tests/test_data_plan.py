@@ -241,6 +241,25 @@ def test_resume_refuses_another_layout(cache):
             DataPlan(cache, **kw).load_state_dict(state)
 
 
+def test_resume_refuses_a_cache_rebuilt_from_other_data(cache, cache_dir, tmp_path):
+    # the same sizes (seq_len, chunk sizes, sequence counts) but other contents: only the checksums tell
+    import json
+    import shutil
+    state = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1).state_dict()
+    other = tmp_path / "cache"
+    shutil.copytree(cache_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["chunks"]["checksum"][3] = "0123456789abcdef"  # (the manifest stores its chunk list by column)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    plan = DataPlan(open_cache(other), seed=1, global_batch=8, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="are not the ones this run trained on"):
+        plan.load_state_dict(state)
+    del state["chunks_digest"]  # a checkpoint from before the digest: the sizes are all it can check
+    plan.load_state_dict(state)
+    DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1).load_state_dict(
+        DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1).state_dict())
+
+
 @pytest.mark.parametrize("few", [128, 0])  # 0: every batch takes the vectorised path for many documents
 def test_batch_positions_labels_and_padding(cache, few, monkeypatch):
     monkeypatch.setattr(data_mod, "FEW_DOCUMENTS", few)

@@ -655,7 +655,13 @@ class DataPlan:
                     "finished": self.finished, "est_total_sequences": self._est_seqs,
                     "total_steps": self.total_steps, "step": self.step,
                     "order0": self._order0.tolist(), "seals0": list(self._seals0),
-                    "events": [dict(e) for e in self.events]}
+                    "events": [dict(e) for e in self.events],
+                    "chunks_digest": self._chunks_digest(self.known_chunks)}
+
+    def _chunks_digest(self, known: int) -> str:
+        """xxh64 over the checksums of the first `known` chunks: the same cache, not only the same sizes."""
+        import xxhash
+        return xxhash.xxh64("\n".join(c.checksum for c in self.cache.chunks[:known]).encode()).hexdigest()
 
     def load_state_dict(self, d: dict) -> None:
         """Restore a state_dict; world size, global batch, seed, window and epoch fraction must match.
@@ -683,6 +689,9 @@ class DataPlan:
         if int(sizes.sum()) != d["known_sequences"]:
             raise ValueError(f"the first {known} chunks of {self.cache.dir} hold {int(sizes.sum())} sequences, "
                              f"the data state says {d['known_sequences']}: the cache was rebuilt")
+        if "chunks_digest" in d and d["chunks_digest"] != self._chunks_digest(known):  # absent: older checkpoints
+            raise ValueError(f"the first {known} chunks of {self.cache.dir} are not the ones this run trained on "
+                             f"(their checksums differ): the cache was rebuilt from other data")
         with self._lock:
             self.known_chunks, self.finished, self.step = known, bool(d["finished"]), int(d["step"])
             self._sizes, self._known_seqs = sizes, int(sizes.sum())
