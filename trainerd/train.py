@@ -627,11 +627,15 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     waiting_since = None
     t_prev = None
     rate_ema = None                  # optimizer steps per second, for the ETA
+    corrupt_logged: set[int] = set()  # chunk ids whose corrupt_chunk event is in the log
     status = "done"
     try:
         while True:
             # sync the plan: rank 0's view of the cache, and any rank's stop signal, at a step boundary
-            view = [0, 0, int(STOP.sig is not None), 0, 0]  # chunks, finished, stop, estimate, rank 0 failed
+            # corrupt chunks this rank met since the last step (found by its prefetch thread)
+            data_events = [dict(ev, rank=accelerator.process_index) for ev in plan.take_events()]
+            # chunks, finished, stop, estimate, rank 0 failed, some rank has data events
+            view = [0, 0, int(STOP.sig is not None), 0, 0, int(bool(data_events))]
             if main and follow_error is None:
                 try:
                     fs = follower.poll(200 if waiting_since is not None else 0)
@@ -667,9 +671,16 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                                 notify_latency_ms=notify_ms)
                 notify_ms = None
                 known, finished = new_known, new_finished
-            for ev in plan.take_events():  # corrupt chunks: skipped loudly, quarantined, never trained on
-                if main:
-                    jsonl.event(ev.pop("event"), step=step, rank=accelerator.process_index, **ev)
+            if view[5]:  # corrupt chunks: skipped loudly, quarantined, never trained on; rank 0 logs every rank's
+                if world > 1:
+                    every: list = [None] * world
+                    torch.distributed.all_gather_object(every, data_events)
+                    # the rank that quarantined a chunk first: another one may only have found its file gone
+                    data_events = sorted((ev for evs in every for ev in evs), key=lambda ev: ev.get("quarantined") is None)
+                for ev in data_events:
+                    if main and ev["chunk_id"] not in corrupt_logged:  # another rank may meet it again, quarantined
+                        corrupt_logged.add(ev["chunk_id"])
+                        jsonl.event(ev.pop("event"), step=step, **ev)
             for note in sched.update(step, plan.total_steps, plan.estimated_total_steps, plan.finished):
                 if main:
                     console.message(f"warning: {note}")
