@@ -214,3 +214,60 @@ def test_no_wait_fails_at_once_and_writes_nothing(tmp_path):
     line = p.stderr.strip().splitlines()
     assert len(line) == 1 and "does not exist" in line[0], p.stderr
     assert not runs.exists()
+
+
+def test_resume_picks_up_a_cache_that_grew_while_the_trainer_was_stopped(tmp_path, corpus_texts, tokenizer_dir):
+    """A trainer follows a packer (--follow) on half the corpus, catches up, and is stopped (SIGTERM: it
+    saves). The packer then packs the other half and finishes. The resumed run plans over the grown cache and
+    trains to its end: over both runs every sequence of the epoch once (but the last partial batch), nothing
+    twice, and the sequences of the new chunks among them."""
+    from test_trainer_follow import manifest, read_jsonl, wait_for
+    from conftest import write_jsonl
+    src, cache, runs = tmp_path / "src", tmp_path / "cache", tmp_path / "runs"
+    src.mkdir()
+    endpoint = free_endpoint(tmp_path)
+    (tmp_path / "packer.toml").write_text("poll_seconds = 0.2\n")
+    half = len(corpus_texts) // 2
+    write_jsonl(src / "part-0.jsonl", corpus_texts[:half])
+    packer = subprocess.Popen([sys.executable, "-m", "packerd", "run", "--config", str(tmp_path / "packer.toml"),
+                               "--cache-dir", str(cache), "--source", str(src), "--tokenizer", str(tokenizer_dir),
+                               "--seq-len", "64", "--chunk-sequences", "16", "--workers", "1", "--endpoint", endpoint,
+                               "--follow"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trainer = None
+    try:
+        wait_for(lambda: manifest(cache).get("documents", 0) >= half - 1, "the packer to pack the first half", [packer])
+        cmd = [sys.executable, "-m", "trainerd", "--cache-dir", str(cache), "--run-dir", str(runs), "--endpoint",
+               endpoint, *TINY, "--new", "g", "--checkpoint-every", "0"]
+        trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log1 = runs / "training_logs" / "g_run_1.jsonl"
+        wait_for(lambda: any(r.get("event") == "waiting" for r in read_jsonl(log1)), "the trainer to catch up", [packer, trainer])
+        trainer.send_signal(signal.SIGTERM)
+        out, _ = trainer.communicate(timeout=120)
+        assert trainer.returncode == 0, out[-3000:]
+        chunks_at_stop = manifest(cache)["totals"]["chunks"]
+        write_jsonl(src / ".part-1.tmp", corpus_texts[half:])
+        os.replace(src / ".part-1.tmp", src / "part-1.jsonl")
+        wait_for(lambda: manifest(cache).get("documents", 0) >= len(corpus_texts) - 1, "the packer to pack the rest", [packer])
+    finally:
+        for p in (packer, trainer):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.communicate(timeout=60)
+    run_packerd("run", "--cache-dir", cache, "--workers", 1, "--endpoint", endpoint)   # finishes the cache
+    m = load_manifest(cache)
+    assert m.finished and len(m.chunks) > chunks_at_stop
+
+    p = run_trainer(cache, runs, tmp_path, "--resume", "g")
+    assert p.returncode == 0, p.stderr[-3000:]
+    G = 8  # micro batch 4 x grad accum 2, one rank
+    run1, run2 = records(runs, "g", 1), records(runs, "g", 2)
+    stopped = max(steps(run1))
+    assert events(run2, "resumed")[0]["step"] == stopped
+    total = m.total_sequences // G
+    assert steps(run2)[total]["total_steps"] == total > steps(run1)[stopped]["total_steps"]
+    assert sorted(steps(run2)) == list(range(stopped + 1, total + 1))
+    seen = [tuple(x) for k in (1, 2) for seqs in data_trace(runs, "g", k).values() for x in seqs]
+    assert len(seen) == total * G and len(set(seen)) == len(seen)                # nothing twice
+    everything = {(c.id, i) for c in m.chunks for i in range(c.sequences)}
+    assert set(seen) <= everything and len(everything - set(seen)) < G           # all but the last partial batch
+    assert any(c >= chunks_at_stop for c, _ in seen)                              # the new chunks were trained on
