@@ -2,6 +2,7 @@
 and run-name suggestions derived from the config and the cache."""
 from __future__ import annotations
 
+import io
 import json
 
 import click
@@ -80,3 +81,38 @@ def test_checkpoint_menu_resumes_a_pick(run_dir):
     assert r.exit_code == 0, r.output
     assert "'7' is not a choice" in r.output
     assert r.output.splitlines()[-1].startswith("-> resume other ") and r.output.rstrip().endswith("other-step00000050")
+
+
+def test_status_line_format():
+    from trainerd.train import status_line
+    assert status_line(770, 26_235, 5.58312, 106_212.4, None, 4 * 3600 + 23 * 60 + 59) == \
+        "Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h"
+    assert status_line(1, 10, 9.0, None, None, None) == "Step 1/10 (10.0%) | Loss 9.000 | - tok/s | ETA --:--h"
+    assert status_line(5, 10, 2.0, 1000.0, 0.4125, 60.0) == \
+        "Step 5/10 (50.0%) | Loss 2.000 | 1,000 tok/s | MFU 41.2% | ETA 00:01h"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_refreshes_in_place_on_a_terminal_and_prints_lines_otherwise():
+    from trainerd.train import Console
+    tty = _Terminal()
+    c = Console(True, every=10, stream=tty)
+    c.status("Step 1/3", 1)
+    c.status("Step 2/3", 2)
+    c.message("saved checkpoint")      # a message ends the refreshed line first
+    c.status("Step 3/3", 3)
+    c.close()
+    assert tty.getvalue() == "\rStep 1/3\x1b[K\rStep 2/3\x1b[K\nsaved checkpoint\n\rStep 3/3\x1b[K\n"
+    plain = io.StringIO()
+    c = Console(True, every=2, stream=plain)
+    for s in (1, 2, 3, 4):
+        c.status(f"Step {s}/4", s)
+    c.status("Step 5/4", 5, force=True)
+    assert plain.getvalue() == "Step 2/4\nStep 4/4\nStep 5/4\n"
+    quiet = _Terminal()
+    Console(False, every=1, stream=quiet).status("Step 1/1", 1)   # ranks other than 0 print nothing
+    assert quiet.getvalue() == ""

@@ -210,6 +210,16 @@ def fmt_eta(seconds: float | None) -> str:
     return f"{m // 60:02d}:{m % 60:02d}h"
 
 
+def status_line(step: int, total: int, loss: float, tokens_per_s: float | None, mfu: float | None,
+                eta_s: float | None) -> str:
+    """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU."""
+    line = f"Step {step:,}/{total:,} ({100 * step / max(total, 1):4.1f}%) | Loss {loss:.3f} | "
+    line += f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s"
+    if mfu is not None:
+        line += f" | MFU {100 * mfu:.1f}%"
+    return line + f" | ETA {fmt_eta(eta_s)}"
+
+
 class Console:
     """The status line, refreshed in place on a terminal; plain periodic lines otherwise."""
 
@@ -772,13 +782,9 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                 jsonl.write({"step": step, "loss": loss, "lr": lr, "tokens": tokens_done,
                              "step_tokens": step_tokens, "tokens_per_s": round(tps, 1) if tps else None,
                              "step_s": round(dt, 6) if dt else None, "total_steps": total})
-                line = f"Step {step:,}/{total:,} ({100 * step / max(total, 1):4.1f}%) | Loss {loss:.3f} | "
-                line += f"{tps:,.0f} tok/s" if tps else "- tok/s"
                 peak = _peak_flops(device)
-                if peak and tps:
-                    line += f" | MFU {100 * flops_tok * tps / (peak * world):.1f}%"
-                line += f" | ETA {fmt_eta((total - step) / rate_ema if rate_ema else None)}"
-                console.status(line, step)
+                mfu = flops_tok * tps / (peak * world) if peak and tps else None
+                console.status(status_line(step, total, loss, tps, mfu, (total - step) / rate_ema if rate_ema else None), step)
                 if cfg.log.log_with:
                     accelerator.log({"loss": loss, "lr": lr, "tokens_per_s": tps or 0.0}, step=step)
             if fault_kind == "kill-at-step" and step == fault_step:
