@@ -271,3 +271,28 @@ def test_resume_picks_up_a_cache_that_grew_while_the_trainer_was_stopped(tmp_pat
     everything = {(c.id, i) for c in m.chunks for i in range(c.sequences)}
     assert set(seen) <= everything and len(everything - set(seen)) < G           # all but the last partial batch
     assert any(c >= chunks_at_stop for c, _ in seen)                              # the new chunks were trained on
+
+
+def test_a_trainer_started_before_the_cache_exists_waits_for_it(tmp_path, corpus_jsonl, tokenizer_dir):
+    """Started on a cache folder that does not exist yet: it says it waits, and trains once packerd has
+    written the cache. With data.wait_seconds it gives up with one line instead."""
+    from test_trainer_follow import wait_for
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    err = tmp_path / "trainer.err"
+    with open(err, "w") as f:
+        trainer = subprocess.Popen(trainer_cmd(cache, runs, tmp_path, "--new", "w", "--max-steps", 3,
+                                               "--checkpoint-every", 0), cwd=ROOT, stderr=f, stdout=f, text=True)
+        try:
+            wait_for(lambda: "waiting for the cache" in err.read_text(), "the trainer to say it waits", [trainer])
+            assert not runs.exists() or not list(runs.glob("checkpoints/*"))
+            run_packerd("run", "--cache-dir", cache, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir,
+                        "--seq-len", 64, "--chunk-sequences", 16, "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+            trainer.wait(timeout=120)
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+                trainer.wait()
+    assert trainer.returncode == 0, err.read_text()[-3000:]
+    assert sorted(steps(records(runs, "w", 1))) == [1, 2, 3]
+    p = run_trainer(tmp_path / "never", runs, tmp_path, "--new", "z", "--set", "data.wait_seconds=1")
+    assert p.returncode == 1 and "gave up after 1 s" in p.stderr and "Traceback" not in p.stderr
