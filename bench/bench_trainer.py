@@ -12,7 +12,11 @@ In one run it:
      same batches from the same data plan, loaded into memory beforehand, so it never waits for data)
      before and after the trainer, and takes the faster of the two as the baseline,
   4. prints the ratio of median step times (target <= 1.03), the share of step time waiting for data
-     (target < 0.5%), and on CUDA tokens/s and MFU (6 N + attention FLOPs per token over the peak).
+     (target < 0.5%), and on CUDA tokens/s and MFU (6 N + attention FLOPs per token over the peak),
+  5. then (unless --skip-loader) runs bench/bench_loader.py with --loader-args (default "--rounds 3"): loader
+     tokens/s per core against LZ4 alone in the same rounds (target >= 200 M) and the notification latency
+     from a packer's commit to the trainer's expanded plan (target p99 < 20 ms). So one command prints all
+     of issue 3's speed figures.
 The first --skip steps of each loop (allocation, compilation) are left out of the medians.
 """
 from __future__ import annotations
@@ -148,6 +152,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cache-dir", type=Path, help="an existing cache instead of packing builtin:pydoc")
+    ap.add_argument("--skip-loader", action="store_true", help="do not run bench/bench_loader.py afterwards")
+    ap.add_argument("--loader-args", default="--rounds 3", help="arguments for bench/bench_loader.py")
     a = ap.parse_args()
     import torch
     cuda = torch.cuda.is_available()
@@ -203,6 +209,11 @@ def main() -> None:
     print()
     print("command:  python bench/bench_trainer.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
     print("trainerd: " + " ".join(shlex.quote(x) for x in t["cmd"][1:]))
+    if not a.skip_loader:
+        # after the trainer, not beside it: on a small host the two would measure each other
+        print("\nloader and notification latency (bench/bench_loader.py):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "bench_loader.py"), *shlex.split(a.loader_args)],
+                       cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":
