@@ -196,7 +196,12 @@ def worker(out: Path) -> None:
                   "same_bytes_as_save_model": same_bytes, "loss_continued": [l[0] for l in losses],
                   "loss_from_a": [l[1] for l in losses], "loss_from_b": [l[2] for l in losses]}
         (out / "result.json").write_text(json.dumps(result))
+    dist.barrier()
     dist.destroy_process_group()
+    # every check is done and written: leave without the interpreter's teardown, where a rank aborted now and
+    # then (SIGABRT, "terminate called without an active exception", 2 of 15 runs with torch 2.13 on gloo)
+    # after all checks had passed; with os._exit it passed 20 of 20
+    os._exit(0)
 
 
 if __name__ == "__main__":
