@@ -296,3 +296,22 @@ def test_a_trainer_started_before_the_cache_exists_waits_for_it(tmp_path, corpus
     assert sorted(steps(records(runs, "w", 1))) == [1, 2, 3]
     p = run_trainer(tmp_path / "never", runs, tmp_path, "--new", "z", "--set", "data.wait_seconds=1")
     assert p.returncode == 1 and "gave up after 1 s" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_tensorboard_tracker_gets_every_step(tmp_path, cache):
+    """--log-with tensorboard: accelerate's tracker writes loss, lr and tokens/s of every step under the run
+    folder (skipped where tensorboard is not installed; it is not one of the project's dependencies)."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = tmp_path / "runs"
+    p = run_trainer(cache, runs, tmp_path, "--new", "tb", "--max-steps", 4, "--checkpoint-every", 0,
+                    "--log-with", "tensorboard")
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = list(runs.rglob("events.out.tfevents.*"))
+    assert files, sorted(str(x.relative_to(runs)) for x in runs.rglob("*"))
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    assert {"loss", "lr", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+    logged = {r["step"]: r["loss"] for r in records(runs, "tb", 1) if "event" not in r}
+    got = {e.step: e.value for e in acc.Scalars("loss")}
+    assert sorted(got) == [1, 2, 3, 4] and all(abs(got[s] - logged[s]) < 1e-6 for s in got)
