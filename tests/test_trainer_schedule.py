@@ -129,3 +129,26 @@ def test_a_late_end_warns_that_the_decay_is_short():
     assert [n for s in range(1000) for n in on_time.update(s, 1000, 1000, s >= 700)] == []
     budget = LRSchedule(ScheduleConfig(kind="wsd", warmup_steps=0, decay_tokens=70_000), PEAK, tokens_per_step=100)
     assert [n for s in range(900) for n in budget.update(s, 5000, 5000, False)] == []
+
+
+@pytest.mark.parametrize("kind", ["wsd", "cosine"])
+def test_an_end_known_before_the_warmup_decays_after_it(kind):
+    # --max-steps 1000 on a cache that is still empty: the end is known at step 0, the warmup only once
+    # there is a step to train. The decay must still begin after the warmup, at the peak.
+    sched = LRSchedule(ScheduleConfig(kind=kind, warmup_fraction=0.1, decay_fraction=0.95), PEAK, max_steps=1000)
+    sched.update(0, 0, 0, False)
+    assert sched.warmup is None and sched.anchor is not None
+    sched.update(0, 500, 500, False)
+    assert sched.warmup == 100
+    assert sched.lr(100) == pytest.approx(PEAK)     # the first step after the warmup runs at the peak
+    assert sched.lr(99) < sched.lr(100)             # still rising until then
+    assert sched.lr(999) < 0.2 * PEAK               # and decays to the end
+
+
+def test_the_warmup_warning_names_where_its_length_came_from():
+    sched = LRSchedule(ScheduleConfig(warmup_fraction=0.5), PEAK, max_steps=400)
+    notes = sched.update(0, 40, 40, False)
+    assert any("0.5 of the 400 steps of --max-steps" in n for n in notes), notes
+    sched = LRSchedule(ScheduleConfig(warmup_fraction=0.5), PEAK)
+    notes = sched.update(0, 40, 1000, False)
+    assert any("0.5 of the 1,000 steps of the full dataset estimate" in n for n in notes), notes

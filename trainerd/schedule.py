@@ -54,22 +54,31 @@ class LRSchedule:
         notes = []
         if self.warmup is None and (total_steps > step or finished):  # fixed when there is a step to train
             if self.warmup_steps_cfg is not None:
-                self.warmup = self.warmup_steps_cfg
+                self.warmup, source = self.warmup_steps_cfg, "schedule.warmup_steps"
             else:
                 # the run's length as far as it is known: the full estimate (an unfinished cache whose
                 # estimate is no larger than what it holds has none: its source gives no size),
                 # --max-steps, the token budget; the cache as it is now only when none of them is known
-                known = [estimated_total_steps] if finished or estimated_total_steps > total_steps else []
-                known += [n for n in (self.max_steps, self.budget_end and self.budget_end[1]) if n]
-                self.warmup = int(round(self.warmup_fraction * (min(known) if known else total_steps)))
+                known = [(estimated_total_steps, "the full dataset estimate")] \
+                    if finished or estimated_total_steps > total_steps else []
+                known += [(n, what) for n, what in ((self.max_steps, "--max-steps"),
+                                                    (self.budget_end and self.budget_end[1], "schedule.decay_tokens"))
+                          if n]
+                length, source = min(known) if known else (total_steps, "the cache as it is now")
+                self.warmup = int(round(self.warmup_fraction * length))
+                source = f"{self.warmup_fraction:g} of the {length:,} steps of {source}"
                 if not known:
                     notes.append(f"no estimate of the full dataset (its source gives no size; packerd "
                                  f"--estimate-tokens sets one): warmup is {self.warmup:,} steps, "
                                  f"{self.warmup_fraction:g} of the {total_steps:,} the cache holds now; set "
                                  f"schedule.warmup_steps, --max-steps or schedule.decay_tokens")
             if not finished and self.warmup > total_steps:
-                notes.append(f"warmup of {self.warmup:,} steps (from the full dataset estimate) is longer than "
+                notes.append(f"warmup of {self.warmup:,} steps ({source}) is longer than "
                              f"the {total_steps:,} steps the cache holds now")
+            if self.anchor is not None and step <= self.anchor[0] and self.anchor[1] == 0.0:
+                # an end known before the warmup (--max-steps while the cache was still empty) placed the
+                # decay as if there were no warmup: place it again, nothing has used it yet
+                self.anchor = (self._decay_start(step, self.end), 0.0)
         end = self._target_end(total_steps, estimated_total_steps, finished)
         if end is not None and end != self.end:
             self._move_end(step, end)
