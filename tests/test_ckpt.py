@@ -347,6 +347,32 @@ def test_clean_restores_a_checkpoint_whose_re_save_was_interrupted(run_dir):
     assert ckpt(run_dir, "verify", "runA-step00000300").exit_code == 0
 
 
+def test_clean_keeps_the_log_of_a_run_whose_only_checkpoint_it_restores(run_dir):
+    cks = run_dir / "checkpoints"
+    (cks / "runB-step00000050").rename(cks / ".tmp-old-runB-step00000050-56")
+    r = ckpt(run_dir, "clean", input="n\n")      # five leftovers, and runB's checkpoint to put back
+    assert r.exit_code == 1 and "Remove 5 and restore 1?" in r.output, r.output
+    assert "runB_run_1" not in r.output           # not an orphaned log: its checkpoint comes back
+    r = ckpt(run_dir, "clean", "--yes")
+    assert r.exit_code == 0 and r.output.endswith("Removed 5 items. Restored 1 checkpoint.\n"), r.output
+    assert "runB-step00000050" in names(run_dir) and (run_dir / "training_logs" / "runB_run_1.jsonl").exists()
+
+
+def test_clean_does_not_take_run_old_x_for_a_re_save_of_run_x(run_dir):
+    # run old-runB's save died just before its rename: .tmp-old-runB-step00000050-57, the very name a re-save
+    # of runB-step00000050 would leave, but its meta names old-runB-step00000050: an unfinished save
+    cks = run_dir / "checkpoints"
+    shutil.copytree(cks / "runB-step00000050", cks / ".tmp-old-runB-step00000050-57")
+    meta = json.loads((cks / ".tmp-old-runB-step00000050-57" / "meta.json").read_text())
+    meta.update(name="old-runB-step00000050", run="old-runB")
+    (cks / ".tmp-old-runB-step00000050-57" / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(cks / "runB-step00000050")
+    r = ckpt(run_dir, "clean", "--yes")
+    assert r.exit_code == 0, r.output
+    assert "checkpoints/.tmp-old-runB-step00000050-57/  (unfinished save" in r.output and "Restored" not in r.output
+    assert "runB-step00000050" not in names(run_dir) and not (cks / ".tmp-old-runB-step00000050-57").exists()
+
+
 def test_clean_after_deleting_a_run(run_dir):
     ckpt(run_dir, "delete", "runB-step00000050", "--yes")
     r = ckpt(run_dir, "clean", "--yes")

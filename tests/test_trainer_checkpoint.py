@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from shared.fsutil import FolderLock
 from trainerd import checkpoint as ck
 from trainerd.config import ModelConfig
 from trainerd.model import build_model, model_from_config_dict
@@ -97,10 +99,55 @@ def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_loses_nothing(tmp
         "restored a-step00000010: a save that replaced it was interrupted"]
     assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["a-step00000010"]
     assert ck.read_meta(root / "a-step00000010") == want and sorted(os.listdir(root)) == ["a-step00000010"]
-    # with NAME in place (the crash came after the second rename), the old folder is only removed
-    save(tmp_path, "a", 20, m, opt)
-    (root / ".tmp-old-a-step00000020-7").mkdir()
-    assert ck.remove_stale_temporaries(tmp_path, "a") == ["removed .tmp-old-a-step00000020-7: an unfinished save of an earlier trainer"]
+    # with NAME in place (the crash came after the second rename), the old copy is only removed, complete
+    # or half removed already
+    path = save(tmp_path, "a", 20, m, opt)
+    shutil.copytree(path, root / ".tmp-old-a-step00000020-7")
+    shutil.copytree(path, root / ".tmp-old-a-step00000020-8")
+    os.remove(root / ".tmp-old-a-step00000020-8" / "meta.json")
+    assert ck.remove_stale_temporaries(tmp_path, "a") == [
+        "removed .tmp-old-a-step00000020-7: an unfinished save of an earlier trainer",
+        "removed .tmp-old-a-step00000020-8: an unfinished save of an earlier trainer"]
+    assert ck.read_meta(root / "a-step00000020") is not None and sorted(os.listdir(root)) == [
+        "a-step00000010", "a-step00000020"]
+
+
+def test_a_run_named_old_x_is_not_taken_for_a_re_save_of_run_x(tmp_path):
+    # run old-x's unfinished save is .tmp-old-x-step00000010-PID, the very name a re-save of x-step00000010
+    # would leave; its meta (written last, so present when the crash came just before the rename) names
+    # old-x-step00000010. Run x's trainer must not rename it to x-step00000010.
+    m, opt = trained_model()
+    root = tmp_path / "checkpoints"
+    (tmp_path / ck.LOCKS_DIR).mkdir()
+    path = save(tmp_path, "old-x", 10, m, opt)
+    os.replace(path, root / ".tmp-old-x-step00000010-77")
+    assert ck.resave_leftover(root / ".tmp-old-x-step00000010-77") is None
+    assert ck.restore_interrupted_resaves(tmp_path) == []
+    # while a trainer of old-x is alive, x's trainer leaves it alone; after that, it is debris
+    with FolderLock(root.parent / ck.LOCKS_DIR, "old-x.lock"):
+        assert ck.remove_stale_temporaries(tmp_path, "x") == []
+    assert ck.remove_stale_temporaries(tmp_path, "x") == [
+        "removed .tmp-old-x-step00000010-77: an unfinished save of an earlier trainer"]
+    assert os.listdir(root) == []
+    # the re-save leftover of run old-x itself is .tmp-old-old-x-...: restored for old-x, not for x
+    path = save(tmp_path, "old-x", 10, m, opt)
+    os.replace(path, root / ".tmp-old-old-x-step00000010-78")
+    assert ck.remove_stale_temporaries(tmp_path, "x") == []
+    with FolderLock(root.parent / ck.LOCKS_DIR, "old-x.lock"):   # its trainer is alive: not touched
+        assert ck.restore_interrupted_resaves(tmp_path) == []
+    assert ck.restore_interrupted_resaves(tmp_path) == ["restored old-x-step00000010: a save that replaced it was interrupted"]
+
+
+def test_prune_never_removes_the_save_just_written(tmp_path):
+    # the clock was set back between saves: the save of step 30 has the oldest time of all
+    m, opt = trained_model()
+    for step in (10, 20):
+        save(tmp_path, "a", step, m, opt)
+    save(tmp_path, "a", 30, m, opt, time=1.0)
+    assert ck.prune(tmp_path, "a", keep=2) == ["a-step00000030"]   # what a clock set back did without keep_name
+    save(tmp_path, "a", 30, m, opt, time=1.0)
+    assert ck.prune(tmp_path, "a", keep=2, keep_name="a-step00000030") == ["a-step00000010"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["a-step00000020", "a-step00000030"]
 
 
 def test_keep_last_n(tmp_path):

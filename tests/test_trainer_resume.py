@@ -149,6 +149,23 @@ def test_resumed_from_an_older_checkpoint_the_new_line_is_kept(tmp_path, cache, 
     assert all(r["loss"] == ref[s]["loss"] for s, r in steps(recs).items())  # saving more often changes nothing
 
 
+def test_an_interrupted_re_save_is_put_back_before_the_resume_is_chosen(tmp_path, cache, uninterrupted):
+    """A same-step re-save of ref-step00000024 died between its two renames: the checkpoint lies aside as
+    .tmp-old-NAME-PID next to the unfinished new copy. --resume ref must resume from it, not from step 20."""
+    import shutil
+    runs = tmp_path / "runs"
+    shutil.copytree(uninterrupted, runs)
+    cks = runs / "checkpoints"
+    os.replace(cks / "ref-step00000024", cks / ".tmp-old-ref-step00000024-4242")
+    (cks / ".tmp-ref-step00000024-4242").mkdir()
+    p = run_trainer(cache, runs, tmp_path, "--resume", "ref")
+    assert p.returncode == 0, p.stderr
+    assert "restored ref-step00000024: a save that replaced it was interrupted" in p.stderr
+    assert "resumed ref from ref-step00000024 (step 24)" in p.stderr
+    assert not [d for d in os.listdir(cks) if d.startswith(".tmp-")]
+    assert "ref-step00000024" in os.listdir(cks)
+
+
 def test_signal_saves_and_exits_0_and_a_second_trainer_refuses(tmp_path, cache):
     """A trainer that caught up with a (still unfinished) cache waits; a second trainer on the same run
     refuses; SIGTERM makes the first save a checkpoint and exit 0."""

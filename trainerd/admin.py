@@ -321,16 +321,22 @@ def clean_plan(rd: RunDir) -> tuple[list[Leftover], list[str]]:
     if rd.checkpoints_dir.is_dir():
         for e in sorted(os.scandir(rd.checkpoints_dir), key=lambda e: e.name):
             if e.name.startswith(TMP_PREFIX):
-                # .tmp-old-NAME-PID without NAME: a same-step re-save died between its two renames, and
-                # this folder is the complete checkpoint NAME (checkpoint.save_checkpoint): put it back
-                name = e.name[len(f"{TMP_PREFIX}old-"):].rsplit("-", 1)[0] if e.name.startswith(f"{TMP_PREFIX}old-") else ""
-                back = rd.checkpoints_dir / name if name else None
-                if back is not None and not back.exists() and _tmp_runs(e.name) and (Path(e.path) / "meta.json").is_file():
-                    found.append(Leftover(Path(e.path), _tmp_runs(e.name), f"interrupted re-save of {name}: "
-                                          f"restored, not removed", restore_as=back))
+                # .tmp-old-NAME-PID whose meta names NAME: what a same-step re-save moved aside. Without NAME
+                # the re-save died between its two renames and this is the only copy: put it back
+                from .checkpoint import resave_leftover
+                meta = resave_leftover(Path(e.path)) if e.is_dir() else None
+                if meta is not None:
+                    back = rd.checkpoints_dir / meta["name"]
+                    runs = (meta["run"],) if isinstance(meta.get("run"), str) else None
+                    if not back.exists():
+                        found.append(Leftover(Path(e.path), runs, f"interrupted re-save of {back.name}: "
+                                              f"restored, not removed", restore_as=back))
+                    else:
+                        found.append(Leftover(Path(e.path), runs, f"the copy a re-save of {back.name} replaced"))
                 else:
                     found.append(Leftover(Path(e.path), _tmp_runs(e.name), "unfinished save"))
-    with_checkpoints = {c.run for c in rd.checkpoints()}
+    # a run whose only checkpoint is about to be restored keeps its logs
+    with_checkpoints = {c.run for c in rd.checkpoints()} | {r for i in found if i.restore_as for r in (i.runs or ())}
     if rd.logs_dir.is_dir():
         for p in sorted(rd.logs_dir.iterdir()):
             m = LOG_RE.match(p.name)
@@ -362,9 +368,12 @@ def clean(rd: RunDir, yes: bool) -> int:
     for i in items:
         rel = i.path.relative_to(rd.path)
         click.echo(f"  {rel}{'/' if i.path.is_dir() else ''}  ({i.why}, {human_bytes(i.bytes)})")
+    n_back = sum(1 for i in items if i.restore_as is not None)
+    n_gone = len(items) - n_back
     if not yes:
-        click.confirm(f"Remove {'them' if len(items) != 1 else 'it'}?", abort=True)
-    removed = 0
+        what = [f"remove {n_gone}" if n_gone else "", f"restore {n_back}" if n_back else ""]
+        click.confirm(" and ".join(w for w in what if w).capitalize() + "?", abort=True)
+    removed = restored = 0
     for i in items:
         with rd.hold_run(i.runs) as free:   # checked again, holding the lock: a trainer may have started since
             if not free:
@@ -372,10 +381,13 @@ def clean(rd: RunDir, yes: bool) -> int:
                 continue
             try:
                 if i.restore_as is not None:
+                    if i.restore_as.exists():   # its trainer restored it meanwhile
+                        continue
                     os.replace(i.path, i.restore_as)
                     from shared.fsutil import fsync_dir
                     fsync_dir(rd.checkpoints_dir)
                     click.echo(f"Restored {i.restore_as.name}")
+                    restored += 1
                     continue
                 if i.path.is_dir() and not i.path.is_symlink():
                     shutil.rmtree(i.path)
@@ -384,8 +396,9 @@ def clean(rd: RunDir, yes: bool) -> int:
             except FileNotFoundError:
                 pass
             removed += 1
-    click.echo(f"Removed {removed} item{'s' if removed != 1 else ''}.")
-    return removed
+    click.echo(f"Removed {removed} item{'s' if removed != 1 else ''}."
+               + (f" Restored {restored} checkpoint{'s' if restored != 1 else ''}." if restored else ""))
+    return removed + restored
 
 
 def _xxh64_file(path: Path) -> str:

@@ -35,18 +35,20 @@ import os
 import random
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
-from shared.fsutil import fsync_dir
+from shared.fsutil import FolderLock, LockHeld, fsync_dir
 
 # torch and safetensors are imported by the functions that need them: listing checkpoints and the checks
 # on resume stay fast (the command checks its arguments before torch loads)
 
 FORMAT = 1
 CKPT_DIR = "checkpoints"
+LOCKS_DIR = ".locks"   # RUN_DIR/.locks/<run>.lock: held by the trainer of that run while it runs
 TMP_PREFIX = ".tmp-"
 FILES = ("config.json", "model_config.json", "tokenizer.json", "model.safetensors", "optimizer.pt", "state.pt")
 
@@ -202,15 +204,17 @@ def _save_weights(model, weights: dict | None, path: Path) -> None:
     save_file(tensors, str(path), metadata=aliases or None)
 
 
-def prune(run_dir, run: str, keep: int) -> list[str]:
+def prune(run_dir, run: str, keep: int, keep_name: str | None = None) -> list[str]:
     """Delete all but the newest `keep` checkpoints of `run`; returns the deleted names.
 
     Newest means most recently saved (then highest step), not highest step: a run resumed from an older
     checkpoint follows a new line, and its saves must outlive the later steps of the line it left (by
-    step, each new save would be the first to go)."""
+    step, each new save would be the first to go). `keep_name` (the save just written) counts as the newest
+    whatever its time says: a clock set back since an earlier save must not make it the first to go."""
     if keep <= 0:
         return []
     mine = list_checkpoints(run_dir, run=run)  # oldest first by time, then step
+    mine = [m for m in mine if m["name"] != keep_name] + [m for m in mine if m["name"] == keep_name]
     removed = []
     for m in mine[:-keep]:
         shutil.rmtree(ckpt_root(run_dir) / m["name"], ignore_errors=True)
@@ -220,11 +224,47 @@ def prune(run_dir, run: str, keep: int) -> list[str]:
     return removed
 
 
+def resave_leftover(folder: Path) -> dict | None:
+    """The meta of checkpoint NAME when `folder` is .tmp-old-NAME-PID, what a same-step re-save moved aside.
+
+    save_checkpoint replaces a checkpoint of the same step by renaming it to .tmp-old-NAME-PID, then the new
+    one into place, then removing the old. NAME comes from the folder's meta.json (such a folder was a
+    complete checkpoint), not from its name, which is ambiguous for runs named old-...: an unfinished save
+    of run `old-x` is .tmp-old-x-stepN-PID too, and has no meta, or one that names old-x-stepN."""
+    folder = Path(folder)
+    if not folder.name.startswith(f"{TMP_PREFIX}old-"):
+        return None
+    meta = read_meta(folder)
+    name = meta.get("name") if meta else None
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        return None
+    rest = folder.name[len(f"{TMP_PREFIX}old-"):]
+    if not (rest.startswith(f"{name}-") and rest[len(name) + 1:].isdigit()):
+        return None
+    return meta
+
+
+def interrupted_resave(folder: Path) -> dict | None:
+    """The meta of a re-save's leftover whose NAME is missing: the crash came between the two renames, and
+    the folder is the only copy of that checkpoint."""
+    meta = resave_leftover(folder)
+    return meta if meta is not None and not (Path(folder).parent / meta["name"]).exists() else None
+
+
+def restore_interrupted_resave(folder: Path) -> str:
+    """Rename the checkpoint of an interrupted re-save back into place; returns one line."""
+    name = interrupted_resave(folder)["name"]
+    os.replace(folder, Path(folder).parent / name)
+    fsync_dir(Path(folder).parent)
+    return f"restored {name}: a save that replaced it was interrupted"
+
+
 def remove_stale_temporaries(run_dir, run: str) -> list[str]:
     """Clear what crashed saves of `run` left (call only while holding the run's lock); returns one line each.
 
-    A save that replaced a checkpoint of the same step and died between its two renames left the old
-    checkpoint as .tmp-old-NAME-PID and no NAME: that one is complete, and is renamed back into place."""
+    An interrupted same-step re-save is restored, everything else removed. .tmp-old-RUN-stepN-PID without a
+    meta naming RUN-stepN is the rest of a re-save's removal, or an unfinished save of run old-RUN: it is
+    left alone while a trainer of old-RUN is alive."""
     root = ckpt_root(run_dir)
     out = []
     if not root.is_dir():
@@ -232,17 +272,61 @@ def remove_stale_temporaries(run_dir, run: str) -> list[str]:
     for p in sorted(root.iterdir()):
         if not (p.is_dir() and p.name.startswith(TMP_PREFIX)):
             continue
-        if p.name.startswith(f"{TMP_PREFIX}old-{run}-step"):
-            name = p.name[len(f"{TMP_PREFIX}old-"):].rsplit("-", 1)[0]
-            if not (root / name).exists() and read_meta(p) is not None:
-                os.replace(p, root / name)
-                fsync_dir(root)
-                out.append(f"restored {name}: a save that replaced it was interrupted")
+        meta = resave_leftover(p)
+        if meta is not None:
+            if meta.get("run") != run:
+                continue  # another run's: its next trainer or `ckpt clean` sees to it
+            if not (root / meta["name"]).exists():
+                out.append(restore_interrupted_resave(p))
                 continue
+        elif p.name.startswith(f"{TMP_PREFIX}old-{run}-step"):
+            with run_lock_free(run_dir, f"old-{run}") as free:
+                if not free:
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+            out.append(f"removed {p.name}: an unfinished save of an earlier trainer")
+            continue
         elif not p.name.startswith(f"{TMP_PREFIX}{run}-step"):
             continue
         shutil.rmtree(p, ignore_errors=True)
         out.append(f"removed {p.name}: an unfinished save of an earlier trainer")
+    return out
+
+
+@contextmanager
+def run_lock_free(run_dir, run):
+    """Hold the trainer lock of RUN for a moment; yields False when a trainer of that run is alive."""
+    if not isinstance(run, str) or not run or "/" in run or run.startswith(".") or ".." in run:
+        yield False
+        return
+    locks = Path(run_dir) / LOCKS_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FolderLock(locks, f"{run}.lock").acquire()
+    except LockHeld:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def restore_interrupted_resaves(run_dir) -> list[str]:
+    """Restore the interrupted re-saves of every run before a trainer decides what to resume (a checkpoint
+    away from its place would be passed over). A run whose trainer is alive is left alone: its re-save may
+    be between the two renames right now."""
+    root = ckpt_root(run_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for p in sorted(root.iterdir()):
+        meta = interrupted_resave(p) if p.is_dir() else None
+        if meta is None:
+            continue
+        with run_lock_free(run_dir, meta.get("run")) as free:
+            if free and interrupted_resave(p) is not None:  # checked again under the lock
+                out.append(restore_interrupted_resave(p))
     return out
 
 

@@ -62,7 +62,7 @@ from .schedule import LRSchedule
 
 LOGS_DIR = "training_logs"
 RUNS_DIR = "runs"
-LOCKS_DIR = ".locks"
+LOCKS_DIR = ck.LOCKS_DIR
 
 # bf16 dense peak FLOP/s by device name, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -374,6 +374,8 @@ def run(config_file: str | None, overrides: dict, new: str | None = None, resume
                 _open_cache(cfg, console, fail)
             sources, seq_len = _peek_cache(cfg.data.cache_dir)
             interactive = world == 1 and sys.stdin.isatty() and sys.stdout.isatty()
+            for line in ck.restore_interrupted_resaves(run_dir):
+                console.message(line)  # before deciding: a checkpoint away from its place is passed over
             start = decide_start(run_dir, new, resume, suggest_name(cfg, sources, seq_len), interactive)
             locks = Path(run_dir) / LOCKS_DIR
             locks.mkdir(parents=True, exist_ok=True)
@@ -560,7 +562,8 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             console.message(f"resumed {start.run} from {ckpt_dir.name} (step {step:,})")
             if later:
                 # the kept checkpoints are the most recently saved: this line's saves push the old line's out
-                fate = (f"checkpoint.keep = {cfg.checkpoint.keep} prunes those as it saves" if cfg.checkpoint.keep
+                fate = (f"checkpoint.keep = {cfg.checkpoint.keep} keeps the most recently saved, so those and "
+                        f"{ckpt_dir.name} are the first to go as this run saves" if cfg.checkpoint.keep
                         else "none is pruned (checkpoint.keep = 0)")
                 console.message(f"warning: {start.run} has {len(later)} checkpoint(s) past step {step:,} "
                                 f"({later[-1]} the last saved); this run's saves now count as its newest, {fate}")
@@ -620,7 +623,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                     pass  # the log lives on the same full disk
                 raise click.ClickException(f"cannot save checkpoint {name} in {run_dir}: {what}; "
                                            f"the previous checkpoint is intact") from None
-            pruned = ck.prune(run_dir, start.run, cfg.checkpoint.keep)
+            pruned = ck.prune(run_dir, start.run, cfg.checkpoint.keep, keep_name=name)
             dt = time.monotonic() - t0
             jsonl.event("checkpoint_saved", step=step, name=name, reason=reason, seconds=round(dt, 3), pruned=pruned)
             console.message(f"saved checkpoint {path} ({reason}, {dt:.1f} s)")
