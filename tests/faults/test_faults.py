@@ -436,6 +436,9 @@ def test_flipped_bytes_are_never_trained_on(tmp_path, small_cache, ranks):
     recs = run_log(runs, "fb")
     found = {e["chunk_id"] for e in events(recs, "corrupt_chunk")}
     assert len(events(recs, "corrupt_chunk")) == len(found)  # once each, whichever rank met it first
+    # each logged event is the one of the rank that quarantined the file (a later rank finds it gone)
+    assert all(e["quarantined"] and e["rank"] in range(ranks) for e in events(recs, "corrupt_chunk")), \
+        events(recs, "corrupt_chunk")
     trained = {c for tr in traces(runs, "fb", ranks=ranks) for seqs in tr.values() for c, _ in seqs}
     ok = p.returncode == 0 and found == set(flipped) and not (trained & set(flipped))
     record(kind="fault", item="5", name=f"a flipped byte in each of 5 chunks ({ranks} rank(s))", injected=len(flipped),
