@@ -164,11 +164,17 @@ class LogConfig:
         if self.every < 1:
             raise ConfigError(f"log.every must be at least 1 (got {self.every})")
         if self.log_with:
+            # Accelerator skips a known tracker whose package is missing without a word: refuse it here
+            from accelerate.tracking import get_available_trackers
             from accelerate.utils import LoggerType
             known = [t.value for t in LoggerType]
-            for name in self.log_with.split(","):
-                if name.strip() not in known:
-                    raise ConfigError(f"log.log_with: unknown tracker {name.strip()!r} (known: {', '.join(known)})")
+            installed = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+            for name in (n.strip() for n in self.log_with.split(",")):
+                if name not in known:
+                    raise ConfigError(f"log.log_with: unknown tracker {name!r} (known: {', '.join(known)})")
+                if name != "all" and name not in installed:
+                    raise ConfigError(f"log.log_with: tracker {name!r} is not installed in this environment "
+                                      f"(installed: {', '.join(installed) or 'none'})")
 
 
 @dataclass
