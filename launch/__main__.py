@@ -475,7 +475,7 @@ def _cuda_devices() -> int:
 @click.option("--seq-len", type=int, help=f"Tokens per sequence (default {PYDOC_SEQ_LEN} for {PYDOC}, else packerd's 512).")
 @click.option("--chunk-sequences", type=int,
               help=f"Sequences per chunk (default {PYDOC_CHUNK_SEQUENCES} for {PYDOC}, else packerd's 1024).")
-@click.option("--workers", type=int, help="packerd tokenizer processes (default: one per core).")
+@click.option("--workers", type=int, help="packerd tokenizer threads (default: one per core).")
 @click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "124m", "415m"]), help="Model preset.")
 @click.option("--processes", type=int,
               help="Trainer processes (ranks): default the GPU count, or 2 on the CPU (one thread each).")

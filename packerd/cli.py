@@ -23,7 +23,7 @@ from shared.protocol import DEFAULT_ENDPOINT, Publisher
 
 from .builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
 from .pack import Packer, PackError, Progress
-from .source import Source, SourceError, keep_torch_out
+from .source import DEFAULT_HF, Source, SourceError, keep_torch_out
 from .tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger("packerd")
@@ -32,7 +32,8 @@ log = logging.getLogger("packerd")
 @dataclass
 class PackerConfig:
     cache_dir: str = opt("", "Folder of the chunk cache (created if missing).")
-    source: list[str] = opt([], "Sources: hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or local files/folders/globs.")
+    source: list[str] = opt([], "Sources: hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or local files/folders/globs "
+                                "(none: FineWeb-Edu sample-10BT, or builtin:pydoc with the builtin:bpe tokenizer).")
     tokenizer: str = opt("", "Hugging Face tokenizer: hub name, local folder, tokenizer.json, or builtin:bpe.")
     eos: str | None = opt(None, "EOS token to append after each document when the tokenizer names none.")
     text_field: str = opt("text", "Field of each record that holds the document text.")
@@ -81,7 +82,8 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with these options; flags win.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Folder of the chunk cache.")
-@click.option("--source", multiple=True, help="hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or a local file/folder/glob. Repeatable.")
+@click.option("--source", multiple=True, help="hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or a local file/folder/glob. "
+              f"Repeatable. Default: {DEFAULT_HF} (builtin:pydoc with --tokenizer builtin:bpe).")
 @click.option("--tokenizer", help="Hub name, local folder, tokenizer.json, or builtin:bpe.")
 @click.option("--eos", help="EOS token, for tokenizers that name none.")
 @click.option("--text-field", help="Record field holding the text (default text).")
@@ -111,12 +113,12 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
         cfg = build(PackerConfig, merge(data, flags))
     except ConfigError as e:
         raise _fail(str(e))
-    if not cfg.source:
-        cfg.source = [BUILTIN_SOURCE] if cfg.tokenizer == BUILTIN_TOKENIZER else []
-        if not cfg.source:
-            raise _fail("no source given (use --source)")
     if not cfg.tokenizer:
-        raise _fail("no tokenizer given (use --tokenizer)")
+        raise _fail("no tokenizer given (use --tokenizer: a hub name such as gpt2, a local folder, or builtin:bpe)")
+    if not cfg.source:
+        # the embedded corpus goes with the embedded tokenizer (offline); otherwise FineWeb-Edu from the hub
+        cfg.source = [BUILTIN_SOURCE] if cfg.tokenizer == BUILTIN_TOKENIZER else [DEFAULT_HF]
+        log.info("no --source given: packing %s", cfg.source[0])
     _pack(cfg, force_rebuild, yes)
 
 

@@ -170,7 +170,9 @@ R = lambda rel: (lambda w: str(w.root / rel))       # noqa: E731
 
 CASES = [
     # packerd: missing settings, bad values, bad config files
-    Case("packerd-no-source", "packerd", P("--cache-dir", CACHE, "--tokenizer", TOK), "no source given"),
+    # no --source: FineWeb-Edu from the hub, which the tests run offline (HF_HUB_OFFLINE=1, conftest.py)
+    Case("packerd-no-source-offline", "packerd", P("--cache-dir", CACHE, "--tokenizer", TOK),
+         "source hf:HuggingFaceFW/fineweb-edu:sample-10BT:train cannot be loaded"),
     Case("packerd-no-tokenizer", "packerd", P("--cache-dir", CACHE, "--source", SRC), "no tokenizer given"),
     Case("packerd-no-cache-dir", "packerd", P("--source", SRC, "--tokenizer", TOK), "cache_dir is required"),
     Case("packerd-workers-negative", "packerd", lambda w: ["run", "--cache-dir", CACHE(w), "--source", SRC(w), "--tokenizer", TOK(w),
@@ -361,7 +363,8 @@ def test_bad_input_is_one_line_and_writes_nothing(in_root, case):
         record(kind="bad_input", id=case.id, command=case.cli, handled=ok, defect=None if ok else "not handled")
 
 
-@pytest.mark.parametrize("case_id", ["packerd-source-txt-not-utf8", "packerd-tokenizer-empty-folder"])
+@pytest.mark.parametrize("case_id", ["packerd-source-txt-not-utf8", "packerd-tokenizer-empty-folder",
+                                     "packerd-no-source-offline"])
 def test_packerd_bad_source_or_tokenizer_creates_no_cache_folder(in_root, case_id):
     """A first run with a bad source or tokenizer leaves no cache folder (it used to leave DIR/.lock behind)."""
     case = next(c for c in CASES if c.id == case_id)
