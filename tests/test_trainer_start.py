@@ -116,3 +116,18 @@ def test_console_refreshes_in_place_on_a_terminal_and_prints_lines_otherwise():
     quiet = _Terminal()
     Console(False, every=1, stream=quiet).status("Step 1/1", 1)   # ranks other than 0 print nothing
     assert quiet.getvalue() == ""
+
+
+def test_only_the_main_process_probes_the_run_lock(tmp_path, monkeypatch):
+    # every rank of a launch runs the preflight checks at once; a probe of the run lock holds it for a
+    # moment, so a probing rank 1 could make rank 0's own acquisition fail: only rank 0 probes
+    from shared.fsutil import FolderLock
+    from trainerd.__main__ import preflight
+    (tmp_path / ".locks").mkdir()
+    cfg = load_config(None, {"train.run_dir": str(tmp_path)})
+    with FolderLock(tmp_path / ".locks", "r.lock"):    # a trainer of run r is running
+        monkeypatch.setenv("RANK", "1")
+        preflight(cfg, "r", None)                         # not probed: no error, and the lock untouched
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(click.ClickException, match="another trainer is running run r"):
+            preflight(cfg, "r", None)

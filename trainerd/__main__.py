@@ -6,6 +6,7 @@ resume, the checkpoint's saved config below the file).
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -154,7 +155,9 @@ def preflight(cfg, new: str | None, resume: str | None) -> None:
             raise click.ClickException(problem)
     run = meta["run"] if resume else new
     lock = Path(cfg.train.run_dir) / ".locks" / f"{run}.lock"
-    if run and lock.exists():
+    # the probe holds the lock for a moment: only the main process probes, or one rank's probe could make
+    # rank 0's own acquisition fail (ranks of one launch start together)
+    if run and lock.exists() and os.environ.get("RANK", "0") == "0":
         try:
             FolderLock(lock.parent, lock.name).acquire().release()
         except LockHeld:
