@@ -737,8 +737,13 @@ def test_packerd_survives_20_random_kill_9s(tmp_path, corpus_texts, tokenizer_di
             have = len(manifest_of(cache).chunks) if manifest_of(cache) else 0
             t0 = time.monotonic()
             if mode == "time":
-                delay = rng.uniform(0.2, 4.0)
+                # a random instant, but before 40 more chunks: the whole cache is 1,273 chunks, about 8 s of
+                # packing on this 2-core box, so six delays of up to 4 s could let it finish before 20 kills
+                delay, cap = rng.uniform(0.2, 4.0), have + 40
                 while time.monotonic() - t0 < delay and proc.poll() is None:
+                    m = manifest_of(cache)
+                    if m and len(m.chunks) >= cap:
+                        break
                     time.sleep(0.01)
             elif mode == "commit":
                 target = have + rng.randint(1, 40)
