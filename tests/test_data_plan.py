@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -436,3 +437,49 @@ def test_batches_stay_intact_while_referenced(cache):
     assert torch.equal(view, saved)
     again = DataPlan(cache, seed=3, global_batch=8, rank=0, world_size=1).get_batch(0)
     assert torch.equal(again.input_ids[:, 1:], saved)
+
+
+@pytest.mark.parametrize("fractions", [dict(epoch_fraction=0.5), dict(target_epochs=0.5)], ids=["epoch_fraction", "target_epochs"])
+def test_a_fraction_of_a_growing_cache_samples_every_chunk_alike(cache, fractions):
+    """Half an epoch over a cache whose chunks arrive one at a time: every chunk gives its share (half its
+    rows, give or take one), however late it arrived. Taking the first half of an order that each arrival
+    reshuffles trained 216 of the first quarter's 240 sequences and 27 of the last quarter's."""
+    G, total = 8, len(cache.chunks)
+    sizes = [e.sequences for e in cache.chunks]
+    plan = DataPlan(cache, seed=4, global_batch=G, rank=0, world_size=1, known_chunks=1, **fractions)
+    steps, grows = simulate(plan, list(range(2, total)), seed=2)
+    assert len([g for g in grows if g[2] > 0]) > total // 2          # most chunks arrived mid-epoch
+    stream = [s for ids in steps for s in ids]
+    n = sum(sizes)
+    assert len(stream) == (n // 2) // G * G and len(set(stream)) == len(stream)
+    per_chunk = [0] * total
+    for c, _ in stream:
+        per_chunk[c] += 1
+    # the dropped last partial batch (fewer than G rows) is the only shortfall from each chunk's share
+    shares = [math.floor(0.5 * sum(sizes[:c + 1])) - math.floor(0.5 * sum(sizes[:c])) for c in range(total)]
+    assert sum(shares) - len(stream) < G and all(0 <= shares[c] - per_chunk[c] for c in range(total))
+    quarter = total // 4
+    first, last = sum(per_chunk[:quarter]), sum(per_chunk[-quarter:])
+    assert abs(first - last) <= G + 2, (first, last)
+    # two ranks over the same arrivals: disjoint, and together the one-rank stream
+    ranks = [DataPlan(cache, seed=4, global_batch=G, rank=r, world_size=2, known_chunks=1, **fractions) for r in (0, 1)]
+    both = [replay(p, grows, 0, len(steps)) for p in ranks]
+    for s in range(len(steps)):
+        got = both[0][s].seq_ids + both[1][s].seq_ids
+        assert sorted(got) == sorted(steps[s]) and not set(both[0][s].seq_ids) & set(both[1][s].seq_ids)
+
+
+def test_resume_keeps_a_fraction_below_one_epoch(cache):
+    state = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, target_epochs=0.5).state_dict()
+    with pytest.raises(ValueError, match="target_epochs 0.5, this run has 1.0"):
+        DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, target_epochs=1).load_state_dict(state)
+    again = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, target_epochs=0.5)
+    again.load_state_dict(state)
+    # target_epochs may grow past 1 (a longer run) only when it was not below 1
+    state = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, target_epochs=1).state_dict()
+    DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, target_epochs=3).load_state_dict(state)
+    # a state from before per-chunk sampling resumes only where it did not sample (fraction 1)
+    old = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, epoch_fraction=0.5).state_dict()
+    del old["sample_format"]
+    with pytest.raises(ValueError, match="older trainerd"):
+        DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, epoch_fraction=0.5).load_state_dict(old)

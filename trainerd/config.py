@@ -53,7 +53,8 @@ class DataConfig:
                              "for an endpoint packerd runs with --curve-dir (encrypted, only key holders hear it; "
                              "without keys the trainer follows by re-reading the manifest alone). Empty: no CURVE.")
     target_epochs: float = opt(1.0, "Passes over the data (fractions allowed, e.g. 1.5).")
-    epoch_fraction: float = opt(1.0, "Fraction of the dataset that makes one epoch (0 < f <= 1).")
+    epoch_fraction: float = opt(1.0, "Fraction of the dataset that makes one epoch (0 < f <= 1): each epoch takes "
+                                     "that share of every chunk, a new random sample each epoch.")
     wait: bool = opt(True, "Wait for a missing or empty cache to appear (false: fail at once, --no-wait).")
     wait_seconds: float = opt(0.0, "With wait: give up after this many seconds (0 = wait forever).")
     reconcile_seconds: float = opt(2.0, "Re-read the manifest this often, so a lost notification loses nothing.")

@@ -3,8 +3,13 @@
 Order
     Global step s trains on the positions [s*G, (s+1)*G) of one stream of sequences (G = global_batch);
     rank r of W takes the positions s*G + r, s*G + r + W, ... The stream is epoch 0, epoch 1, ... back to
-    back; each epoch contributes M = floor(epoch_fraction * N) positions, the first M of that epoch's order
-    (N = sequences in the cache). An epoch's order is a permutation of its chunks cut into windows of
+    back; each epoch contributes M = floor(f * N) positions (N = sequences in the cache, f = epoch_fraction
+    times target_epochs when that is below 1, else epoch_fraction). Every chunk c takes its share of them,
+    k_c = floor(f * S_(c+1)) - floor(f * S_c) rows (S_c: sequences of the chunks before c), which sum to M:
+    with f < 1 the rows an epoch takes from chunk c are a random k_c of its rows, drawn from (seed, epoch,
+    chunk), so the sample does not depend on when the chunk arrived. (Taking the first M of an order over a
+    growing cache would not do: each arrival would reshuffle a pool that holds mostly older chunks, and the
+    last chunks to arrive would be sampled least.) An epoch's order is a permutation of its chunks cut into windows of
     `window_chunks` chunks (default 4); the sequences of one window are permuted among themselves (local
     shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
     rank into one token array holding that rank's rows in the order it reads them, and kept while in use
@@ -25,7 +30,7 @@ Growth (epoch 0 only: later epochs start over the finished cache and never chang
     needs positions beyond the sequences known now. Epoch 1 starts only once the cache is finished.
 
 Totals and the last partial batch
-    T = floor(target_epochs * M) positions and total_steps = T // G: the last partial global batch
+    T = floor(max(target_epochs, 1) * M) positions and total_steps = T // G: the last partial global batch
     (T mod G < G sequences) is DROPPED, so that every step has the same rows on every rank. With
     target_epochs = 1 those few sequences (a random handful of the shuffled order) are never seen.
     total_steps grows with the cache and never shrinks within a run; estimated_total_steps is the same
@@ -84,7 +89,9 @@ IGNORE_INDEX = -100
 MANIFEST_WAIT_SECONDS = 10.0   # a rank whose manifest lags the broadcast count waits this long for it
 FEW_DOCUMENTS = 128            # up to this many document starts, positions restart with one slice assignment
                                # each (about a microsecond apiece); more take a vectorised path
-_ORDER, _WINDOW = 1, 2          # generator kinds: chunk order of an epoch, sequence order inside a window
+_ORDER, _WINDOW, _SAMPLE = 1, 2, 3  # generator kinds: chunk order of an epoch, sequence order inside a
+                                   # window, the rows of a chunk an epoch takes (f < 1)
+SAMPLE_FORMAT = 2                  # f < 1 sampled per chunk (1: the first M of the order, before it)
 _NEVER = 1 << 62
 
 
@@ -95,6 +102,16 @@ def _rng(seed: int, epoch: int, kind: int, index: int) -> np.random.Generator:
 def _floor(x: float) -> int:
     # round away float noise first (2.9999999999 -> 3) so that every rank and every resume agrees
     return math.floor(round(x, 6))
+
+
+def _takes(sizes: np.ndarray, before: int, f: float) -> np.ndarray:
+    """Rows each chunk contributes to an epoch: floor(f * S_(c+1)) - floor(f * S_c), S counted from `before`
+    (the sequences of the chunks ahead of these). They sum to floor(f * S); f = 1 takes every row."""
+    if f >= 1.0:
+        return sizes.copy()
+    ends = before + np.cumsum(sizes)
+    cut = np.floor(np.round(f * np.concatenate([[before], ends]).astype(np.float64), 6)).astype(np.int64)
+    return np.diff(cut)
 
 
 @dataclass
@@ -372,6 +389,10 @@ class DataPlan:
         self.known_chunks, self.finished, self.total_steps = 0, False, 0
         self._known_seqs, self._m = 0, 0
         self._sizes = np.zeros(0, dtype=np.int64)
+        # the share of every chunk an epoch takes: epoch_fraction, and target_epochs when that is below 1
+        # (a run shorter than one epoch samples it the same way, not as the first part of an order)
+        self._frac = self.epoch_fraction * min(self.target_epochs, 1.0)
+        self._takes = np.zeros(0, dtype=np.int64)      # rows of each chunk an epoch takes (= _sizes when f = 1)
         self._order0 = np.zeros(0, dtype=np.int64)
         self._seals0 = [0]
         self._later: dict[int, _Layout] = {}
@@ -420,6 +441,7 @@ class DataPlan:
             self._order0 = np.concatenate([self._order0[:seal], tail])
             if seal > self._seals0[-1]:
                 self._seals0.append(seal)
+            self._takes = np.concatenate([self._takes, _takes(new_sizes, int(self._sizes.sum()), self._frac)])
             self._sizes = np.concatenate([self._sizes, new_sizes])
             self.known_chunks = known
             self._known_seqs = int(self._sizes.sum())
@@ -431,11 +453,21 @@ class DataPlan:
         if est is not None:
             self._est_seqs = int(est)
         self._est_seqs = max(self._est_seqs, self._known_seqs)
-        self._m = _floor(self.epoch_fraction * self._known_seqs)
-        self.total_steps = max(self.total_steps, _floor(self.target_epochs * self._m) // self.global_batch)
+        self._m = int(self._takes.sum())
+        self.total_steps = max(self.total_steps, self._total_positions(self._m) // self.global_batch)
         if changed:
             self._changes.append(first_changed)
         return changed
+
+    def _total_positions(self, m: int) -> int:
+        return _floor(max(self.target_epochs, 1.0) * m)
+
+    def _sample(self, epoch: int, c: int) -> np.ndarray | None:
+        """The rows of chunk c that `epoch` takes, ascending; None when it takes them all."""
+        k, n = int(self._takes[c]), int(self._sizes[c])
+        if k == n:
+            return None
+        return np.sort(_rng(self.seed, epoch, _SAMPLE, c).permutation(n)[:k])
 
     def _wait_for_manifest(self, known: int) -> None:
         deadline = time.monotonic() + MANIFEST_WAIT_SECONDS
@@ -449,7 +481,7 @@ class DataPlan:
             time.sleep(0.05)
 
     def _make_layout0(self) -> _Layout:
-        return _Layout(self.seed, 0, self._order0, self._seals0, self._sizes, self.window_chunks)
+        return _Layout(self.seed, 0, self._order0, self._seals0, self._takes, self.window_chunks)
 
     def _layout(self, epoch: int) -> _Layout:
         if epoch == 0:
@@ -459,7 +491,7 @@ class DataPlan:
             if len(self._later) >= 2:
                 self._later.pop(min(self._later))
             order = _rng(self.seed, epoch, _ORDER, 0).permutation(self.known_chunks)
-            lay = self._later[epoch] = _Layout(self.seed, epoch, order, [0], self._sizes, self.window_chunks)
+            lay = self._later[epoch] = _Layout(self.seed, epoch, order, [0], self._takes, self.window_chunks)
         return lay
 
     # -- totals ----------------------------------------------------------------------------------
@@ -469,8 +501,8 @@ class DataPlan:
         with self._lock:
             if self.finished:
                 return self.total_steps
-            m = _floor(self.epoch_fraction * self._est_seqs)
-            return max(self.total_steps, _floor(self.target_epochs * m) // self.global_batch)
+            m = _floor(self._frac * self._est_seqs)
+            return max(self.total_steps, self._total_positions(m) // self.global_batch)
 
     @property
     def known_sequences(self) -> int:
@@ -562,22 +594,28 @@ class DataPlan:
             if win is not None:
                 self._windows.move_to_end(key)
                 return win
-        # the rows this rank reads: rows of the window's chunks taken one after another (a corrupt chunk's
-        # rows are replaced one for one, so the manifest's sizes hold for every chunk)
+        # the rows this rank reads: the rows the epoch takes of the window's chunks, one chunk after another
+        # (a corrupt chunk's rows are replaced one for one, so the manifest's sizes hold for every chunk)
         src = lay.perm(w)[j0::self.world_size]
         bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(self._sizes[list(chunks)], out=bounds[1:])
+        np.cumsum(self._takes[list(chunks)], out=bounds[1:])
         slot = np.searchsorted(bounds, src, side="right") - 1
+        index = src - bounds[slot]                   # the row in its chunk (among the rows the epoch takes)
+        for i, c in enumerate(chunks):
+            sample = self._sample(lay.epoch, c)
+            if sample is not None:
+                mine = slot == i
+                index[mine] = sample[index[mine]]
         pool = self._window_tokens
         tokens = pool.take()[:len(src)] if len(src) <= pool.shape[0] else np.empty((len(src), self.seq_len), pool.dtype)
-        win = _Window(tokens, np.asarray(chunks, dtype=np.int64)[slot], src - bounds[slot])
+        win = _Window(tokens, np.asarray(chunks, dtype=np.int64)[slot], index.copy())
         order = np.argsort(src, kind="stable")       # reading positions sorted by source: a run per chunk
         cuts = np.searchsorted(src[order], bounds).tolist()
         for i, c in enumerate(chunks):
             a, b = cuts[i], cuts[i + 1]
             if a < b:
-                full = b - a == bounds[i + 1] - bounds[i]
-                self._add_chunk(win, c, order[a:b], None if full else src[order[a:b]] - bounds[i])
+                full = b - a == int(self._sizes[c])
+                self._add_chunk(win, c, order[a:b], None if full else index[order[a:b]])
         win.finish()
         with self._wlock:
             self._windows[key] = win
@@ -651,6 +689,7 @@ class DataPlan:
             return {"format": STATE_FORMAT, "seed": self.seed, "global_batch": self.global_batch,
                     "world_size": self.world_size, "window_chunks": self.window_chunks,
                     "target_epochs": self.target_epochs, "epoch_fraction": self.epoch_fraction,
+                    "sample_format": SAMPLE_FORMAT,
                     "known_chunks": self.known_chunks, "known_sequences": self._known_seqs,
                     "finished": self.finished, "est_total_sequences": self._est_seqs,
                     "total_steps": self.total_steps, "step": self.step,
@@ -665,7 +704,8 @@ class DataPlan:
 
     def load_state_dict(self, d: dict) -> None:
         """Restore a state_dict; world size, global batch, seed, window and epoch fraction must match.
-        target_epochs may differ (the totals follow this plan's value). Reads the manifest, no chunk."""
+        target_epochs may differ (the totals follow this plan's value) as long as neither is below 1 (then
+        it sets which rows epoch 0 takes). Reads the manifest, no chunk."""
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"data state format {d.get('format')!r} is not {STATE_FORMAT}")
         if (d["world_size"], d["global_batch"]) != (self.world_size, self.global_batch):
@@ -676,6 +716,13 @@ class DataPlan:
                           ("epoch_fraction", self.epoch_fraction)):
             if d[key] != mine:
                 raise ValueError(f"the data state was saved with {key} {d[key]!r}, this run has {mine!r}")
+        if min(float(d["target_epochs"]), 1.0) != min(self.target_epochs, 1.0):
+            raise ValueError(f"the data state was saved with target_epochs {d['target_epochs']!r}, this run has "
+                             f"{self.target_epochs!r}: below 1 it decides which sequences epoch 0 takes, so it "
+                             f"cannot change on resume")
+        if self._frac < 1.0 and d.get("sample_format") != SAMPLE_FORMAT:
+            raise ValueError("the data state was saved by an older trainerd, which sampled epoch_fraction below 1 "
+                             "differently: resume it with that version, or start a new run")
         known = int(d["known_chunks"])
         order0 = np.asarray(d["order0"], dtype=np.int64)
         if order0.size != known or not np.array_equal(np.sort(order0), np.arange(known)):
@@ -695,13 +742,14 @@ class DataPlan:
         with self._lock:
             self.known_chunks, self.finished, self.step = known, bool(d["finished"]), int(d["step"])
             self._sizes, self._known_seqs = sizes, int(sizes.sum())
+            self._takes = _takes(sizes, 0, self._frac)
             self._order0, self._seals0 = order0, [int(x) for x in d["seals0"]]
             self._layout0 = self._make_layout0()
             self._later.clear()
             self.events = [dict(e) for e in d["events"]]
             self._est_seqs = max(int(d["est_total_sequences"]), self._known_seqs)
-            self._m = _floor(self.epoch_fraction * self._known_seqs)
-            self.total_steps = _floor(self.target_epochs * self._m) // self.global_batch
+            self._m = int(self._takes.sum())
+            self.total_steps = self._total_positions(self._m) // self.global_batch
             self._changes.append(0)  # whatever was prepared before is void
 
 
