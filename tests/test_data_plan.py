@@ -234,12 +234,32 @@ def test_ranks_match_one_rank_row_for_row_across_epochs(cache):
 
 def test_resume_refuses_another_layout(cache):
     state = DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=2).state_dict()
-    for kw, word in [(dict(global_batch=8, world_size=4, rank=0), "world_size"),
-                     (dict(global_batch=16, world_size=2, rank=1), "global batch"),
+    for kw, word in [(dict(global_batch=16, world_size=2, rank=1), "global batch 8 sequences"),
                      (dict(global_batch=8, world_size=2, rank=0, seed=2), "seed")]:
         kw.setdefault("seed", 1)
         with pytest.raises(ValueError, match=word):
             DataPlan(cache, **kw).load_state_dict(state)
+
+
+def test_resume_with_another_number_of_ranks_and_the_same_global_batch(cache):
+    # saved by 2 ranks mid-growth at step 9; resumed by 1 and by 4 ranks (micro-batch x accumulation changed
+    # to keep 8 sequences a step): the same sequences at every step, disjoint across the new ranks
+    G = 8
+    two = [DataPlan(cache, seed=6, global_batch=G, rank=r, world_size=2, known_chunks=5) for r in (0, 1)]
+    for p in two:
+        p.grow(9, False, 3)
+    state = two[0].state_dict()
+    assert state == two[1].state_dict()
+    one = DataPlan(cache, seed=6, global_batch=G, rank=0, world_size=1)
+    one.load_state_dict(state)
+    four = [DataPlan(cache, seed=6, global_batch=G, rank=r, world_size=4) for r in range(4)]
+    for p in four:
+        p.load_state_dict(state)
+    for step in range(9, 9 + 6):
+        ref = sorted(two[0].get_batch(step).seq_ids + two[1].get_batch(step).seq_ids)
+        assert sorted(one.get_batch(step).seq_ids) == ref
+        parts = [p.get_batch(step).seq_ids for p in four]
+        assert sorted(x for part in parts for x in part) == ref and len(set().union(*map(set, parts))) == G
 
 
 def test_resume_refuses_a_cache_rebuilt_from_other_data(cache, cache_dir, tmp_path):

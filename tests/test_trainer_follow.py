@@ -177,3 +177,33 @@ def test_two_ranks_resume_exactly_after_kill_9(tmp_path, make_cache):
     assert all(got[s] == ref[s] for s in got)
     fin = lambda run, k: [r for r in read_jsonl(runs / "training_logs" / f"{run}_run_{k}.jsonl") if r.get("event") == "finished"][0]
     assert fin("b", 2)["weights_xxh64"] == fin("a", 1)["weights_xxh64"]
+
+
+def test_a_one_process_run_resumes_on_two_ranks_with_the_same_global_batch(tmp_path, make_cache):
+    """Moving to more processes: a run trained 6 steps by one process (micro-batch 2 x accumulation 4) goes on
+    under `accelerate launch` with 2 ranks and accumulation 2. Global batch 8 either way: every step trains the
+    sequences a one-process run trains at that step, the two ranks' shares disjoint."""
+    cache = make_cache()
+    runs = tmp_path / "runs"
+    one = [sys.executable, "-m", "trainerd", "--cache-dir", str(cache), "--run-dir", str(runs),
+           "--endpoint", free_endpoint(tmp_path), "--model", "tiny", "--hidden-size", "32", "--layers", "2",
+           "--heads", "4", "--kv-heads", "2", "--micro-batch-size", "2", "--grad-accum", "4", "--threads", "1",
+           "--deterministic", "--set", "log.data_trace=true", "--checkpoint-every", "0"]
+    for args in (["--new", "ref", "--max-steps", "12"], ["--new", "moved", "--max-steps", "6"]):
+        p = subprocess.run(one + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = launch(cache, runs, free_endpoint(tmp_path), "--resume", "moved", "--max-steps", "12")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed moved from moved-step00000006" in p.stderr
+
+    def trace(run, k, rank):
+        with open(runs / "training_logs" / f"{run}_run_{k}.rank{rank}.data.jsonl") as f:
+            return {r["step"]: [tuple(x) for x in r["seq_ids"]] for r in map(json.loads, f)}
+    ref = trace("ref", 1, 0)
+    first, r0, r1 = trace("moved", 1, 0), trace("moved", 2, 0), trace("moved", 2, 1)
+    # the trace numbers steps from 0: the first process trained 0..5, the two ranks 6..11
+    assert sorted(first) == list(range(6)) and sorted(r0) == sorted(r1) == list(range(6, 12))
+    for s in range(6):
+        assert sorted(first[s]) == sorted(ref[s])
+    for s in range(6, 12):
+        assert not set(r0[s]) & set(r1[s]) and sorted(r0[s] + r1[s]) == sorted(ref[s]), f"step {s}"

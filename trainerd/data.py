@@ -703,15 +703,18 @@ class DataPlan:
         return xxhash.xxh64("\n".join(c.checksum for c in self.cache.chunks[:known]).encode()).hexdigest()
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore a state_dict; world size, global batch, seed, window and epoch fraction must match.
+        """Restore a state_dict; global batch, seed, window and epoch fraction must match (the world size may
+        differ).
         target_epochs may differ (the totals follow this plan's value) as long as neither is below 1 (then
         it sets which rows epoch 0 takes). Reads the manifest, no chunk."""
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"data state format {d.get('format')!r} is not {STATE_FORMAT}")
-        if (d["world_size"], d["global_batch"]) != (self.world_size, self.global_batch):
-            raise ValueError(f"the data state was saved with world_size {d['world_size']} and global batch "
-                             f"{d['global_batch']}, this run has world_size {self.world_size} and global batch "
-                             f"{self.global_batch}: resume with the same layout or start a new run")
+        # the stream of positions depends on the global batch only: another number of ranks (with the
+        # micro-batch or accumulation changed to keep it) takes the same sequences at the same steps
+        if d["global_batch"] != self.global_batch:
+            raise ValueError(f"the data state was saved with global batch {d['global_batch']} sequences "
+                             f"({d['world_size']} process(es)), this run has {self.global_batch} ({self.world_size}): "
+                             f"keep the global batch (micro-batch x gradient accumulation x processes) or start a new run")
         for key, mine in (("seed", self.seed), ("window_chunks", self.window_chunks),
                           ("epoch_fraction", self.epoch_fraction)):
             if d[key] != mine:
