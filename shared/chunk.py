@@ -9,7 +9,8 @@ Layout (all little-endian):
     payload  LZ4 block                    the real tokens of all sequences, concatenated, as uint16/uint32
 
 Padding is not stored: a reader pads a short final sequence itself. The checksum (xxh64) covers the
-header fields before it and everything after the header, so any flipped byte is caught. Nothing
+header fields before it and everything after the header; the header's reserved bytes after the checksum
+must be zero. So any flipped byte is caught. Nothing
 time-dependent is in the file: a chunk regenerated from the same source range is byte-identical.
 Tokens are raw integer arrays, never pickles.
 """
@@ -116,6 +117,8 @@ def read_header(buf: bytes | memoryview) -> dict:
         raise ChunkError(f"chunk format version {version} is not supported (expected {FORMAT_VERSION})")
     if itemsize not in DTYPES:
         raise ChunkError(f"bad dtype width {itemsize}")
+    if any(bytes(buf[HEADER.size:HEADER_SIZE])):  # outside the checksum: writers leave them zero
+        raise ChunkError("reserved header bytes are not zero")
     return dict(version=version, itemsize=itemsize, level=level, seq_len=seq_len, num_sequences=n_seq,
                 num_doc_starts=n_doc, num_tokens=n_tok, payload_bytes=n_payload, checksum=checksum)
 

@@ -359,20 +359,23 @@ def test_a_corrupt_chunk_is_skipped_loudly_and_never_trained_on(tmp_path, cache_
     events = plans[0].take_events() + plans[1].take_events()
     assert events and all(e["event"] == "corrupt_chunk" and e["chunk_id"] == bad for e in events)
     assert plans[0].take_events() == []
-    # its rows were replaced by real rows of the previous chunk: the replacement data is what was read
-    prev = c.read_chunk(bad - 1)
-    dup = [s for s in used if s[0] == bad - 1]
-    assert len(dup) > c.chunks[bad - 1].sequences - 1
+    # its rows became padding rows: no real token, ignored by the loss and the token count; nothing else
+    # was trained twice to fill in, and every other sequence exactly once
+    n_bad = c.chunks[bad].sequences
+    assert used.count((-1, -1)) == n_bad
+    real = [x for x in used if x != (-1, -1)]
+    assert len(real) == len(set(real)) == plans[0].total_steps * G - n_bad
+    L = c.seq_len
     for rank in batches:
         for b in rank:
-            for row, (ch, i) in enumerate(b.seq_ids):
-                if ch == bad - 1:
-                    seq = prev.sequence(i)
-                    assert b.input_ids[row, :len(seq)].tolist() == seq.tolist()
-                    expect = np.arange(c.seq_len)
-                    for s in prev.doc_starts_of(i):
-                        expect[s:] = np.arange(c.seq_len - s)
-                    assert b.position_ids[row].tolist() == expect.tolist()
+            pads = [row for row, x in enumerate(b.seq_ids) if x == (-1, -1)]
+            assert b.empty_rows == len(pads)
+            lengths = [int((b.labels[row] != -100).sum()) for row in range(len(b.seq_ids))]
+            assert b.num_tokens == sum(lengths)
+            assert b.num_targets == int((b.labels[:, 1:] != -100).sum())
+            for row in pads:
+                assert lengths[row] == 0 and b.input_ids[row].eq(c.pad_id).all()
+                assert b.position_ids[row].tolist() == list(range(L))
 
 
 def test_prefetcher_returns_the_plan_batches_and_leaves_global_rng_alone(cache):

@@ -39,10 +39,10 @@ Totals and the last partial batch
 Corrupt chunks
     Never trained on: a chunk that raises shared.cache.CorruptChunk is logged (logging.warning), moved to
     the cache's quarantine folder (`packerd run --mode inverse` regenerates it) and recorded as an event
-    that the loop drains with take_events(). Each of its rows (c, i) is replaced by (c', i mod n_c'),
-    c' the previous readable chunk id (c-1, c-2, ...; the next one when none below is readable). The
-    batch keeps its shape, so every rank stays in step, and the replacement depends only on which chunks
-    are bad, not on timing or on how far the cache has grown.
+    that the loop drains with take_events(). Each of its rows becomes a padding row: pad tokens, no real
+    token (labels all -100, not counted in num_tokens), seq_ids (-1, -1). The batch keeps its shape, so
+    every rank stays in step; no other sequence is trained twice to fill in, and the step's loss and token
+    counts cover real rows only. A cache whose every known chunk is corrupt stops the run (CacheError).
 
 Batches
     int32 input_ids, position_ids (0 at each sequence start and at each document start recorded in the
@@ -122,17 +122,18 @@ class Batch:
     position_ids: torch.Tensor     # [n, seq_len] int32, restart at 0 at every document start
     labels: torch.Tensor           # [n, seq_len] int32, = input_ids with -100 on padding positions only
     num_tokens: int                # real (non-padding) tokens in this rank's batch
-    seq_ids: list[tuple[int, int]]  # (chunk_id, index in chunk) of each row
+    seq_ids: list[tuple[int, int]]  # (chunk_id, index in chunk) of each row; (-1, -1): a corrupt chunk's row
+    empty_rows: int = 0            # rows without a real token (a corrupt chunk's rows)
 
     @property
     def num_targets(self) -> int:
         """Positions with a next-token target: (labels[:, 1:] != -100).sum(), without reading labels."""
-        return self.num_tokens - len(self.input_ids)
+        return self.num_tokens - (len(self.input_ids) - self.empty_rows)
 
     def pin_memory(self) -> "Batch":
         ids = self.input_ids.pin_memory()
         labels = ids if self.labels is self.input_ids else self.labels.pin_memory()
-        return Batch(ids, self.position_ids.pin_memory(), labels, self.num_tokens, self.seq_ids)
+        return Batch(ids, self.position_ids.pin_memory(), labels, self.num_tokens, self.seq_ids, self.empty_rows)
 
     def to(self, device, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, position_ids, labels) on `device` as int64 (what embedding and cross-entropy take):
@@ -211,14 +212,13 @@ class _Window:
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
         self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
-        self.chunk, self.index = chunk, index  # source of each row (int64 [n]); add() changes replaced rows
+        self.chunk, self.index = chunk, index  # source of each row (int64 [n]); -1 for a corrupt chunk's rows
         self.lengths: np.ndarray | None = None  # real length of each row, only once a short row was added
         self.seq_ids: list[tuple[int, int]] = []
         self._docs: list[tuple[np.ndarray, np.ndarray]] = []   # (window row, start) of each document start
 
-    def add(self, c: int, d: _Decoded, dest: np.ndarray, src: np.ndarray | None, replaced: bool = False) -> None:
-        """Copy rows `src` of chunk d (all of them in order when None) to window rows `dest`. `replaced`:
-        d (id c) stands in for a corrupt chunk, src may repeat rows and seq_ids show c and src."""
+    def add(self, c: int, d: _Decoded, dest: np.ndarray, src: np.ndarray | None) -> None:
+        """Copy rows `src` of chunk d (all of them in order when None) to window rows `dest`."""
         if src is None:
             self.tokens[dest] = d.tokens
             self._docs.append((np.repeat(dest, np.diff(d.doc_ptr)), d.doc_starts))
@@ -227,12 +227,19 @@ class _Window:
             counts, starts = _take_csr(d.doc_ptr, d.doc_starts, src)
             self._docs.append((np.repeat(dest, counts), starts))
         if not d.full:
-            if self.lengths is None:
-                self.lengths = np.full(len(self.tokens), self.tokens.shape[1], dtype=np.int64)
-            self.lengths[dest] = d.lengths if src is None else d.lengths[src]
-        if replaced:
-            self.chunk[dest] = c
-            self.index[dest] = src
+            self._short()[dest] = d.lengths if src is None else d.lengths[src]
+
+    def pad(self, dest: np.ndarray, pad_id: int) -> None:
+        """Window rows `dest` become padding rows (a corrupt chunk's): no real token, no source."""
+        self.tokens[dest] = pad_id
+        self._short()[dest] = 0
+        self.chunk[dest] = -1
+        self.index[dest] = -1
+
+    def _short(self) -> np.ndarray:
+        if self.lengths is None:
+            self.lengths = np.full(len(self.tokens), self.tokens.shape[1], dtype=np.int64)
+        return self.lengths
 
     def finish(self) -> "_Window":
         n, L = self.tokens.shape
@@ -563,7 +570,7 @@ class DataPlan:
         n, L = self.rows, self.seq_len
         buf = self._buffers.take()                    # [2, n, L] int32: ids, positions
         ids, pos = buf[0], buf[1]
-        r0, seq_ids, short = 0, [], []
+        r0, seq_ids, short, empty = 0, [], [], 0
         for win, q0, k in parts:
             r1 = r0 + k
             ids[r0:r1] = win.tokens[q0:q0 + k]        # one copy that casts to int32
@@ -571,6 +578,7 @@ class DataPlan:
             if win.lengths is not None:
                 lengths = win.lengths[q0:q0 + k]
                 short += [(r0 + r, int(lengths[r])) for r in np.flatnonzero(lengths < L).tolist()]
+                empty += int((lengths == 0).sum())
             seq_ids += win.seq_ids[q0:q0 + k]
             r0 = r1
         input_ids = torch.from_numpy(ids)
@@ -582,7 +590,7 @@ class DataPlan:
                 labels_np[r, length:] = IGNORE_INDEX  # padding by real length, never by token id (EOS may equal pad)
             labels = torch.from_numpy(labels_np)
         num_tokens = n * L - sum(L - length for _, length in short)
-        return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids)
+        return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids, empty)
 
     def _window(self, lay: _Layout, w: int, j0: int) -> _Window:
         """This rank's rows j0, j0+W, ... of window w of an epoch, decoded (each is built once while it is
@@ -595,7 +603,7 @@ class DataPlan:
                 self._windows.move_to_end(key)
                 return win
         # the rows this rank reads: the rows the epoch takes of the window's chunks, one chunk after another
-        # (a corrupt chunk's rows are replaced one for one, so the manifest's sizes hold for every chunk)
+        # (a corrupt chunk's rows become padding rows one for one, so the manifest's sizes hold for every chunk)
         src = lay.perm(w)[j0::self.world_size]
         bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum(self._takes[list(chunks)], out=bounds[1:])
@@ -627,10 +635,10 @@ class DataPlan:
         """Decode chunk c and copy its `rows` (all when None) into the window at `dest`; the decoded chunk
         is dropped on return, before the next one is read."""
         d = self._decode(c)
-        if d is None:  # corrupt: its rows come from the next readable chunk
-            c2, d2 = self._replacement(c)
-            rows = np.arange(int(self._sizes[c]), dtype=np.int64) if rows is None else rows
-            win.add(c2, d2, dest, rows % d2.n, replaced=True)
+        if d is None:  # corrupt: its rows become padding rows (nothing trained twice to fill in)
+            if len(self.corrupt) >= self.known_chunks:
+                raise CacheError(f"every chunk of {self.cache.dir} is corrupt; nothing to train on")
+            win.pad(dest, self.pad_id)
         else:
             win.add(c, d, dest, rows)
 
@@ -648,14 +656,6 @@ class DataPlan:
             self._decoded += 1
         return d
 
-    def _replacement(self, c: int) -> tuple[int, _Decoded]:
-        """The previous readable chunk (c-1, c-2, ...; those exist whatever the cache grows to), else the next."""
-        for c2 in [*range(c - 1, -1, -1), *range(c + 1, self.known_chunks)]:
-            d = self._decode(c2)
-            if d is not None:
-                return c2, d
-        raise CacheError(f"every chunk of {self.cache.dir} is corrupt; nothing to train on")
-
     def _mark_corrupt(self, c: int, reason: str) -> None:
         with self._lock:
             if c in self.corrupt:
@@ -666,8 +666,8 @@ class DataPlan:
         except OSError as e:
             where = None
             log.warning("could not quarantine chunk %d: %s", c, e)
-        log.warning("chunk %d is corrupt (%s): not trained on, moved to %s; its sequences are replaced by "
-                    "those of the next readable chunk (packerd run --mode inverse regenerates it)", c, reason, where)
+        log.warning("chunk %d is corrupt (%s): not trained on, moved to %s; its rows are padding rows in the "
+                    "batches that would hold them (packerd run --mode inverse regenerates it)", c, reason, where)
         with self._lock:
             self._events.append({"event": "corrupt_chunk", "chunk_id": c, "reason": reason,
                                  "quarantined": str(where) if where else None})
