@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import free_endpoint, run_packerd
-from shared.cache import open_cache
+from shared.cache import CacheError, open_cache
 import trainerd.data as data_mod
 from trainerd.data import DataPlan, Prefetcher, _positions
 
@@ -506,3 +506,17 @@ def test_resume_keeps_a_fraction_below_one_epoch(cache):
     del old["sample_format"]
     with pytest.raises(ValueError, match="older trainerd"):
         DataPlan(cache, seed=1, global_batch=8, rank=0, world_size=1, epoch_fraction=0.5).load_state_dict(old)
+
+
+def test_a_cache_of_corrupt_chunks_only_is_one_error(tmp_path, cache_dir):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    c = open_cache(copy)
+    for e in c.chunks[:6]:
+        p = copy / e.file
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0x01
+        p.write_bytes(bytes(data))
+    plan = DataPlan(open_cache(copy), seed=4, global_batch=8, rank=0, world_size=1, known_chunks=6)
+    with pytest.raises(CacheError, match="every chunk of .* is corrupt; nothing to train on"):
+        plan.get_batch(0)

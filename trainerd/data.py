@@ -636,7 +636,9 @@ class DataPlan:
         is dropped on return, before the next one is read."""
         d = self._decode(c)
         if d is None:  # corrupt: its rows become padding rows (nothing trained twice to fill in)
-            if len(self.corrupt) >= self.known_chunks:
+            if not self._decoded and all(self._decode(c2) is None for c2 in range(self.known_chunks)):
+                # no chunk has decoded yet: look for one readable chunk (the first that decodes ends the
+                # search), or steps of padding alone would follow
                 raise CacheError(f"every chunk of {self.cache.dir} is corrupt; nothing to train on")
             win.pad(dest, self.pad_id)
         else:
