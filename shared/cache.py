@@ -178,8 +178,9 @@ class Cache:
         dst = dst_dir / f"{src.name}.{int(time.time())}"
         try:
             os.replace(src, dst)
-        except FileNotFoundError:
-            return None
+        except FileNotFoundError:  # moved aside already (by another rank): where it went
+            moved = sorted(dst_dir.glob(f"{src.name}.*"))
+            return moved[-1] if moved else None
         return dst
 
     def missing_chunks(self) -> list[int]:

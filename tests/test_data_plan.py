@@ -520,3 +520,14 @@ def test_a_cache_of_corrupt_chunks_only_is_one_error(tmp_path, cache_dir):
     plan = DataPlan(open_cache(copy), seed=4, global_batch=8, rank=0, world_size=1, known_chunks=6)
     with pytest.raises(CacheError, match="every chunk of .* is corrupt; nothing to train on"):
         plan.get_batch(0)
+
+
+def test_a_chunk_quarantined_by_another_rank_reports_where_it_went(tmp_path, cache_dir):
+    # two ranks meet the same corrupt chunk: the second finds the file moved already, and its event must
+    # still say where it went (the run log keeps whichever rank's event came first)
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    rank0, rank1 = open_cache(copy), open_cache(copy)
+    where = rank0.quarantine(3)
+    assert where is not None and where.parent.name == "quarantine" and where.exists()
+    assert rank1.quarantine(3) == where

@@ -106,7 +106,7 @@ def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_loses_nothing(tmp
     shutil.copytree(path, root / ".tmp-old-a-step00000020-8")
     os.remove(root / ".tmp-old-a-step00000020-8" / "meta.json")
     assert ck.remove_stale_temporaries(tmp_path, "a") == [
-        "removed .tmp-old-a-step00000020-7: an unfinished save of an earlier trainer",
+        "removed .tmp-old-a-step00000020-7: the copy of a-step00000020 that a finished re-save replaced",
         "removed .tmp-old-a-step00000020-8: an unfinished save of an earlier trainer"]
     assert ck.read_meta(root / "a-step00000020") is not None and sorted(os.listdir(root)) == [
         "a-step00000010", "a-step00000020"]
@@ -193,3 +193,26 @@ def test_weights_that_do_not_fit_are_one_error(tmp_path):
     other = build_model(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), 512, 64, 0)
     with pytest.raises(ck.CheckpointError, match="do not fit"):
         ck.load_weights(path, other)
+
+
+def test_lock_probes_create_nothing_and_a_starting_trainer_waits_them_out(tmp_path):
+    import threading
+    import time
+    from shared.fsutil import LockHeld
+    with ck.run_lock_free(tmp_path, "never") as free:      # a run never trained here: no lock file made
+        assert free
+    assert not (tmp_path / ck.LOCKS_DIR / "never.lock").exists()
+    lock = ck.acquire_run_lock(tmp_path, "r")
+    with ck.run_lock_free(tmp_path, "r") as free:
+        assert not free                                    # its trainer is alive
+    lock.release()
+    assert (tmp_path / ck.LOCKS_DIR / "r.lock").read_text() == str(os.getpid())
+    # a probe (ckpt clean, another trainer's restore) holds the lock for a moment: a trainer starting
+    # then retries instead of reporting "another trainer is running"
+    probe = ck.run_lock_free(tmp_path, "r")
+    assert probe.__enter__()
+    threading.Timer(0.3, probe.__exit__, (None, None, None)).start()
+    ck.acquire_run_lock(tmp_path, "r", patience_s=10).release()
+    with ck.run_lock_free(tmp_path, "r"):
+        with pytest.raises(LockHeld):
+            ck.acquire_run_lock(tmp_path, "r", patience_s=0.2)

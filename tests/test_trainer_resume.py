@@ -164,6 +164,14 @@ def test_an_interrupted_re_save_is_put_back_before_the_resume_is_chosen(tmp_path
     assert "resumed ref from ref-step00000024 (step 24)" in p.stderr
     assert not [d for d in os.listdir(cks) if d.startswith(".tmp-")]
     assert "ref-step00000024" in os.listdir(cks)
+    # the same when it is the run's only checkpoint, resumed by its exact name (the checks before torch
+    # loads look it up too)
+    for other in ("ref-step00000015", "ref-step00000020"):
+        shutil.rmtree(cks / other)
+    os.replace(cks / "ref-step00000024", cks / ".tmp-old-ref-step00000024-4243")
+    p = run_trainer(cache, runs, tmp_path, "--resume", "ref-step00000024")
+    assert p.returncode == 0, p.stderr
+    assert "resumed ref from ref-step00000024 (step 24)" in p.stderr and os.listdir(cks) == ["ref-step00000024"]
 
 
 def test_signal_saves_and_exits_0_and_a_second_trainer_refuses(tmp_path, cache):

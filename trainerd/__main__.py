@@ -129,11 +129,15 @@ def main(config_file, new, resume, sets, **flags) -> None:
 
 
 def preflight(cfg, new: str | None, resume: str | None) -> None:
-    """User errors that need no torch, found in a fraction of a second; the trainer checks them again."""
+    """User errors that need no torch, found in a fraction of a second; the trainer checks them again.
+
+    Only the main process checks (the others follow its decision in the trainer): a probe of the run lock
+    holds it for a moment, and a checkpoint being put back by rank 0 would be missing for another rank."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     from pathlib import Path
 
     from shared.cache import CacheError, open_cache
-    from shared.fsutil import FolderLock, LockHeld
     from shared.manifest import ManifestError, load_manifest
 
     from . import checkpoint as ck
@@ -144,6 +148,9 @@ def preflight(cfg, new: str | None, resume: str | None) -> None:
         except CacheError as e:
             raise click.ClickException(f"{e} (without --no-wait the trainer waits for it)") from None
     if resume:
+        # a checkpoint that an interrupted re-save left aside is put back first, or it would not be found
+        for line in ck.restore_interrupted_resaves(cfg.train.run_dir):
+            click.echo(line, err=True)
         try:
             meta = ck.find_checkpoint(cfg.train.run_dir, resume)
             cache_dir = cfg.data.cache_dir or ck.read_json(meta["path"], "config.json")["data"]["cache_dir"]
@@ -155,13 +162,10 @@ def preflight(cfg, new: str | None, resume: str | None) -> None:
             raise click.ClickException(problem)
     run = meta["run"] if resume else new
     lock = Path(cfg.train.run_dir) / ".locks" / f"{run}.lock"
-    # the probe holds the lock for a moment: only the main process probes, or one rank's probe could make
-    # rank 0's own acquisition fail (ranks of one launch start together)
-    if run and lock.exists() and os.environ.get("RANK", "0") == "0":
-        try:
-            FolderLock(lock.parent, lock.name).acquire().release()
-        except LockHeld:
-            raise click.ClickException(f"another trainer is running run {run} ({lock} is held)") from None
+    if run and lock.exists():
+        with ck.run_lock_free(cfg.train.run_dir, run) as free:
+            if not free:
+                raise click.ClickException(f"another trainer is running run {run} ({lock} is held)")
 
 
 if __name__ == "__main__":

@@ -831,7 +831,8 @@ def prune_(run_dir, keep, run, yes):
 def clean_(run_dir, yes):
     """Remove unfinished saves (checkpoints/.tmp-*) and logs of runs with no checkpoint left.
 
-    Runs whose trainer is running (its lock in RUN_DIR/.locks is held) are left alone.
+    A checkpoint that an interrupted same-step re-save left aside (.tmp-old-NAME-PID without NAME) is
+    restored, not removed. Runs whose trainer is running (its lock in RUN_DIR/.locks is held) are left alone.
     """
     clean(RunDir(run_dir), yes)
 

@@ -30,11 +30,13 @@ meta.json lists every file that belongs to it.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -278,7 +280,10 @@ def remove_stale_temporaries(run_dir, run: str) -> list[str]:
                 continue  # another run's: its next trainer or `ckpt clean` sees to it
             if not (root / meta["name"]).exists():
                 out.append(restore_interrupted_resave(p))
-                continue
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                out.append(f"removed {p.name}: the copy of {meta['name']} that a finished re-save replaced")
+            continue
         elif p.name.startswith(f"{TMP_PREFIX}old-{run}-step"):
             with run_lock_free(run_dir, f"old-{run}") as free:
                 if not free:
@@ -295,21 +300,43 @@ def remove_stale_temporaries(run_dir, run: str) -> list[str]:
 
 @contextmanager
 def run_lock_free(run_dir, run):
-    """Hold the trainer lock of RUN for a moment; yields False when a trainer of that run is alive."""
+    """Yields False when a trainer of run RUN is alive (its lock is held); True while holding that lock.
+
+    A probe: the lock file is not created and nothing is written to it (the trainer's pid stays). A trainer
+    starting at this moment retries its acquisition for a while (acquire_run_lock), so the probe's moment
+    of holding never makes it fail."""
     if not isinstance(run, str) or not run or "/" in run or run.startswith(".") or ".." in run:
         yield False
         return
-    locks = Path(run_dir) / LOCKS_DIR
-    locks.mkdir(parents=True, exist_ok=True)
     try:
-        lock = FolderLock(locks, f"{run}.lock").acquire()
-    except LockHeld:
-        yield False
+        fd = os.open(Path(run_dir) / LOCKS_DIR / f"{run}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        yield True  # never trained here
         return
     try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
         yield True
     finally:
-        lock.release()
+        os.close(fd)  # drops the flock
+
+
+def acquire_run_lock(run_dir, run: str, patience_s: float = 2.0) -> FolderLock:
+    """The trainer's lock of RUN, held until release. Retries for `patience_s` before LockHeld: `ckpt
+    clean` and other trainers probe locks for a moment (run_lock_free)."""
+    locks = Path(run_dir) / LOCKS_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return FolderLock(locks, f"{run}.lock").acquire()
+        except LockHeld:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def restore_interrupted_resaves(run_dir) -> list[str]:

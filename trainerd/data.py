@@ -42,7 +42,8 @@ Corrupt chunks
     that the loop drains with take_events(). Each of its rows becomes a padding row: pad tokens, no real
     token (labels all -100, not counted in num_tokens), seq_ids (-1, -1). The batch keeps its shape, so
     every rank stays in step; no other sequence is trained twice to fill in, and the step's loss and token
-    counts cover real rows only. A cache whose every known chunk is corrupt stops the run (CacheError).
+    counts cover real rows only. A cache whose every known chunk is corrupt when the first one is found
+    corrupt (no chunk decoded yet) stops the run with a CacheError; chunks that go bad later only warn.
 
 Batches
     int32 input_ids, position_ids (0 at each sequence start and at each document start recorded in the

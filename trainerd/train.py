@@ -48,7 +48,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from shared.cache import CacheError, open_cache
 from shared.config import ConfigError
-from shared.fsutil import FolderLock, LockHeld, atomic_write_bytes
+from shared.fsutil import LockHeld, atomic_write_bytes
 from shared.manifest import ManifestError, load_manifest
 
 from . import checkpoint as ck
@@ -377,9 +377,7 @@ def run(config_file: str | None, overrides: dict, new: str | None = None, resume
             for line in ck.restore_interrupted_resaves(run_dir):
                 console.message(line)  # before deciding: a checkpoint away from its place is passed over
             start = decide_start(run_dir, new, resume, suggest_name(cfg, sources, seq_len), interactive)
-            locks = Path(run_dir) / LOCKS_DIR
-            locks.mkdir(parents=True, exist_ok=True)
-            lock = FolderLock(locks, f"{start.run}.lock").acquire()
+            lock = ck.acquire_run_lock(run_dir, start.run)
             start.log_k = JsonlLog.next_index(run_dir, start.run)
             saved = None
             if start.ckpt:  # a resumed run starts from its saved config; the file and flags still win
