@@ -174,6 +174,42 @@ def test_an_interrupted_re_save_is_put_back_before_the_resume_is_chosen(tmp_path
     assert "resumed ref from ref-step00000024 (step 24)" in p.stderr and os.listdir(cks) == ["ref-step00000024"]
 
 
+def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cache):
+    """The four chunks of the first shuffle window are corrupt: the first 8 global batches (64 rows) are
+    padding rows only. Those steps log a null loss and an empty_step event and take no optimizer step (the
+    checkpoint at step 8 has no optimizer state yet); training goes on after them."""
+    import shutil
+    import torch
+    from shared.cache import open_cache
+    from trainerd.config import load_config
+    from trainerd.data import DataPlan
+    bad_cache = tmp_path / "cache"
+    shutil.copytree(cache, bad_cache)
+    c = open_cache(bad_cache)
+    seed = load_config(None, {}).train.seed
+    window = DataPlan(c, seed=seed, global_batch=8, rank=0, world_size=1)._layout0.chunks_of(0)
+    assert sum(c.chunks[i].sequences for i in window) == 64
+    for i in window:
+        p = bad_cache / c.chunks[i].file
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0x01
+        p.write_bytes(bytes(data))
+    runs = tmp_path / "runs"
+    p = run_trainer(bad_cache, runs, tmp_path, "--new", "e", "--max-steps", 10, "--checkpoint-every", 8)
+    assert p.returncode == 0, p.stderr
+    recs = records(runs, "e", 1)
+    per_step = steps(recs)
+    assert [per_step[s]["loss"] for s in range(1, 9)] == [None] * 8
+    assert all(per_step[s]["step_tokens"] == 0 for s in range(1, 9))
+    assert all(isinstance(per_step[s]["loss"], float) for s in (9, 10))
+    assert [e["step"] for e in events(recs, "empty_step")] == list(range(1, 9))
+    assert sorted(e["chunk_id"] for e in events(recs, "corrupt_chunk")) == sorted(window)
+    optim = torch.load(runs / "checkpoints" / "e-step00000008" / "optimizer.pt", weights_only=True)
+    assert optim["state"] == {}, "an optimizer step was taken on padding alone"
+    optim = torch.load(runs / "checkpoints" / "e-step00000010" / "optimizer.pt", weights_only=True)
+    assert optim["state"]
+
+
 def test_signal_saves_and_exits_0_and_a_second_trainer_refuses(tmp_path, cache):
     """A trainer that caught up with a (still unfinished) cache waits; a second trainer on the same run
     refuses; SIGTERM makes the first save a checkpoint and exit 0."""

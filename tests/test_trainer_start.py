@@ -90,6 +90,7 @@ def test_status_line_format():
     assert status_line(1, 10, 9.0, None, None, None) == "Step 1/10 (10.0%) | Loss 9.000 | - tok/s | ETA --:--h"
     assert status_line(5, 10, 2.0, 1000.0, 0.4125, 60.0) == \
         "Step 5/10 (50.0%) | Loss 2.000 | 1,000 tok/s | MFU 41.2% | ETA 00:01h"
+    assert status_line(6, 10, None, 1000.0, None, 60.0) == "Step 6/10 (60.0%) | Loss - | 1,000 tok/s | ETA 00:01h"
 
 
 class _Terminal(io.StringIO):

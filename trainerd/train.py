@@ -210,10 +210,12 @@ def fmt_eta(seconds: float | None) -> str:
     return f"{m // 60:02d}:{m % 60:02d}h"
 
 
-def status_line(step: int, total: int, loss: float, tokens_per_s: float | None, mfu: float | None,
+def status_line(step: int, total: int, loss: float | None, tokens_per_s: float | None, mfu: float | None,
                 eta_s: float | None) -> str:
-    """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU."""
-    line = f"Step {step:,}/{total:,} ({100 * step / max(total, 1):4.1f}%) | Loss {loss:.3f} | "
+    """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU
+    (`Loss -` for a step without a target)."""
+    line = f"Step {step:,}/{total:,} ({100 * step / max(total, 1):4.1f}%) | "
+    line += f"Loss {loss:.3f} | " if loss is not None else "Loss - | "
     line += f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s"
     if mfu is not None:
         line += f" | MFU {100 * mfu:.1f}%"
@@ -736,7 +738,11 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-            for micro in range(accum):
+            # a global batch of padding rows only (every row from corrupt chunks): no optimizer step, which
+            # would still move the weights (momentum, weight decay). Only a rank without a target of its
+            # own asks for the global count (a host sync, rare); a rank with one knows it is not empty.
+            empty = batch.num_targets == 0 and int(counts[0].item()) == 0
+            for micro in range(0 if empty else accum):
                 rows = slice(micro * mb, (micro + 1) * mb)
                 kwargs = {}
                 if use_flash:
@@ -757,19 +763,26 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                     # each rank's sum over the global target count, times world: DDP's mean makes it the global mean
                     accelerator.backward(summed * scale)
                 loss_sum += summed.detach()
-            if cfg.train.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                torch.distributed.all_reduce(loss_sum)
-            loss = (loss_sum / n_targets).item()  # note: a host sync point; the step's kernels are done after it
+            if empty:
+                if main:
+                    jsonl.event("empty_step", step=step + 1, message="every row of this global batch came from "
+                                "corrupt chunks: no optimizer step")
+                loss = None  # nothing was trained on: the step's record says so (null), last_loss stays
+            else:
+                if cfg.train.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if world > 1:
+                    torch.distributed.all_reduce(loss_sum)
+                loss = (loss_sum / n_targets).item()  # note: a host sync point; the step's kernels are done after it
             if cuda:
                 torch.cuda.synchronize()
             step += 1
             step_tokens = int(counts[1].item())
             tokens_done += step_tokens
-            last_loss = loss
+            if loss is not None:
+                last_loss = loss
 
             # log: whole optimizer steps, real tokens only
             now = time.perf_counter()
@@ -787,7 +800,8 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                 mfu = flops_tok * tps / (peak * world) if peak and tps else None
                 console.status(status_line(step, total, loss, tps, mfu, (total - step) / rate_ema if rate_ema else None), step)
                 if cfg.log.log_with:
-                    accelerator.log({"loss": loss, "lr": lr, "tokens_per_s": tps or 0.0}, step=step)
+                    accelerator.log({"lr": lr, "tokens_per_s": tps or 0.0, **({"loss": loss} if loss is not None else {})},
+                                    step=step)
             if fault_kind == "kill-at-step" and step == fault_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
