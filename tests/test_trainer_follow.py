@@ -207,3 +207,14 @@ def test_a_one_process_run_resumes_on_two_ranks_with_the_same_global_batch(tmp_p
         assert sorted(first[s]) == sorted(ref[s])
     for s in range(6, 12):
         assert not set(r0[s]) & set(r1[s]) and sorted(r0[s] + r1[s]) == sorted(ref[s]), f"step {s}"
+
+
+def test_an_error_one_rank_meets_alone_is_said_by_that_rank(tmp_path, make_cache):
+    """Rank 1 alone cannot read its batch of step 3 (as a chunk read can fail on one rank): its error is one
+    line on stderr naming the rank, not only the other rank's broken collective, and the launch fails."""
+    cache = make_cache()
+    p = launch(cache, tmp_path / "runs", free_endpoint(tmp_path), "--new", "r", "--max-steps", "6",
+               fault="read-error-at-step:3")
+    assert p.returncode != 0
+    assert "Error (rank 1): cannot follow the cache: fault hook: rank 1 cannot read its batch of step 3" in p.stderr, \
+        p.stderr[-3000:]

@@ -22,7 +22,8 @@ Decisions where the issue leaves a choice:
   (each rank's summed loss is divided by the global target count), so accumulation and world size do
   not change its meaning.
 - Fault hooks for the fault tests, from the environment: TRAINERD_FAULT=kill-at-step:N (SIGKILL itself
-  right after step N is logged) or kill-in-save:N (SIGKILL in the middle of writing the checkpoint of step N).
+  right after step N is logged), kill-in-save:N (SIGKILL in the middle of writing the checkpoint of step N)
+  or read-error-at-step:N (the last rank alone fails to read its batch of step N, as a chunk read can).
 """
 from __future__ import annotations
 
@@ -462,6 +463,14 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     def fail(msg: str):
         raise TrainError(msg) if main else SystemExit(1)
 
+    def fail_alone(msg: str):
+        """An error this rank may have met alone (a chunk read, a manifest that lags): every rank says its
+        own, or a failure of rank 1 would show only as the other ranks' broken collectives."""
+        if main:
+            raise TrainError(msg)
+        click.echo(f"Error (rank {rank}): {msg}", err=True)
+        raise SystemExit(1)
+
     if not cfg.data.cache_dir:
         fail("data.cache_dir is required (--cache-dir)")
 
@@ -674,7 +683,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                 try:
                     plan.grow(new_known, new_finished, step, est_total_sequences=est)
                 except (ValueError, CacheError) as e:
-                    fail(f"cannot follow the cache: {e}")
+                    fail_alone(f"cannot follow the cache: {e}")
                 est_seen = est
                 if main and (new_known, new_finished) != (known, finished):
                     jsonl.event("plan_expanded" if known >= 0 else "plan", step=step, chunks=new_known,
@@ -724,9 +733,11 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
 
             # one optimizer step: grad_accum micro-batches of this rank's share of global step `step`
             try:
+                if fault_kind == "read-error-at-step" and step + 1 == fault_step and rank == world - 1:
+                    raise CacheError(f"fault hook: rank {rank} cannot read its batch of step {step + 1}")
                 batch = prefetch.get(step)
             except CacheError as e:  # a chunk read found the cache rebuilt (or every chunk corrupt)
-                fail(f"cannot follow the cache: {e}")
+                fail_alone(f"cannot follow the cache: {e}")
             trace.write({"step": step, "seq_ids": batch.seq_ids})
             input_ids, position_ids, labels = batch.to(device, non_blocking=True)
             counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=device)
@@ -847,8 +858,8 @@ def _fault() -> tuple[str | None, int | None]:
     if not spec:
         return None, None
     kind, _, n = spec.partition(":")
-    if kind not in ("kill-at-step", "kill-in-save") or not n.isdigit():
-        raise TrainError(f"TRAINERD_FAULT={spec!r}: expected kill-at-step:N or kill-in-save:N")
+    if kind not in ("kill-at-step", "kill-in-save", "read-error-at-step") or not n.isdigit():
+        raise TrainError(f"TRAINERD_FAULT={spec!r}: expected kill-at-step:N, kill-in-save:N or read-error-at-step:N")
     return kind, int(n)
 
 
