@@ -5,6 +5,7 @@ import errno
 import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -93,3 +94,30 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def probe_locks(paths):
+    """Hold the FolderLock files PATHS for a moment; yields False when a process holds one of them now.
+
+    A probe: a missing file counts as free and is not created, and nothing is written (the holder's pid
+    stays). Closing the descriptors drops the flocks."""
+    fds = []
+    try:
+        for p in paths:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                yield False
+                return
+        yield True
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -149,6 +149,9 @@ def _missing_tracker() -> str | None:
     return next((t.value for t in LoggerType if t.value not in installed and t.value != "all"), None)
 
 
+MISSING_TRACKER = _missing_tracker()
+
+
 def P(*args):   # packerd run with the workspace's endpoint and one worker
     return lambda w: ["run", "--endpoint", w.endpoint, "--workers", "1", *[a(w) if callable(a) else a for a in args]]
 
@@ -255,10 +258,10 @@ CASES = [
          "train.threads must be 0 or more"),
     Case("trainerd-log-with-unknown", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--log-with", "tensorbored"),
          "unknown tracker 'tensorbored'"),
-    *([] if _missing_tracker() is None else [
+    *([] if MISSING_TRACKER is None else [
         Case("trainerd-log-with-not-installed", "trainerd",
-             T("--cache-dir", REAL_CACHE, "--new", "x", "--log-with", _missing_tracker()),
-             f"tracker '{_missing_tracker()}' is not installed")]),
+             T("--cache-dir", REAL_CACHE, "--new", "x", "--log-with", MISSING_TRACKER),
+             f"tracker '{MISSING_TRACKER}' is not installed")]),
     *([] if _cuda() else [  # where CUDA is present fp16 is allowed
         Case("trainerd-fp16-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--mixed-precision", "fp16"),
              "fp16 needs CUDA")]),

@@ -161,7 +161,7 @@ def preflight(cfg, new: str | None, resume: str | None) -> None:
         if problem:
             raise click.ClickException(problem)
     run = meta["run"] if resume else new
-    lock = Path(cfg.train.run_dir) / ".locks" / f"{run}.lock"
+    lock = Path(cfg.train.run_dir) / ck.LOCKS_DIR / f"{run}.lock"
     if run and lock.exists():
         with ck.run_lock_free(cfg.train.run_dir, run) as free:
             if not free:

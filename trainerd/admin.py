@@ -16,8 +16,6 @@ for the trainer's "X. Checkpoint Management" screen.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import math
 import os
@@ -204,29 +202,13 @@ class RunDir:
         Yields False when a trainer holds one now (the run is training). A run without a lock file has never
         been trained here. For None (a leftover no run can be read from) every lock counts.
         """
+        from shared.fsutil import probe_locks
         if runs is None:
             paths = sorted(self.locks_dir.glob("*.lock")) if self.locks_dir.is_dir() else []
         else:
             paths = [self.locks_dir / f"{r}.lock" for r in runs]
-        fds = []
-        try:
-            for p in paths:
-                try:
-                    fd = os.open(p, os.O_RDONLY)   # never created here, never written: the trainer's pid stays
-                except FileNotFoundError:
-                    continue
-                fds.append(fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise
-                    yield False
-                    return
-            yield True
-        finally:
-            for fd in fds:
-                os.close(fd)   # closing drops the flock
+        with probe_locks(paths) as free:
+            yield free
 
     def is_training(self, runs: tuple[str, ...] | None) -> bool:
         with self.hold_run(runs) as free:
@@ -381,11 +363,10 @@ def clean(rd: RunDir, yes: bool) -> int:
                 continue
             try:
                 if i.restore_as is not None:
-                    if i.restore_as.exists():   # its trainer restored it meanwhile
+                    from .checkpoint import interrupted_resave, restore_interrupted_resave
+                    if interrupted_resave(i.path) is None:   # its trainer restored it meanwhile
                         continue
-                    os.replace(i.path, i.restore_as)
-                    from shared.fsutil import fsync_dir
-                    fsync_dir(rd.checkpoints_dir)
+                    restore_interrupted_resave(i.path)
                     click.echo(f"Restored {i.restore_as.name}")
                     restored += 1
                     continue

@@ -30,7 +30,6 @@ meta.json lists every file that belongs to it.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from shared.fsutil import FolderLock, LockHeld, fsync_dir
+from shared.fsutil import FolderLock, LockHeld, fsync_dir, probe_locks
 
 # torch and safetensors are imported by the functions that need them: listing checkpoints and the checks
 # on resume stay fast (the command checks its arguments before torch loads)
@@ -278,7 +277,7 @@ def remove_stale_temporaries(run_dir, run: str) -> list[str]:
         if meta is not None:
             if meta.get("run") != run:
                 continue  # another run's: its next trainer or `ckpt clean` sees to it
-            if not (root / meta["name"]).exists():
+            if interrupted_resave(p) is not None:
                 out.append(restore_interrupted_resave(p))
             else:
                 shutil.rmtree(p, ignore_errors=True)
@@ -308,20 +307,8 @@ def run_lock_free(run_dir, run):
     if not isinstance(run, str) or not run or "/" in run or run.startswith(".") or ".." in run:
         yield False
         return
-    try:
-        fd = os.open(Path(run_dir) / LOCKS_DIR / f"{run}.lock", os.O_RDONLY)
-    except FileNotFoundError:
-        yield True  # never trained here
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # drops the flock
+    with probe_locks([Path(run_dir) / LOCKS_DIR / f"{run}.lock"]) as free:  # no lock file: never trained here
+        yield free
 
 
 def acquire_run_lock(run_dir, run: str, patience_s: float = 2.0) -> FolderLock:

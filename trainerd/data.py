@@ -617,7 +617,7 @@ class DataPlan:
                 index[mine] = sample[index[mine]]
         pool = self._window_tokens
         tokens = pool.take()[:len(src)] if len(src) <= pool.shape[0] else np.empty((len(src), self.seq_len), pool.dtype)
-        win = _Window(tokens, np.asarray(chunks, dtype=np.int64)[slot], index.copy())
+        win = _Window(tokens, np.asarray(chunks, dtype=np.int64)[slot], index)   # pad() marks only its own rows
         order = np.argsort(src, kind="stable")       # reading positions sorted by source: a run per chunk
         cuts = np.searchsorted(src[order], bounds).tolist()
         for i, c in enumerate(chunks):

@@ -75,10 +75,10 @@ class LRSchedule:
             if not finished and self.warmup > total_steps:
                 notes.append(f"warmup of {self.warmup:,} steps ({source}) is longer than "
                              f"the {total_steps:,} steps the cache holds now")
-            if self.anchor is not None and step <= self.anchor[0] and self.anchor[1] == 0.0:
+            if self.end is not None:
                 # an end known before the warmup (--max-steps while the cache was still empty) placed the
-                # decay as if there were no warmup: place it again, nothing has used it yet
-                self.anchor = (self._decay_start(step, self.end), 0.0)
+                # decay as if there were no warmup: place it again (it has not begun)
+                self._move_end(step, self.end)
         end = self._target_end(total_steps, estimated_total_steps, finished)
         if end is not None and end != self.end:
             self._move_end(step, end)

@@ -460,15 +460,13 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
     run_dir = cfg.train.run_dir
     ckpt_dir = Path(start.ckpt) if start.ckpt else None
 
-    def fail(msg: str):
-        raise TrainError(msg) if main else SystemExit(1)
-
-    def fail_alone(msg: str):
-        """An error this rank may have met alone (a chunk read, a manifest that lags): every rank says its
-        own, or a failure of rank 1 would show only as the other ranks' broken collectives."""
+    def fail(msg: str, alone: bool = False):
+        """Rank 0 raises the one-line error. `alone`: this rank may have met it alone (a chunk read, a
+        manifest that lags), so another rank says it too, or it would show only as broken collectives."""
         if main:
             raise TrainError(msg)
-        click.echo(f"Error (rank {rank}): {msg}", err=True)
+        if alone:
+            click.echo(f"Error (rank {rank}): {msg}", err=True)
         raise SystemExit(1)
 
     if not cfg.data.cache_dir:
@@ -683,7 +681,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                 try:
                     plan.grow(new_known, new_finished, step, est_total_sequences=est)
                 except (ValueError, CacheError) as e:
-                    fail_alone(f"cannot follow the cache: {e}")
+                    fail(f"cannot follow the cache: {e}", alone=True)
                 est_seen = est
                 if main and (new_known, new_finished) != (known, finished):
                     jsonl.event("plan_expanded" if known >= 0 else "plan", step=step, chunks=new_known,
@@ -737,7 +735,7 @@ def _train(cfg: Config, start: Start, accelerator, console: Console, mixed: str)
                     raise CacheError(f"fault hook: rank {rank} cannot read its batch of step {step + 1}")
                 batch = prefetch.get(step)
             except CacheError as e:  # a chunk read found the cache rebuilt (or every chunk corrupt)
-                fail_alone(f"cannot follow the cache: {e}")
+                fail(f"cannot follow the cache: {e}", alone=True)
             trace.write({"step": step, "seq_ids": batch.seq_ids})
             input_ids, position_ids, labels = batch.to(device, non_blocking=True)
             counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=device)
