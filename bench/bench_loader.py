@@ -46,7 +46,7 @@ def corpus() -> tuple[list[str], str, str]:
     tok = DATA / "tokenizers" / "gpt2"
     if wt.exists() and tok.exists():
         return [json.loads(line)["text"] for line in open(wt)], str(tok), "wikitext-2 valid + GPT-2"
-    from packerd.builtin import builtin_tokenizer_dir, pydoc_documents
+    from shared.builtin import builtin_tokenizer_dir, pydoc_documents
     print("note: ../shared/data is absent; using builtin:pydoc with builtin:bpe")
     return pydoc_documents(), str(builtin_tokenizer_dir()), "pydoc topics + builtin BPE"
 

@@ -37,7 +37,7 @@ def corpus() -> tuple[list[str], str, str]:
     if wt.exists() and tok.exists():
         return [json.loads(l)["text"] for l in open(wt)], str(tok), "wikitext-2 valid + GPT-2"
     sys.path.insert(0, str(ROOT))
-    from packerd.builtin import builtin_tokenizer_dir, pydoc_documents
+    from shared.builtin import builtin_tokenizer_dir, pydoc_documents
     print("note: ../shared/data is absent; using builtin:pydoc with builtin:bpe")
     return pydoc_documents(), str(builtin_tokenizer_dir()), "pydoc topics + builtin BPE"
 

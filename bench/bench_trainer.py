@@ -190,9 +190,9 @@ def main() -> None:
     rows.append(("trainerd tokens/s", f"{tps:,.0f}"))
     if cuda:
         from trainerd.model import flops_per_token
-        from trainerd.train import PEAK_FLOPS
+        from trainerd.model import peak_flops
         name = torch.cuda.get_device_name()
-        peak = next((f for k, f in PEAK_FLOPS.items() if k in name), None)
+        peak = peak_flops(torch.device("cuda"))
         from trainerd.config import load_config
         from trainerd.model import llama_config
         from shared.cache import open_cache

@@ -32,7 +32,8 @@ _proc_encoder = None
 
 def _init_process(tok_spec: str, dtype: str) -> None:
     global _proc_encoder
-    from packerd.tokenizer import BatchEncoder, load_tokenizer
+    from packerd.tokenizer import BatchEncoder
+    from shared.tokenizer import load_tokenizer
     tok = load_tokenizer(tok_spec)
     _proc_encoder = BatchEncoder(tok.backend, tok.eos_id, dtype)
 
@@ -63,7 +64,8 @@ def main() -> None:
 
     from bench_packerd import corpus
     from packerd.pack import BATCH_CHARS
-    from packerd.tokenizer import BatchEncoder, load_tokenizer
+    from packerd.tokenizer import BatchEncoder
+    from shared.tokenizer import load_tokenizer
     texts, tok_spec, label = corpus()
     texts = [f"[{c}] {t}" for c in range(args.copies) for t in texts]
     batches = batches_of(texts, BATCH_CHARS)

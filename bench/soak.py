@@ -142,7 +142,7 @@ def main() -> int:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(work / "hf")}
     env.pop("TRAINERD_FAULT", None)
 
-    from packerd.builtin import builtin_tokenizer_dir, pydoc_documents
+    from shared.builtin import builtin_tokenizer_dir, pydoc_documents
     texts = [t for t in pydoc_documents() if t]
     tok_dir = builtin_tokenizer_dir()
     feeder = Feeder(src, texts, a.docs_per_part, a.feed_seconds)

@@ -40,7 +40,6 @@ Decisions:
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import shlex
@@ -56,6 +55,7 @@ from pathlib import Path
 import click
 
 from shared.protocol import DEFAULT_ENDPOINT
+from trainerd.rundir import RunDir
 
 PYDOC = "builtin:pydoc"
 PYDOC_SEQ_LEN = 128
@@ -393,28 +393,14 @@ def _script(name: str, module: str) -> str:
     return f"{shlex.quote(sys.executable)} -m {module}"
 
 
-def newest_checkpoint(run_dir: str) -> dict | None:
-    """The newest checkpoint's meta.json in RUN_DIR/checkpoints (small JSON; no weights are read)."""
-    best = None
-    for meta in Path(run_dir, "checkpoints").glob("*/meta.json"):
-        try:
-            m = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            continue
-        m["name"] = meta.parent.name
-        if best is None or (m.get("time", 0), m.get("step", 0)) > (best.get("time", 0), best.get("step", 0)):
-            best = m
-    return best
-
-
 def print_summary(run_dir: str, argv: list[str], launch_flags: list[str]) -> None:
     """Where the checkpoints and logs are, and the commands that go on from here.
 
     The trainer alone resumes with the same launch layout (ranks x micro-batch make the data order), so the
     resume command repeats the accelerate flags when there were several ranks or a config file."""
     q = shlex.quote
-    m = newest_checkpoint(run_dir)
-    logs = Path(run_dir, "training_logs")
+    rd = RunDir(run_dir)
+    newest = rd.newest()
     ckpt = _script("ckpt", "trainerd.admin")
     if launch_flags:
         acc = _script("accelerate", "accelerate.commands.launch")
@@ -422,15 +408,14 @@ def print_summary(run_dir: str, argv: list[str], launch_flags: list[str]) -> Non
         trainerd = f"{acc} {' '.join(q(a) for a in launch_flags)} -m trainerd"
     else:
         trainerd = _script("trainerd", "trainerd")
-    if m is None:
-        _say(f"no checkpoint in {Path(run_dir, 'checkpoints')}; logs in {logs}")
+    if newest is None:
+        _say(f"no checkpoint in {rd.checkpoints_dir}; logs in {rd.logs_dir}")
         return
-    name, run = m["name"], m.get("run", m["name"].rsplit("-step", 1)[0])
-    loss = m.get("loss")
-    _say(f"newest checkpoint: {Path(run_dir, 'checkpoints', name)} (step {m.get('step')}"
-         + (f", loss {loss:.3f})" if isinstance(loss, (int, float)) else ")"))
-    _say(f"checkpoints: {Path(run_dir, 'checkpoints')}")
-    _say(f"logs:        {logs}")
+    name, run = newest.name, newest.run
+    _say(f"newest checkpoint: {newest.path} (step {newest.step}"
+         + (f", loss {newest.loss:.3f})" if newest.loss is not None else ")"))
+    _say(f"checkpoints: {rd.checkpoints_dir}")
+    _say(f"logs:        {rd.logs_dir}")
     _say(f"resume both: {' '.join([_script('packtrain', 'launch')] + [q(a) for a in argv[1:]])}")
     _say(f"resume:      {trainerd} --run-dir {q(run_dir)} --resume latest")
     _say(f"list:        {ckpt} list --run-dir {q(run_dir)}")
@@ -476,7 +461,8 @@ def _cuda_devices() -> int:
 @click.option("--chunk-sequences", type=int,
               help=f"Sequences per chunk (default {PYDOC_CHUNK_SEQUENCES} for {PYDOC}, else packerd's 1024).")
 @click.option("--workers", type=int, help="packerd tokenizer threads (default: one per core).")
-@click.option("--model", default="tiny", show_default=True, type=click.Choice(["tiny", "124m", "415m"]), help="Model preset.")
+@click.option("--model", default="tiny", show_default=True, help="Model preset (trainerd's model.preset).",
+              type=click.Choice(tuple(__import__("trainerd.config", fromlist=["PRESETS"]).PRESETS)))
 @click.option("--processes", type=int,
               help="Trainer processes (ranks): default the GPU count, or 2 on the CPU (one thread each).")
 @click.option("--accelerate-config", type=click.Path(exists=True, dir_okay=False),

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import click
 
+from shared.builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
 from shared.cache import CorruptChunk, open_cache, QUARANTINE_DIR
 from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
 from shared.fsutil import FolderLock, LockHeld, remove_temporaries
 from shared.manifest import MANIFEST_NAME, Manifest, ManifestError, chunk_filename, load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, Publisher
+from shared.tokenizer import TokenizerError, load_tokenizer
 
-from .builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
 from .pack import Packer, PackError, Progress
 from .source import DEFAULT_HF, Source, SourceError, keep_torch_out
-from .tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger("packerd")
 

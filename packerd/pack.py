@@ -26,9 +26,10 @@ import numpy as np
 from shared.chunk import Chunk, encode_chunk, file_checksum
 from shared.fsutil import atomic_write_bytes
 from shared.manifest import ChunkEntry, Manifest, chunk_filename
+from shared.tokenizer import TokenizerInfo
 
 from .source import Source, SourceError
-from .tokenizer import BatchEncoder, TokenizerInfo
+from .tokenizer import BatchEncoder
 
 log = logging.getLogger("packerd")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .builtin import BUILTIN_SOURCE, pydoc_documents
+from shared.builtin import BUILTIN_SOURCE, pydoc_documents
 
 log = logging.getLogger("packerd")
 

@@ -1,8 +1,9 @@
 """Typed configuration: dataclass sections, a TOML file, and command-line overrides.
 
 Precedence, stated once: command-line flags > the TOML file > the dataclass defaults.
-Every field carries its help text in `field(metadata={"help": ...})`; errors name the field as
-`section.key` so the user knows what to fix.
+Every field is declared once, with `opt()`: its default, its help text, and optionally its allowed values
+(`choices=`), its range (`check=`) and its command-line flag (`flag=`), from which `click_options` makes the
+click option. Errors name the field as `section.key` so the user knows what to fix.
 """
 from __future__ import annotations
 
@@ -12,18 +13,59 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 
 class ConfigError(ValueError):
     pass
 
 
-def opt(default, help: str, **kw):
-    """A config field with its documentation."""
+# the ranges `opt(check=...)` names; the name is also the end of the error message ("must be positive")
+RANGES: dict[str, Callable[[Any], bool]] = {
+    "positive": lambda v: v > 0,
+    "at least 1": lambda v: v >= 1,
+    "0 or more": lambda v: v >= 0,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def opt(default, help: str, *, flag: str | tuple[str, ...] | None = None, choices: tuple | None = None,
+        check: str | None = None, **kw):
+    """A config field with its documentation.
+
+    flag: the long command-line flag (e.g. "--model"), or a tuple of it and its aliases; a bool field gets
+    the pair --x/--no-x. choices: the allowed values. check: a key of RANGES. None (an unset optional field)
+    passes both checks."""
+    meta = {"help": help, **kw}
+    if flag is not None:
+        meta["flag"] = (flag,) if isinstance(flag, str) else tuple(flag)
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if check is not None:
+        if check not in RANGES:
+            raise ValueError(f"unknown check {check!r} (known: {', '.join(RANGES)})")
+        meta["check"] = check
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _one_of(value: Any, choices: tuple, name: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))} (got {value!r})")
+
+
+def _check_field(value: Any, meta: typing.Mapping, name: str) -> None:
+    """The field's `choices` and `check` of opt(); None is an unset optional field and passes."""
+    if value is None:
+        return
+    if "choices" in meta:
+        _one_of(value, meta["choices"], name)
+    rule = meta.get("check")
+    if rule is not None and not RANGES[rule](value):
+        raise ConfigError(f"{name} must be {rule} (got {value})")
 
 
 def load_toml(path: str | Path) -> dict:
@@ -56,9 +98,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 errors.append(e)
         raise errors[0]
     if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))} (got {value!r})")
+        _one_of(value, typing.get_args(tp), name)
         return value
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -131,9 +171,11 @@ def build(cls, data: dict | None, prefix: str = ""):
         obj = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check()
+    for f in dataclasses.fields(cls):
+        _check_field(getattr(obj, f.name), f.metadata, f"{prefix}.{f.name}" if prefix else f.name)
+    validate = getattr(obj, "validate", None)  # what involves more than one field, or more than a range
+    if validate is not None:
+        validate()
     return obj
 
 
@@ -157,15 +199,91 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def describe(cls, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(name, default, help) of every field, nested sections flattened: for docs and --help."""
-    rows = []
+def _leaves(cls, prefix: str = ""):
+    """(dotted name, field, type) of every field that is not a section, nested sections flattened, in order."""
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}.{f.name}" if prefix else f.name
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], name)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((name, default, f.metadata.get("help", "")))
-    return rows
+            yield name, f, hints[f.name]
+
+
+def describe(cls, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every field, nested sections flattened: for docs and --help."""
+    return [(name, _default(f), f.metadata.get("help", "")) for name, f, _ in _leaves(cls, prefix)]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+# ---- the command line, generated from the fields that have a flag -----------------------------------------
+class Flag(NamedTuple):
+    param: str          # the name click passes the value as: --micro-batch-size -> micro_batch_size
+    key: str            # the dotted config key: train.micro_batch_size
+    decls: tuple[str, ...]
+    field: dataclasses.Field
+    type: Any
+
+
+def flags(cls) -> list[Flag]:
+    """Every field of dataclass `cls` (nested sections included) that has a flag, in field order."""
+    out, seen = [], {}
+    for key, f, tp in _leaves(cls):
+        decls = f.metadata.get("flag")
+        if not decls:
+            continue
+        param = decls[0].lstrip("-").replace("-", "_")
+        for name in (param, *decls):
+            if name in seen:
+                raise ValueError(f"{key} and {seen[name]} both use {name}")
+            seen[name] = key
+        out.append(Flag(param, key, decls, f, tp))
+    return out
+
+
+def _click_option(flag: Flag):
+    """The click option of one field: its type from the annotation, its help from the field, default None
+    (a flag that is not given overrides nothing)."""
+    import click
+    tp, meta = flag.type, flag.field.metadata
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"{flag.key}: no command-line type for {tp}")
+        tp = args[0]
+    decls, kw = list(flag.decls), {}
+    if tp is bool:
+        decls = [f"{d}/--no-{d[2:]}" for d in decls]
+    elif "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif typing.get_origin(tp) is Literal:
+        kw["type"] = click.Choice(typing.get_args(tp))
+    elif tp in (int, float, str):
+        kw["type"] = tp
+    else:
+        raise TypeError(f"{flag.key}: no command-line type for {tp}")
+    default = _default(flag.field)
+    shown = (f"--{'' if default else 'no-'}{flag.decls[0][2:]}" if isinstance(default, bool) else default)
+    help = meta.get("help", "") + (f"  [default: {shown}]" if default not in (None, "") else "")
+    return click.option(*decls, flag.param, default=None, help=help, **kw)
+
+
+def click_options(cls) -> Callable:
+    """A decorator that adds to a click command one option per field of `cls` that has a flag."""
+    options = [_click_option(f) for f in flags(cls)]
+
+    def decorate(fn):
+        for option in reversed(options):  # click lists options in decorator order, top first
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def flag_overrides(cls, values: dict) -> dict:
+    """The dotted overrides ({"model.preset": "124m", ...}) of the values click passed for `cls`'s flags;
+    a flag that was not given (None) is left out."""
+    keys = {f.param: f.key for f in flags(cls)}
+    return {keys[name]: v for name, v in values.items() if v is not None}

@@ -47,7 +47,7 @@ def _isolated_home(tmp_path_factory):
 
 
 def pydoc_texts() -> list[str]:
-    from packerd.builtin import pydoc_documents
+    from shared.builtin import pydoc_documents
     return pydoc_documents()
 
 
@@ -72,7 +72,7 @@ def corpus_jsonl(tmp_path_factory, corpus_texts) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_texts) -> Path:
     """A byte-level BPE (vocabulary 512, EOS <|endoftext|> = 0) saved as a Hugging Face folder."""
-    from packerd.builtin import train_bpe
+    from shared.builtin import train_bpe
     return train_bpe(corpus_texts, 512, tmp_path_factory.mktemp("tok") / "bpe512")
 
 

@@ -77,7 +77,7 @@ def _real_checkpoint(runs: Path, cache: Path) -> str:
     torch.manual_seed(0)
     model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"], False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    name = ck.ckpt_name("good", 4)
+    name = "good-step00000004"
     meta = {"run": "good", "run_id": "abc", "step": 4, "loss": 6.0, "tokens": 2048, "time": 1_700_000_000.0,
             "elapsed_s": 1.0, "world_size": 1, "model": "tiny", "params": 1}
     ck.save_checkpoint(runs, name, model=model, optimizer_state=opt.state_dict(), state={"step": 4, "rng": [ck.rng_state()]},

@@ -69,7 +69,7 @@ def template(tmp_path_factory, tokenizer_dir) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from packerd.tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
 
     identity = load_tokenizer(str(tokenizer_dir)).identity()
     assert identity["name"] == str(Path(tokenizer_dir).resolve()) and identity["vocab_size"] == 512
@@ -98,7 +98,7 @@ def template(tmp_path_factory, tokenizer_dir) -> Path:
     saving = run_dir / "checkpoints" / ".tmp-busy-step00000020-4242"     # the busy run is saving right now
     saving.mkdir()
     (saving / "model.safetensors").write_bytes(b"\0" * 500)
-    (run_dir / "checkpoints" / ".tmp-old-busy-step00000010-4242").mkdir()  # checkpoint.py replacing a same-step save
+    (run_dir / "checkpoints" / ".tmp-busy-step00000010_run_2-4242").mkdir()  # its line 2 saving a step again
     return run_dir
 
 
@@ -315,7 +315,7 @@ def test_clean_leaves_a_training_run_alone(run_dir):
         assert not (run_dir / "checkpoints" / ".tmp-runA-step00000400-99999").exists()
         assert not (run_dir / "training_logs" / "gone_run_1.jsonl").exists()
         assert (run_dir / "checkpoints" / ".tmp-busy-step00000020-4242").exists()
-        assert (run_dir / "checkpoints" / ".tmp-old-busy-step00000010-4242").exists()
+        assert (run_dir / "checkpoints" / ".tmp-busy-step00000010_run_2-4242").exists()
         assert (run_dir / "training_logs" / "busy_run_1.jsonl").exists()
         assert sorted(p.name for p in (run_dir / "training_logs").iterdir()) == [
             "busy_run_1.jsonl", "runA_run_1.jsonl", "runA_run_2.jsonl", "runB_run_1.jsonl"]
@@ -333,44 +333,37 @@ def test_clean_leaves_a_training_run_alone(run_dir):
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")] == []
 
 
-def test_clean_restores_a_checkpoint_whose_re_save_was_interrupted(run_dir):
-    # a re-save of runA's step 300 renamed the old folder aside and died before renaming the new one in
+def test_a_resumed_lines_checkpoint_is_listed_under_its_run(run_dir):
+    # runA resumed from step 200 (line 2) and saved step 300 again: beside the first line's, never over it
     cks = run_dir / "checkpoints"
-    (cks / "runA-step00000300").rename(cks / ".tmp-old-runA-step00000300-55")
-    (cks / ".tmp-runA-step00000300-55").mkdir()
-    assert "runA-step00000300" not in names(run_dir)
-    r = ckpt(run_dir, "clean", "--yes")
-    assert r.exit_code == 0, r.output
-    assert "checkpoints/.tmp-old-runA-step00000300-55/  (interrupted re-save of runA-step00000300: restored, not removed" in r.output
-    assert "Restored runA-step00000300" in r.output
-    assert "runA-step00000300" in names(run_dir) and not (cks / ".tmp-runA-step00000300-55").exists()
-    assert ckpt(run_dir, "verify", "runA-step00000300").exit_code == 0
+    shutil.copytree(cks / "runA-step00000300", cks / "runA-step00000300_run_2")
+    meta = json.loads((cks / "runA-step00000300_run_2" / "meta.json").read_text())
+    meta.update(name="runA-step00000300_run_2", time=T0 + 10_000)
+    (cks / "runA-step00000300_run_2" / "meta.json").write_text(json.dumps(meta))
+    rows = json.loads(ckpt(run_dir, "list", "--json").output)
+    assert [(r["name"], r["run"], r["step"]) for r in rows[:2]] == [("runA-step00000300_run_2", "runA", 300),
+                                                                    ("runA-step00000300", "runA", 300)]
+    r = ckpt(run_dir, "prune", "--keep", "1", "--run", "runA", "--yes")
+    assert r.exit_code == 0 and names(run_dir) == ["runA-step00000300_run_2", "runB-step00000050"]
 
 
-def test_clean_keeps_the_log_of_a_run_whose_only_checkpoint_it_restores(run_dir):
+def test_clean_takes_each_unfinished_save_for_its_own_run(run_dir):
+    # runB's line 2 died saving step 50 again; run old-runB (a name that extends runB's) died saving too.
+    # While runB trains, only old-runB's leftover goes; runB's goes once its trainer has stopped
     cks = run_dir / "checkpoints"
-    (cks / "runB-step00000050").rename(cks / ".tmp-old-runB-step00000050-56")
-    r = ckpt(run_dir, "clean", input="n\n")      # five leftovers, and runB's checkpoint to put back
-    assert r.exit_code == 1 and "Remove 5 and restore 1?" in r.output, r.output
-    assert "runB_run_1" not in r.output           # not an orphaned log: its checkpoint comes back
+    (cks / ".tmp-runB-step00000050_run_2-56").mkdir()
+    (cks / ".tmp-old-runB-step00000050-57").mkdir()
+    with FolderLock(run_dir / ".locks", "runB.lock"):
+        r = ckpt(run_dir, "clean", "--yes")
+        assert r.exit_code == 0, r.output
+        assert "Skipping run runB: it is training" in r.output
+        assert "checkpoints/.tmp-old-runB-step00000050-57/  (unfinished save" in r.output
+        assert ".tmp-runB-step00000050_run_2-56" not in r.output and (cks / ".tmp-runB-step00000050_run_2-56").exists()
+    assert not (cks / ".tmp-old-runB-step00000050-57").exists()
     r = ckpt(run_dir, "clean", "--yes")
-    assert r.exit_code == 0 and r.output.endswith("Removed 5 items. Restored 1 checkpoint.\n"), r.output
+    assert "checkpoints/.tmp-runB-step00000050_run_2-56/  (unfinished save" in r.output
+    assert not (cks / ".tmp-runB-step00000050_run_2-56").exists()
     assert "runB-step00000050" in names(run_dir) and (run_dir / "training_logs" / "runB_run_1.jsonl").exists()
-
-
-def test_clean_does_not_take_run_old_x_for_a_re_save_of_run_x(run_dir):
-    # run old-runB's save died just before its rename: .tmp-old-runB-step00000050-57, the very name a re-save
-    # of runB-step00000050 would leave, but its meta names old-runB-step00000050: an unfinished save
-    cks = run_dir / "checkpoints"
-    shutil.copytree(cks / "runB-step00000050", cks / ".tmp-old-runB-step00000050-57")
-    meta = json.loads((cks / ".tmp-old-runB-step00000050-57" / "meta.json").read_text())
-    meta.update(name="old-runB-step00000050", run="old-runB")
-    (cks / ".tmp-old-runB-step00000050-57" / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(cks / "runB-step00000050")
-    r = ckpt(run_dir, "clean", "--yes")
-    assert r.exit_code == 0, r.output
-    assert "checkpoints/.tmp-old-runB-step00000050-57/  (unfinished save" in r.output and "Restored" not in r.output
-    assert "runB-step00000050" not in names(run_dir) and not (cks / ".tmp-old-runB-step00000050-57").exists()
 
 
 def test_clean_after_deleting_a_run(run_dir):
@@ -487,7 +480,7 @@ def test_export_into_an_empty_folder_and_bad_tokenizer(run_dir, tmp_path):
 
 
 def test_builtin_tokenizer_name_resolves():
-    from packerd.builtin import builtin_tokenizer_dir
+    from shared.builtin import builtin_tokenizer_dir
     from trainerd.admin import tokenizer_source
     assert tokenizer_source("builtin:bpe") == str(builtin_tokenizer_dir())
     assert tokenizer_source("gpt2") == "gpt2"

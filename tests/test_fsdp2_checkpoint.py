@@ -137,6 +137,7 @@ def worker(out: Path) -> None:
     from trainerd import checkpoint as ck
     from trainerd.config import ModelConfig
     from trainerd.model import build_model, model_from_config_dict
+    from trainerd.rundir import RunDir
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -159,7 +160,7 @@ def worker(out: Path) -> None:
     else:
         assert weights == {} and optim == {}  # cpu_offload: the full tensors go to rank 0 only
     dist.barrier()
-    root = ck.ckpt_root(out)
+    root = RunDir(out).checkpoints_dir
 
     local_numel = sum(s["exp_avg"].to_local().numel() for s in opt.state.values())
     full_numel = sum(p.numel() for p in model.parameters())

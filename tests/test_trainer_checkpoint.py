@@ -4,27 +4,40 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from shared.fsutil import FolderLock
 from trainerd import checkpoint as ck
 from trainerd.config import ModelConfig
 from trainerd.model import build_model, model_from_config_dict
+from trainerd.rundir import LOCKS, RunDir, TrainError, ckpt_name
 
 SMALL = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
-def save(run_dir, run, step, model, opt, time=None, **kw):
+def save(run_dir, run, step, model, opt, time=None, name=None, **kw):
     meta = {"run": run, "run_id": "abc", "step": step, "loss": 1.0 / (step + 1), "tokens": 64 * step,
             "time": 1000.0 + step if time is None else time, "elapsed_s": 1.0, "world_size": 1, "model": "tiny", "params": 1}
     state = {"step": step, "data": {"order0": np.arange(4), "n": np.int64(3)}, "rng": [ck.rng_state()]}
-    return ck.save_checkpoint(run_dir, ck.ckpt_name(run, step), model=model, optimizer_state=opt.state_dict(),
+    return ck.save_checkpoint(run_dir, name or ckpt_name(run, step), model=model, optimizer_state=opt.state_dict(),
                               state=state, meta=meta, config={"train": {"lr": 1e-3}},
                               model_config=model.config.to_dict(), tokenizer={"vocab_hash": "h"}, **kw)
+
+
+def names(run_dir, run=None):
+    """Complete checkpoints, oldest first."""
+    return [c.name for c in reversed(RunDir(run_dir).checkpoints(run, complete=True))]
+
+
+def prune(run_dir, run, keep, keep_name=None):
+    """What the trainer does after a save: delete all but the newest KEEP of the run; returns the names."""
+    rd = RunDir(run_dir)
+    doomed = rd.prune_plan(keep, run=run, keep_name=keep_name)[0]
+    for c in doomed:
+        rd.delete(c)
+    return sorted(c.name for c in doomed)
 
 
 def trained_model():
@@ -75,67 +88,55 @@ def test_unfinished_save_is_invisible_and_latest_is_found(tmp_path):
     save(tmp_path, "b", 5, m, opt)
     (tmp_path / "checkpoints" / ".tmp-a-step00000020-999").mkdir()
     (tmp_path / "checkpoints" / "a-step00000030").mkdir()  # no meta.json: not a checkpoint
-    assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["b-step00000005", "a-step00000010"]
-    assert ck.find_checkpoint(tmp_path, "latest")["name"] == "a-step00000010"  # newest by time
-    assert ck.find_checkpoint(tmp_path, "b")["name"] == "b-step00000005"
-    assert ck.find_checkpoint(tmp_path, "a-step00000010")["step"] == 10
-    with pytest.raises(ck.CheckpointError, match="no checkpoint or run named"):
-        ck.find_checkpoint(tmp_path, "c")
-    assert ck.remove_stale_temporaries(tmp_path, "a") == ["removed .tmp-a-step00000020-999: an unfinished save of an earlier trainer"]
+    rd = RunDir(tmp_path)
+    assert names(tmp_path) == ["b-step00000005", "a-step00000010"]
+    assert rd.find("latest").name == "a-step00000010"  # newest by time
+    assert rd.find("b").name == "b-step00000005"
+    assert rd.find("a-step00000010").step == 10
+    with pytest.raises(TrainError, match="no checkpoint or run named"):
+        rd.find("c")
+    assert rd.remove_unfinished_saves("a") == ["removed .tmp-a-step00000020-999: an unfinished save of an earlier trainer"]
 
 
-def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_loses_nothing(tmp_path):
-    # the save of a step that exists renames the old folder aside, then the new one into place: a crash
-    # between the two leaves .tmp-old-NAME-PID (complete) and no NAME; the next trainer renames it back
+def test_a_save_never_replaces_a_folder_and_a_resumed_line_saves_under_its_own_name(tmp_path):
+    # run a saved steps 10 and 20; line 2 resumed from step 10 and reaches step 20 again: it saves beside
+    # the first line's step 20, never over it, and the first line's folder is untouched
     m, opt = trained_model()
-    path = save(tmp_path, "a", 10, m, opt)
-    want = ck.read_meta(path)
-    root = tmp_path / "checkpoints"
-    os.replace(path, root / ".tmp-old-a-step00000010-4242")
-    (root / ".tmp-a-step00000010-4242").mkdir()   # the new save, complete or not
-    assert ck.list_checkpoints(tmp_path) == []
-    assert ck.remove_stale_temporaries(tmp_path, "a") == [
-        "removed .tmp-a-step00000010-4242: an unfinished save of an earlier trainer",
-        "restored a-step00000010: a save that replaced it was interrupted"]
-    assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["a-step00000010"]
-    assert ck.read_meta(root / "a-step00000010") == want and sorted(os.listdir(root)) == ["a-step00000010"]
-    # with NAME in place (the crash came after the second rename), the old copy is only removed, complete
-    # or half removed already
-    path = save(tmp_path, "a", 20, m, opt)
-    shutil.copytree(path, root / ".tmp-old-a-step00000020-7")
-    shutil.copytree(path, root / ".tmp-old-a-step00000020-8")
-    os.remove(root / ".tmp-old-a-step00000020-8" / "meta.json")
-    assert ck.remove_stale_temporaries(tmp_path, "a") == [
-        "removed .tmp-old-a-step00000020-7: the copy of a-step00000020 that a finished re-save replaced",
-        "removed .tmp-old-a-step00000020-8: an unfinished save of an earlier trainer"]
-    assert ck.read_meta(root / "a-step00000020") is not None and sorted(os.listdir(root)) == [
-        "a-step00000010", "a-step00000020"]
+    save(tmp_path, "a", 10, m, opt)
+    first = save(tmp_path, "a", 20, m, opt)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    rd = RunDir(tmp_path)
+    with pytest.raises(ck.CheckpointError, match="exists already"):
+        save(tmp_path, "a", 20, m, opt)
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.startswith(".tmp-")]
+    (tmp_path / "training_logs").mkdir()
+    (tmp_path / "training_logs" / "a_run_1.jsonl").write_text("")
+    assert rd.next_line("a") == 2
+    name = rd.save_name("a", 20, line=2)
+    assert name == "a-step00000020_run_2" and rd.save_name("a", 30, line=2) == "a-step00000030"
+    second = save(tmp_path, "a", 20, m, opt, time=5000.0, name=name)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert rd.find("a").path == second and rd.find("a").step == 20 and rd.find("a").run == "a"
+    # a line number shown only by a checkpoint (its log deleted by hand) is never taken again
+    (tmp_path / "training_logs" / "a_run_1.jsonl").unlink()
+    assert rd.next_line("a") == 3 and rd.next_line("b") == 1
 
 
-def test_a_run_named_old_x_is_not_taken_for_a_re_save_of_run_x(tmp_path):
-    # run old-x's unfinished save is .tmp-old-x-step00000010-PID, the very name a re-save of x-step00000010
-    # would leave; its meta (written last, so present when the crash came just before the rename) names
-    # old-x-step00000010. Run x's trainer must not rename it to x-step00000010.
+def test_a_trainer_removes_only_its_own_runs_unfinished_saves(tmp_path):
+    # run names may extend one another (a, a-step1x, old-a): only the exact run's leftovers are its own
     m, opt = trained_model()
     root = tmp_path / "checkpoints"
-    (tmp_path / ck.LOCKS_DIR).mkdir()
-    path = save(tmp_path, "old-x", 10, m, opt)
-    os.replace(path, root / ".tmp-old-x-step00000010-77")
-    assert ck.resave_leftover(root / ".tmp-old-x-step00000010-77") is None
-    assert ck.restore_interrupted_resaves(tmp_path) == []
-    # while a trainer of old-x is alive, x's trainer leaves it alone; after that, it is debris
-    with FolderLock(root.parent / ck.LOCKS_DIR, "old-x.lock"):
-        assert ck.remove_stale_temporaries(tmp_path, "x") == []
-    assert ck.remove_stale_temporaries(tmp_path, "x") == [
-        "removed .tmp-old-x-step00000010-77: an unfinished save of an earlier trainer"]
-    assert os.listdir(root) == []
-    # the re-save leftover of run old-x itself is .tmp-old-old-x-...: restored for old-x, not for x
-    path = save(tmp_path, "old-x", 10, m, opt)
-    os.replace(path, root / ".tmp-old-old-x-step00000010-78")
-    assert ck.remove_stale_temporaries(tmp_path, "x") == []
-    with FolderLock(root.parent / ck.LOCKS_DIR, "old-x.lock"):   # its trainer is alive: not touched
-        assert ck.restore_interrupted_resaves(tmp_path) == []
-    assert ck.restore_interrupted_resaves(tmp_path) == ["restored old-x-step00000010: a save that replaced it was interrupted"]
+    save(tmp_path, "a", 10, m, opt)
+    for leftover in (".tmp-a-step00000020-7", ".tmp-a-step00000020_run_2-8", ".tmp-a-step1x-step00000010-9",
+                     ".tmp-old-a-step00000010-10", ".tmp-ab-step00000010-11"):
+        (root / leftover).mkdir()
+    rd = RunDir(tmp_path)
+    assert rd.remove_unfinished_saves("a") == [
+        "removed .tmp-a-step00000020-7: an unfinished save of an earlier trainer",
+        "removed .tmp-a-step00000020_run_2-8: an unfinished save of an earlier trainer"]
+    assert sorted(os.listdir(root)) == [".tmp-a-step1x-step00000010-9", ".tmp-ab-step00000010-11",
+                                        ".tmp-old-a-step00000010-10", "a-step00000010"]
+    assert [i.runs for i in rd.unfinished_saves()] == [("a-step1x",), ("ab",), ("old-a",)]
 
 
 def test_prune_never_removes_the_save_just_written(tmp_path):
@@ -144,9 +145,9 @@ def test_prune_never_removes_the_save_just_written(tmp_path):
     for step in (10, 20):
         save(tmp_path, "a", step, m, opt)
     save(tmp_path, "a", 30, m, opt, time=1.0)
-    assert ck.prune(tmp_path, "a", keep=2) == ["a-step00000030"]   # what a clock set back did without keep_name
+    assert prune(tmp_path, "a", keep=2) == ["a-step00000030"]   # what a clock set back did without keep_name
     save(tmp_path, "a", 30, m, opt, time=1.0)
-    assert ck.prune(tmp_path, "a", keep=2, keep_name="a-step00000030") == ["a-step00000010"]
+    assert prune(tmp_path, "a", keep=2, keep_name="a-step00000030") == ["a-step00000010"]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["a-step00000020", "a-step00000030"]
 
 
@@ -155,8 +156,8 @@ def test_keep_last_n(tmp_path):
     for step in (1, 2, 3, 4):
         save(tmp_path, "a", step, m, opt)
     save(tmp_path, "b", 1, m, opt)
-    assert ck.prune(tmp_path, "a", keep=2) == ["a-step00000001", "a-step00000002"]
-    assert sorted(x["name"] for x in ck.list_checkpoints(tmp_path)) == ["a-step00000003", "a-step00000004", "b-step00000001"]
+    assert prune(tmp_path, "a", keep=2) == ["a-step00000001", "a-step00000002"]
+    assert sorted(names(tmp_path)) == ["a-step00000003", "a-step00000004", "b-step00000001"]
 
 
 def test_a_run_resumed_from_an_older_step_keeps_its_new_saves(tmp_path):
@@ -165,13 +166,14 @@ def test_a_run_resumed_from_an_older_step_keeps_its_new_saves(tmp_path):
     m, opt = trained_model()
     for step in (10, 20, 30, 40, 50):
         save(tmp_path, "a", step, m, opt)
-        ck.prune(tmp_path, "a", keep=3)
+        prune(tmp_path, "a", keep=3)
     save(tmp_path, "a", 35, m, opt, time=2000.0)
-    assert ck.prune(tmp_path, "a", keep=3) == ["a-step00000030"]
+    assert prune(tmp_path, "a", keep=3) == ["a-step00000030"]
     save(tmp_path, "a", 45, m, opt, time=2001.0)
-    assert ck.prune(tmp_path, "a", keep=3) == ["a-step00000040"]
-    assert [x["name"] for x in ck.list_checkpoints(tmp_path)] == ["a-step00000050", "a-step00000035", "a-step00000045"]
-    assert ck.find_checkpoint(tmp_path, "a")["name"] == ck.find_checkpoint(tmp_path, "latest")["name"] == "a-step00000045"
+    assert prune(tmp_path, "a", keep=3) == ["a-step00000040"]
+    assert names(tmp_path) == ["a-step00000050", "a-step00000035", "a-step00000045"]
+    rd = RunDir(tmp_path)
+    assert rd.find("a").name == rd.find("latest").name == "a-step00000045"
 
 
 def test_pickled_code_is_refused(tmp_path):
@@ -197,22 +199,21 @@ def test_weights_that_do_not_fit_are_one_error(tmp_path):
 
 def test_lock_probes_create_nothing_and_a_starting_trainer_waits_them_out(tmp_path):
     import threading
-    import time
-    from shared.fsutil import LockHeld
-    with ck.run_lock_free(tmp_path, "never") as free:      # a run never trained here: no lock file made
+    rd = RunDir(tmp_path)
+    with rd.hold_run(("never",)) as free:                 # a run never trained here: no lock file made
         assert free
-    assert not (tmp_path / ck.LOCKS_DIR / "never.lock").exists()
-    lock = ck.acquire_run_lock(tmp_path, "r")
-    with ck.run_lock_free(tmp_path, "r") as free:
+    assert not (tmp_path / LOCKS / "never.lock").exists()
+    lock = rd.lock_run("r")
+    with rd.hold_run(("r",)) as free:
         assert not free                                    # its trainer is alive
     lock.release()
-    assert (tmp_path / ck.LOCKS_DIR / "r.lock").read_text() == str(os.getpid())
-    # a probe (ckpt clean, another trainer's restore) holds the lock for a moment: a trainer starting
-    # then retries instead of reporting "another trainer is running"
-    probe = ck.run_lock_free(tmp_path, "r")
+    assert (tmp_path / LOCKS / "r.lock").read_text() == str(os.getpid())
+    # a probe (ckpt clean) holds the lock for a moment: a trainer starting then retries instead of
+    # reporting "another trainer is running"
+    probe = rd.hold_run(("r",))
     assert probe.__enter__()
     threading.Timer(0.3, probe.__exit__, (None, None, None)).start()
-    ck.acquire_run_lock(tmp_path, "r", patience_s=10).release()
-    with ck.run_lock_free(tmp_path, "r"):
-        with pytest.raises(LockHeld):
-            ck.acquire_run_lock(tmp_path, "r", patience_s=0.2)
+    rd.lock_run("r", patience_s=10).release()
+    with rd.hold_run(("r",)):
+        with pytest.raises(TrainError, match="another trainer is running run r"):
+            rd.lock_run("r", patience_s=0.2)

@@ -78,7 +78,7 @@ def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
 def test_mixed_precision_auto_follows_accelerate_launch(monkeypatch):
     import click
 
-    from trainerd.train import resolve_mixed_precision
+    from trainerd.start import resolve_mixed_precision
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert resolve_mixed_precision("auto", cuda=False) == "no"
     assert resolve_mixed_precision("bf16", cuda=False) == "bf16"          # bf16 autocast works on the CPU
@@ -91,3 +91,74 @@ def test_mixed_precision_auto_follows_accelerate_launch(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     with pytest.raises(click.ClickException, match="fp16 needs CUDA"):
         resolve_mixed_precision("auto", cuda=False)
+
+
+# ---- the command line: generated from the config fields -------------------------------------------------------
+USER_FLAGS = ["--cache-dir", "--run-dir", "--model", "--hidden-size", "--layers", "--heads", "--kv-heads",
+              "--micro-batch-size", "--batch-size", "--grad-accum", "--lr", "--schedule", "--warmup-fraction",
+              "--decay-fraction", "--decay-tokens", "--target-epochs", "--epoch-fraction", "--max-steps",
+              "--checkpoint-every", "--keep", "--endpoint", "--curve-dir", "--mixed-precision", "--compile",
+              "--no-compile", "--flash-attention", "--no-flash-attention", "--seed", "--deterministic",
+              "--no-deterministic", "--threads", "--wait", "--no-wait", "--log-every", "--log-with",
+              "--config", "--new", "--resume", "--set", "--help-config", "-h", "--help"]
+
+
+def cli(*args: str) -> dict:
+    """The dotted overrides trainerd's command makes of `args` (parsed only: nothing runs)."""
+    from shared.config import flags
+    from trainerd.__main__ import main
+    from trainerd.config import cli_overrides
+    params = main.make_context("trainerd", list(args)).params
+    names = {f.param for f in flags(Config)}
+    return cli_overrides({k: v for k, v in params.items() if k in names})
+
+
+def test_every_flag_users_type_exists():
+    from trainerd.__main__ import main
+    declared = {o for p in main.get_params(main.make_context("trainerd", [])) for o in (*p.opts, *p.secondary_opts)}
+    assert set(USER_FLAGS) <= declared, sorted(set(USER_FLAGS) - declared)
+
+
+def test_a_generated_flag_sets_its_field():
+    assert cli() == {}                                   # a flag not given overrides nothing (the file's value stays)
+    overrides = cli("--layers", "3", "--model", "124m", "--schedule", "cosine", "--lr", "1e-3", "--keep", "0")
+    assert overrides == {"model.num_layers": 3, "model.preset": "124m", "schedule.kind": "cosine", "train.lr": 1e-3,
+                         "checkpoint.keep": 0}
+    cfg = load_config(None, overrides)
+    assert (cfg.model.num_layers, cfg.model.preset, cfg.schedule.kind, cfg.checkpoint.keep) == (3, "124m", "cosine", 0)
+
+
+def test_batch_size_is_an_alias_and_bool_flags_are_pairs():
+    assert cli("--batch-size", "4") == cli("--micro-batch-size", "4") == {"train.micro_batch_size": 4}
+    assert cli("--no-compile") == {"train.compile": False}
+    assert cli("--compile", "--no-wait", "--no-flash-attention") == {
+        "train.compile": True, "data.wait": False, "model.flash_attention": False}
+
+
+def test_a_bad_choice_is_a_usage_error():
+    from click.testing import CliRunner
+
+    from trainerd.__main__ import main
+    result = CliRunner().invoke(main, ["--model", "huge"])
+    assert result.exit_code == 2 and "Invalid value for '--model'" in result.output, result.output
+    with pytest.raises(ConfigError, match=r"model.preset must be one of tiny, 124m, 415m \(got '7b'\)"):
+        load_config(None, {"model.preset": "7b"})
+
+
+def test_presets_and_schedule_kinds_come_from_one_table():
+    import dataclasses
+
+    from launch.__main__ import main as packtrain
+    from trainerd.__main__ import main
+    from trainerd.config import PRESETS, ModelConfig, ScheduleConfig
+    from trainerd.schedule import KINDS
+
+    def choices(command, flag):
+        return tuple(next(p for p in command.params if flag in p.opts).type.choices)
+
+    field = {f.name: f for f in dataclasses.fields(ModelConfig)}["preset"]
+    assert field.metadata["choices"] == choices(main, "--model") == choices(packtrain, "--model") == tuple(PRESETS)
+    kind = {f.name: f for f in dataclasses.fields(ScheduleConfig)}["kind"]
+    assert kind.metadata["choices"] == choices(main, "--schedule") == tuple(KINDS)
+    for name in (*PRESETS, *KINDS):
+        assert name in help_text()

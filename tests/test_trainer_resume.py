@@ -143,35 +143,36 @@ def test_resumed_from_an_older_checkpoint_the_new_line_is_kept(tmp_path, cache, 
     recs = records(runs, "ref", 2)
     assert events(recs, "resumed")[0]["later_checkpoints"] == ["ref-step00000020", "ref-step00000024"]
     assert [(e["step"], e["pruned"]) for e in events(recs, "checkpoint_saved")] == [
-        (18, ["ref-step00000015"]), (21, ["ref-step00000020"]), (24, [])]
-    assert sorted(os.listdir(runs / "checkpoints")) == ["ref-step00000018", "ref-step00000021", "ref-step00000024"]
+        (18, ["ref-step00000015"]), (21, ["ref-step00000020"]), (24, ["ref-step00000024"])]
+    # step 24 of the old line is not written over: the new line's copy has its own name, and the old one
+    # goes as the oldest save
+    assert sorted(os.listdir(runs / "checkpoints")) == ["ref-step00000018", "ref-step00000021",
+                                                        "ref-step00000024_run_2"]
     ref = steps(records(uninterrupted, "ref", 1))
     assert all(r["loss"] == ref[s]["loss"] for s, r in steps(recs).items())  # saving more often changes nothing
 
 
-def test_an_interrupted_re_save_is_put_back_before_the_resume_is_chosen(tmp_path, cache, uninterrupted):
-    """A same-step re-save of ref-step00000024 died between its two renames: the checkpoint lies aside as
-    .tmp-old-NAME-PID next to the unfinished new copy. --resume ref must resume from it, not from step 20."""
+def test_a_resumed_line_saves_beside_the_steps_it_repeats(tmp_path, cache, uninterrupted):
+    """Resumed from step 20, line 2 of ref reaches step 24 again: it saves ref-step00000024_run_2 beside the
+    first line's step 24 and never touches that folder; --resume ref then takes line 2's (the newest)."""
     import shutil
     runs = tmp_path / "runs"
     shutil.copytree(uninterrupted, runs)
     cks = runs / "checkpoints"
-    os.replace(cks / "ref-step00000024", cks / ".tmp-old-ref-step00000024-4242")
-    (cks / ".tmp-ref-step00000024-4242").mkdir()
-    p = run_trainer(cache, runs, tmp_path, "--resume", "ref")
+    first = {p.name: p.read_bytes() for p in (cks / "ref-step00000024").iterdir()}
+    p = run_trainer(cache, runs, tmp_path, "--resume", "ref-step00000020", "--max-steps", MAX_STEPS)
     assert p.returncode == 0, p.stderr
-    assert "restored ref-step00000024: a save that replaced it was interrupted" in p.stderr
-    assert "resumed ref from ref-step00000024 (step 24)" in p.stderr
+    recs = records(runs, "ref", 2)
+    assert [(e["step"], e["name"]) for e in events(recs, "checkpoint_saved")] == [(24, "ref-step00000024_run_2")]
+    assert {p.name: p.read_bytes() for p in (cks / "ref-step00000024").iterdir()} == first
     assert not [d for d in os.listdir(cks) if d.startswith(".tmp-")]
-    assert "ref-step00000024" in os.listdir(cks)
-    # the same when it is the run's only checkpoint, resumed by its exact name (the checks before torch
-    # loads look it up too)
-    for other in ("ref-step00000015", "ref-step00000020"):
-        shutil.rmtree(cks / other)
-    os.replace(cks / "ref-step00000024", cks / ".tmp-old-ref-step00000024-4243")
-    p = run_trainer(cache, runs, tmp_path, "--resume", "ref-step00000024")
+    ref = steps(records(uninterrupted, "ref", 1))
+    assert all(r["loss"] == ref[s]["loss"] for s, r in steps(recs).items())
+    assert events(recs, "finished")[0]["weights_xxh64"] == events(records(uninterrupted, "ref", 1), "finished")[0]["weights_xxh64"]
+    p = run_trainer(cache, runs, tmp_path, "--resume", "ref", "--max-steps", MAX_STEPS)
     assert p.returncode == 0, p.stderr
-    assert "resumed ref from ref-step00000024 (step 24)" in p.stderr and os.listdir(cks) == ["ref-step00000024"]
+    assert "resumed ref from ref-step00000024_run_2 (step 24)" in p.stderr
+    assert events(records(runs, "ref", 3), "checkpoint_saved") == []   # nothing new to save
 
 
 def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cache):

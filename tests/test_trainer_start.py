@@ -10,7 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from trainerd.config import load_config
-from trainerd.train import Start, TrainError, decide_start, interactive_menu, suggest_name
+from trainerd.output import Console, status_line
+from trainerd.rundir import TrainError
+from trainerd.start import decide_start, interactive_menu, prepare, suggest_name
 
 
 def fake_checkpoint(run_dir, run, step, loss, t):
@@ -84,7 +86,6 @@ def test_checkpoint_menu_resumes_a_pick(run_dir):
 
 
 def test_status_line_format():
-    from trainerd.train import status_line
     assert status_line(770, 26_235, 5.58312, 106_212.4, None, 4 * 3600 + 23 * 60 + 59) == \
         "Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h"
     assert status_line(1, 10, 9.0, None, None, None) == "Step 1/10 (10.0%) | Loss 9.000 | - tok/s | ETA --:--h"
@@ -99,7 +100,6 @@ class _Terminal(io.StringIO):
 
 
 def test_console_refreshes_in_place_on_a_terminal_and_prints_lines_otherwise():
-    from trainerd.train import Console
     tty = _Terminal()
     c = Console(True, every=10, stream=tty)
     c.status("Step 1/3", 1)
@@ -119,16 +119,23 @@ def test_console_refreshes_in_place_on_a_terminal_and_prints_lines_otherwise():
     assert quiet.getvalue() == ""
 
 
-def test_only_the_main_process_probes_the_run_lock(tmp_path, monkeypatch):
-    # every rank of a launch runs the preflight checks at once; a probe of the run lock holds it for a
-    # moment, so a probing rank 1 could make rank 0's own acquisition fail: only rank 0 probes
+def test_only_the_main_process_decides_the_run(tmp_path, monkeypatch, make_cache):
+    # every rank of a launch starts at once; only rank 0 decides and takes the run's lock (a probing rank 1
+    # could make rank 0's own acquisition fail); the others get rank 0's decision in the trainer
     from shared.fsutil import FolderLock
-    from trainerd.__main__ import preflight
+    cache = make_cache()
     (tmp_path / ".locks").mkdir()
-    cfg = load_config(None, {"train.run_dir": str(tmp_path)})
+    overrides = {"train.run_dir": str(tmp_path), "data.cache_dir": str(cache)}
+    quiet = Console(False, every=1)
     with FolderLock(tmp_path / ".locks", "r.lock"):    # a trainer of run r is running
         monkeypatch.setenv("RANK", "1")
-        preflight(cfg, "r", None)                         # not probed: no error, and the lock untouched
+        assert prepare(None, overrides, "r", None, quiet) is None   # no decision, and the lock untouched
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(click.ClickException, match="another trainer is running run r"):
-            preflight(cfg, "r", None)
+            prepare(None, overrides, "r", None, quiet)
+    start, lock = prepare(None, overrides, "r", None, quiet)
+    try:
+        assert (start.mode, start.run, start.line, start.ckpt) == ("new", "r", 1, None)
+        assert start.config["data"]["cache_dir"] == str(cache) and start.config["train"]["run_dir"] == str(tmp_path)
+    finally:
+        lock.release()

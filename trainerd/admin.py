@@ -8,8 +8,8 @@
     ckpt export tiny_pydoc_64-step00000200 hf/tiny # a folder AutoModelForCausalLM.from_pretrained loads
     ckpt plot tiny_pydoc_64 --out loss.png         # loss, learning rate and tokens/s against step
 
-The run folder comes from --run-dir or TRAINERD_RUN_DIR; its layout is the one trainerd/checkpoint.py writes
-(see the docstring there). Only `verify` and `export` open the weights, so `list` costs one small JSON read per
+The run folder comes from --run-dir or TRAINERD_RUN_DIR; trainerd/rundir.py owns its layout and listing,
+trainerd/checkpoint.py what a checkpoint folder holds. Only `verify` and `export` open the weights, so `list` costs one small JSON read per
 checkpoint however large the checkpoints are. torch and transformers are imported only by those two.
 Checkpoint and run names are names, never paths. `menu(run_dir)` offers the same operations behind prompts
 for the trainer's "X. Checkpoint Management" screen.
@@ -19,39 +19,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from .rundir import META, TMP_PREFIX, Checkpoint, Leftover, RunDir, as_number, check_name
+
 ENV_RUN_DIR = "TRAINERD_RUN_DIR"
 DEFAULT_RUN_DIR = "runs"   # trainerd's train.run_dir default
-CHECKPOINTS = "checkpoints"
-LOGS = "training_logs"
-RUNS = "runs"
-LOCKS = ".locks"
-TMP_PREFIX = ".tmp-"
-META = "meta.json"
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
 CONFIG = "config.json"
-
-NAME_RE = re.compile(r"^(?P<run>.+)-step(?P<step>\d+)$")          # <run>-step00000200
-TMP_RE = re.compile(r"^\.tmp-(?P<run>.+)-step\d+-(?P<pid>\d+)$")   # .tmp-<name>-<pid>, .tmp-old-<name>-<pid>
-LOG_RE = re.compile(r"^(?P<run>.+)_run_(?P<k>\d+)\.jsonl$")        # <run>_run_<k>.jsonl
 HASH_BLOCK = 8 << 20
-
-
-def check_name(name: str, what: str = "checkpoint") -> str:
-    """Refuse anything that is not a plain folder or file name: separators, '..', a leading '.'."""
-    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if not name or ".." in name or "\0" in name or name.startswith(".") or any(s in name for s in seps):
-        raise click.ClickException(f"{name!r} is not a {what} name (a name, not a path: no '/', '..' or leading '.')")
-    return name
 
 
 def human_bytes(n: int | None) -> str:
@@ -69,168 +51,7 @@ def human_time(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else "-"
 
 
-def _num(x) -> float | None:
-    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
-def _tree_bytes(path: Path) -> int:
-    if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
-# ---- the run folder -----------------------------------------------------------------------------
-class Checkpoint:
-    """One checkpoint folder, described by its meta.json alone (the weights are never opened here)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.name = path.name
-        self.meta: dict = {}
-        self.error: str | None = None
-        try:
-            meta = json.loads((path / META).read_text())
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-            self.meta = meta
-        except FileNotFoundError:
-            self.error = f"{META} is missing"
-        except (OSError, ValueError) as e:
-            self.error = f"{META} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        self._from_name = NAME_RE.match(self.name)
-
-    @property
-    def run(self) -> str | None:
-        run = self.meta.get("run")
-        if isinstance(run, str):
-            return run
-        return self._from_name.group("run") if self._from_name else None
-
-    @property
-    def step(self) -> int | None:
-        step = self.meta.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
-            return step
-        return int(self._from_name.group("step")) if self._from_name else None
-
-    @property
-    def time(self) -> float | None:
-        return _num(self.meta.get("time"))
-
-    @property
-    def files(self) -> dict:
-        files = self.meta.get("files")
-        return files if isinstance(files, dict) else {}
-
-    @property
-    def size(self) -> int | None:
-        """Bytes of the files meta.json records (no stat, no read of the weights)."""
-        sizes = [f.get("bytes") for f in self.files.values() if isinstance(f, dict)]
-        if not sizes or not all(isinstance(b, int) for b in sizes):
-            return None
-        return sum(sizes)
-
-    def summary(self) -> dict:
-        return {"name": self.name, "run": self.run, "run_id": self.meta.get("run_id"), "step": self.step,
-                "loss": _num(self.meta.get("loss")), "tokens": self.meta.get("tokens"), "time": self.time,
-                "size": self.size, "path": str(self.path), "error": self.error}
-
-    def sort_key(self):
-        return (self.time or 0.0, self.step if self.step is not None else -1, self.name)
-
-
-class RunDir:
-    """A trainer run folder: checkpoints/, training_logs/, runs/, .locks/."""
-
-    def __init__(self, path: str | os.PathLike | None, must_exist: bool = True):
-        if path is None or str(path) == "":
-            raise click.ClickException(f"no run folder: pass --run-dir DIR or set {ENV_RUN_DIR}")
-        self.path = Path(path)
-        self.checkpoints_dir = self.path / CHECKPOINTS
-        self.logs_dir = self.path / LOGS
-        self.locks_dir = self.path / LOCKS
-        if not must_exist:
-            return
-        if not self.path.is_dir():
-            raise click.ClickException(f"run folder {self.path} does not exist")
-        if not any((self.path / d).is_dir() for d in (CHECKPOINTS, LOGS, RUNS)):
-            raise click.ClickException(f"{self.path} is not a run folder (it has no {CHECKPOINTS}/, {LOGS}/ or {RUNS}/)")
-
-    def checkpoints(self, run: str | None = None) -> list[Checkpoint]:
-        """Every checkpoint folder (symbolic links and .tmp- folders left out), newest first."""
-        if not self.checkpoints_dir.is_dir():
-            return []
-        cks = [Checkpoint(Path(e.path)) for e in os.scandir(self.checkpoints_dir)
-               if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
-        if run is not None:
-            cks = [c for c in cks if c.run == run]
-        return sorted(cks, key=Checkpoint.sort_key, reverse=True)
-
-    def get(self, name: str) -> Checkpoint:
-        check_name(name)
-        path = self.checkpoints_dir / name
-        if path.resolve().parent != self.checkpoints_dir.resolve():
-            raise click.ClickException(f"{name!r} resolves outside {self.checkpoints_dir}; refused")
-        if path.is_symlink():
-            raise click.ClickException(f"{path} is a symbolic link, not a checkpoint folder; refused")
-        if not path.is_dir():
-            raise click.ClickException(f"no checkpoint named {name!r} in {self.checkpoints_dir} (`ckpt list` shows the names)")
-        return Checkpoint(path)
-
-    def log_files(self, run: str) -> list[Path]:
-        """training_logs/<run>_run_<k>.jsonl in order of k."""
-        if not self.logs_dir.is_dir():
-            return []
-        found = []
-        for p in self.logs_dir.iterdir():
-            m = LOG_RE.match(p.name)
-            if m and m.group("run") == run and p.is_file():
-                found.append((int(m.group("k")), p))
-        return [p for _, p in sorted(found)]
-
-    @contextmanager
-    def hold_run(self, runs: tuple[str, ...] | None):
-        """Hold the trainer locks of RUNS while their files are removed, so no trainer starts on them meanwhile.
-
-        Yields False when a trainer holds one now (the run is training). A run without a lock file has never
-        been trained here. For None (a leftover no run can be read from) every lock counts.
-        """
-        from shared.fsutil import probe_locks
-        if runs is None:
-            paths = sorted(self.locks_dir.glob("*.lock")) if self.locks_dir.is_dir() else []
-        else:
-            paths = [self.locks_dir / f"{r}.lock" for r in runs]
-        with probe_locks(paths) as free:
-            yield free
-
-    def is_training(self, runs: tuple[str, ...] | None) -> bool:
-        with self.hold_run(runs) as free:
-            return not free
-
-
 # ---- operations shared by the commands and the menu ----------------------------------------------
-def delete_checkpoint(rd: RunDir, ck: Checkpoint) -> None:
-    """Rename the folder out of the listing first (a resume never sees half a checkpoint), then remove it.
-
-    A crash in between leaves a .tmp- folder that `ckpt clean` removes.
-    """
-    trash = ck.path.with_name(f"{TMP_PREFIX}{ck.name}-{os.getpid()}")
-    try:
-        os.rename(ck.path, trash)
-    except FileNotFoundError:
-        return  # removed meanwhile (the trainer keeps only its last N)
-    shutil.rmtree(trash)
-    from shared.fsutil import fsync_dir
-    fsync_dir(rd.checkpoints_dir)
-
-
 def delete_checkpoints(rd: RunDir, cks: list[Checkpoint], yes: bool, verb: str = "Delete") -> int:
     if not cks:
         return 0
@@ -241,37 +62,20 @@ def delete_checkpoints(rd: RunDir, cks: list[Checkpoint], yes: bool, verb: str =
     if not yes:
         click.confirm(f"{verb} {'them' if len(cks) != 1 else 'it'}?", abort=True)
     for c in cks:
-        delete_checkpoint(rd, c)
+        rd.delete(c)
         click.echo(f"Deleted {c.name}")
     return len(cks)
 
 
-def prune_plan(rd: RunDir, keep: int, run: str | None = None) -> tuple[list[Checkpoint], list[Checkpoint]]:
-    """(checkpoints beyond the newest KEEP of each run, unreadable ones left alone). Newest: most recently
-    saved, then highest step, as the trainer prunes (a run resumed from an older step follows a new line)."""
+def prune(rd: RunDir, keep: int, run: str | None, yes: bool) -> int:
+    """Delete all but the newest KEEP checkpoints (most recently saved) of each run, after a question."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise click.ClickException(f"--keep must be at least 1 (got {keep}); `ckpt delete` removes single checkpoints")
     if run is not None:
         check_name(run, "run")
-    cks = rd.checkpoints(run)
-    if run is not None and not cks:
-        raise click.ClickException(f"run {run!r} has no checkpoints in {rd.checkpoints_dir}")
-    by_run: dict[str, list[Checkpoint]] = {}
-    unreadable = []
-    for c in cks:
-        if c.error or c.run is None or c.step is None:
-            unreadable.append(c)
-        else:
-            by_run.setdefault(c.run, []).append(c)
-    doomed = []
-    for r in sorted(by_run):
-        ordered = sorted(by_run[r], key=lambda c: (c.time or 0.0, c.step), reverse=True)
-        doomed += ordered[keep:]
-    return doomed, unreadable
-
-
-def prune(rd: RunDir, keep: int, run: str | None, yes: bool) -> int:
-    doomed, unreadable = prune_plan(rd, keep, run)
+        if not rd.checkpoints(run):
+            raise click.ClickException(f"run {run!r} has no checkpoints in {rd.checkpoints_dir}")
+    doomed, unreadable = rd.prune_plan(keep, run)
     for c in unreadable:
         click.echo(f"Skipping {c.name}: {c.error or 'no run or step'}")
     if not doomed:
@@ -280,62 +84,19 @@ def prune(rd: RunDir, keep: int, run: str | None, yes: bool) -> int:
     return delete_checkpoints(rd, doomed, yes, verb="Prune")
 
 
-class Leftover:
-    def __init__(self, path: Path, runs: tuple[str, ...] | None, why: str, restore_as: Path | None = None):
-        self.path, self.runs, self.why = path, runs, why   # runs: the runs it may belong to; None: unknown
-        self.restore_as = restore_as                       # renamed back there instead of removed
-        self.bytes = _tree_bytes(path)
-
-
-def _tmp_runs(name: str) -> tuple[str, ...] | None:
-    """The runs a .tmp- folder may belong to: .tmp-<run>-stepN-<pid>, or .tmp-old-<run>-stepN-<pid>
-    (checkpoint.py moving a checkpoint aside to replace it), where <run> may itself begin with "old-"."""
-    m = TMP_RE.match(name)
-    if not m:
-        return None
-    run = m.group("run")
-    return (run, run[4:]) if run.startswith("old-") and len(run) > 4 else (run,)
-
-
 def clean_plan(rd: RunDir) -> tuple[list[Leftover], list[str]]:
-    """(leftovers of crashed saves and deleted runs, runs skipped because a trainer holds their lock)."""
-    found: list[Leftover] = []
-    if rd.checkpoints_dir.is_dir():
-        for e in sorted(os.scandir(rd.checkpoints_dir), key=lambda e: e.name):
-            if e.name.startswith(TMP_PREFIX):
-                # .tmp-old-NAME-PID whose meta names NAME: what a same-step re-save moved aside. Without NAME
-                # the re-save died between its two renames and this is the only copy: put it back
-                from .checkpoint import resave_leftover
-                meta = resave_leftover(Path(e.path)) if e.is_dir() else None
-                if meta is not None:
-                    back = rd.checkpoints_dir / meta["name"]
-                    runs = (meta["run"],) if isinstance(meta.get("run"), str) else None
-                    if not back.exists():
-                        found.append(Leftover(Path(e.path), runs, f"interrupted re-save of {back.name}: "
-                                              f"restored, not removed", restore_as=back))
-                    else:
-                        found.append(Leftover(Path(e.path), runs, f"the copy a re-save of {back.name} replaced"))
-                else:
-                    found.append(Leftover(Path(e.path), _tmp_runs(e.name), "unfinished save"))
-    # a run whose only checkpoint is about to be restored keeps its logs
-    with_checkpoints = {c.run for c in rd.checkpoints()} | {r for i in found if i.restore_as for r in (i.runs or ())}
-    if rd.logs_dir.is_dir():
-        for p in sorted(rd.logs_dir.iterdir()):
-            m = LOG_RE.match(p.name)
-            if m and p.is_file() and m.group("run") not in with_checkpoints:
-                found.append(Leftover(p, (m.group("run"),), f"orphaned log: run {m.group('run')} has no checkpoint"))
-    training: dict[tuple[str, ...] | None, bool] = {}
+    """(unfinished saves and orphaned logs, runs skipped because a trainer holds their lock)."""
     kept, busy = [], set()
-    for item in found:
+    training: dict[tuple[str, ...] | None, bool] = {}
+    for item in rd.unfinished_saves() + rd.orphaned_logs():
         if item.runs not in training:
             training[item.runs] = rd.is_training(item.runs)
-        if training[item.runs]:
-            if item.runs is None:
-                busy.add(f"of {item.path.name} (no run name in it, and some run is training)")
-            else:
-                busy.update(r for r in item.runs if rd.is_training((r,)))
-        else:
+        if not training[item.runs]:
             kept.append(item)
+        elif item.runs is None:
+            busy.add(f"of {item.path.name} (no run name in it, and some run is training)")
+        else:
+            busy.update(item.runs)
     return kept, sorted(busy)
 
 
@@ -350,26 +111,15 @@ def clean(rd: RunDir, yes: bool) -> int:
     for i in items:
         rel = i.path.relative_to(rd.path)
         click.echo(f"  {rel}{'/' if i.path.is_dir() else ''}  ({i.why}, {human_bytes(i.bytes)})")
-    n_back = sum(1 for i in items if i.restore_as is not None)
-    n_gone = len(items) - n_back
     if not yes:
-        what = [f"remove {n_gone}" if n_gone else "", f"restore {n_back}" if n_back else ""]
-        click.confirm(" and ".join(w for w in what if w).capitalize() + "?", abort=True)
-    removed = restored = 0
+        click.confirm(f"Remove {len(items)}?", abort=True)
+    removed = 0
     for i in items:
         with rd.hold_run(i.runs) as free:   # checked again, holding the lock: a trainer may have started since
             if not free:
                 click.echo(f"Skipping {i.path.name}: its run started training meanwhile")
                 continue
             try:
-                if i.restore_as is not None:
-                    from .checkpoint import interrupted_resave, restore_interrupted_resave
-                    if interrupted_resave(i.path) is None:   # its trainer restored it meanwhile
-                        continue
-                    restore_interrupted_resave(i.path)
-                    click.echo(f"Restored {i.restore_as.name}")
-                    restored += 1
-                    continue
                 if i.path.is_dir() and not i.path.is_symlink():
                     shutil.rmtree(i.path)
                 else:
@@ -377,9 +127,8 @@ def clean(rd: RunDir, yes: bool) -> int:
             except FileNotFoundError:
                 pass
             removed += 1
-    click.echo(f"Removed {removed} item{'s' if removed != 1 else ''}."
-               + (f" Restored {restored} checkpoint{'s' if restored != 1 else ''}." if restored else ""))
-    return removed + restored
+    click.echo(f"Removed {removed} item{'s' if removed != 1 else ''}.")
+    return removed
 
 
 def _xxh64_file(path: Path) -> str:
@@ -492,7 +241,7 @@ def verify_checkpoint(ck: Checkpoint) -> tuple[list[tuple[str, str]], list[str]]
 
 def tokenizer_source(name: str) -> str:
     """What AutoTokenizer.from_pretrained takes for the name in a checkpoint's tokenizer.json."""
-    from packerd.builtin import BUILTIN_TOKENIZER, builtin_tokenizer_dir
+    from shared.builtin import BUILTIN_TOKENIZER, builtin_tokenizer_dir
     return str(builtin_tokenizer_dir()) if name == BUILTIN_TOKENIZER else name
 
 
@@ -501,7 +250,7 @@ def load_checkpoint_tokenizer(ck: Checkpoint):
     import transformers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from packerd.tokenizer import TokenizerError, load_tokenizer
+    from shared.tokenizer import TokenizerError, load_tokenizer
 
     ident = _read_json(ck, TOKENIZER)
     name = ident.get("name")
@@ -631,7 +380,7 @@ def plot_runs(rd: RunDir, runs: list[str], out: str | os.PathLike) -> Path:
     axes = fig.subplots(3, 1, sharex=True)
     for key, label, ax in zip(("loss", "lr", "tokens_per_s"), ("loss", "learning rate", "tokens/s"), axes):
         for run, recs in logs.items():
-            pts = [(r["step"], r[key]) for r in recs if _num(r.get(key)) is not None and math.isfinite(r[key])]
+            pts = [(r["step"], r[key]) for r in recs if as_number(r.get(key)) is not None and math.isfinite(r[key])]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=run, linewidth=1.2)
         ax.set_ylabel(label)
@@ -654,7 +403,7 @@ def format_table(cks: list[Checkpoint]) -> str:
     head = ("NAME", "RUN", "STEP", "LOSS", "TOKENS", "TIME", "SIZE")
     rows = []
     for c in cks:
-        loss = _num(c.meta.get("loss"))
+        loss = as_number(c.meta.get("loss"))
         tokens = c.meta.get("tokens")
         rows.append((c.name, c.run or "?", "?" if c.step is None else str(c.step),
                      "-" if loss is None else f"{loss:.4f}",
@@ -707,9 +456,9 @@ def print_show(d: dict) -> None:
     for k, v in d["meta"].items():
         if k == "files" or k == "name":
             continue
-        if k == "time" and _num(v) is not None:
+        if k == "time" and as_number(v) is not None:
             v = f"{human_time(v)} (unix {v})"
-        elif k == "elapsed_s" and _num(v) is not None:
+        elif k == "elapsed_s" and as_number(v) is not None:
             v = f"{v:.0f} s ({v / 3600:.2f} h)"
         elif isinstance(v, int) and not isinstance(v, bool) and k in ("tokens", "params"):
             v = f"{v:,}"
@@ -763,7 +512,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(run_dir, run, as_json):
     """Checkpoints, newest first: name, run, step, loss, tokens, time, size (from meta.json alone)."""
-    rd = RunDir(run_dir)
+    rd = RunDir(run_dir, must_exist=True)
     if run is not None:
         check_name(run, "run")
     if as_json:
@@ -778,7 +527,7 @@ def list_(run_dir, run, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(run_dir, name, as_json):
     """Everything about checkpoint NAME: metadata, tokenizer, files and sizes, the resolved config."""
-    d = show_data(RunDir(run_dir).get(name))
+    d = show_data(RunDir(run_dir, must_exist=True).get(name))
     if as_json:
         click.echo(json.dumps(d, indent=2))
     else:
@@ -791,7 +540,7 @@ def show(run_dir, name, as_json):
 @yes_option
 def delete(run_dir, names, yes):
     """Delete the checkpoints NAMES (their folders only; logs stay)."""
-    rd = RunDir(run_dir)
+    rd = RunDir(run_dir, must_exist=True)
     cks = [rd.get(n) for n in dict.fromkeys(names)]   # every name checked before anything is deleted
     delete_checkpoints(rd, cks, yes)
 
@@ -803,7 +552,7 @@ def delete(run_dir, names, yes):
 @yes_option
 def prune_(run_dir, keep, run, yes):
     """Delete all but the newest N checkpoints (most recently saved) of each run."""
-    prune(RunDir(run_dir), keep, run, yes)
+    prune(RunDir(run_dir, must_exist=True), keep, run, yes)
 
 
 @cli.command(name="clean")
@@ -812,10 +561,9 @@ def prune_(run_dir, keep, run, yes):
 def clean_(run_dir, yes):
     """Remove unfinished saves (checkpoints/.tmp-*) and logs of runs with no checkpoint left.
 
-    A checkpoint that an interrupted same-step re-save left aside (.tmp-old-NAME-PID without NAME) is
-    restored, not removed. Runs whose trainer is running (its lock in RUN_DIR/.locks is held) are left alone.
+    Runs whose trainer is running (its lock in RUN_DIR/.locks is held) are left alone.
     """
-    clean(RunDir(run_dir), yes)
+    clean(RunDir(run_dir, must_exist=True), yes)
 
 
 @cli.command()
@@ -823,7 +571,7 @@ def clean_(run_dir, yes):
 @click.argument("name")
 def verify(run_dir, name):
     """Check NAME's files against the sizes and xxh64 in meta.json, and that the weights load."""
-    ck = RunDir(run_dir).get(name)
+    ck = RunDir(run_dir, must_exist=True).get(name)
     problems, notes = verify_checkpoint(ck)
     for n in notes:
         click.echo(n)
@@ -844,7 +592,7 @@ def export(run_dir, name, out):
 
     AutoModelForCausalLM.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT) load it.
     """
-    ck = RunDir(run_dir).get(name)
+    ck = RunDir(run_dir, must_exist=True).get(name)
     export_checkpoint(ck, out)
     click.echo(f"Exported {ck.name} to {out}")
 
@@ -856,7 +604,7 @@ def export(run_dir, name, out):
               help="Image to write.")
 def plot(run_dir, runs, out):
     """Plot loss, learning rate and tokens/s against step for RUNS, from training_logs/<run>_run_<k>.jsonl."""
-    rd = RunDir(run_dir)
+    rd = RunDir(run_dir, must_exist=True)
     plot_runs(rd, list(runs), out)
     click.echo(f"Wrote {out} ({', '.join(dict.fromkeys(runs))})")
 

@@ -1,6 +1,6 @@
 """Checkpoints: one folder per save, written to a temporary folder, fsynced, then renamed.
 
-    RUN_DIR/checkpoints/<run>-step<8 digits>/
+    RUN_DIR/checkpoints/<run>-step<8 digits>[_run_<k>]/
         meta.json           small, readable without torch (step, loss, tokens, time, run, files and hashes)
         config.json         the resolved trainer config
         model_config.json   transformers LlamaConfig.to_dict()
@@ -24,7 +24,8 @@ each parameter's first name in model.named_parameters() (the tied embedding: mod
 `load_optimizer` converts one into the other, so a checkpoint of either kind resumes under either kind.
 
 A crash during a save leaves only the temporary folder: the previous checkpoint is intact, and the next
-trainer of that run removes the leftover. Everything loads with `torch.load(weights_only=True)`: no
+trainer of that run removes the leftover. A save never replaces or moves an existing folder: the name comes
+from RunDir.save_name (see trainerd/rundir.py, which owns every name in the run folder). Everything loads with `torch.load(weights_only=True)`: no
 pickled code runs. meta.json is written last inside the temporary folder, so a folder with a complete
 meta.json lists every file that belongs to it.
 """
@@ -35,35 +36,23 @@ import os
 import random
 import shutil
 import signal
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
-from shared.fsutil import FolderLock, LockHeld, fsync_dir, probe_locks
+from shared.fsutil import fsync_dir
+
+from .rundir import FORMAT, RunDir
 
 # torch and safetensors are imported by the functions that need them: listing checkpoints and the checks
 # on resume stay fast (the command checks its arguments before torch loads)
 
-FORMAT = 1
-CKPT_DIR = "checkpoints"
-LOCKS_DIR = ".locks"   # RUN_DIR/.locks/<run>.lock: held by the trainer of that run while it runs
-TMP_PREFIX = ".tmp-"
 FILES = ("config.json", "model_config.json", "tokenizer.json", "model.safetensors", "optimizer.pt", "state.pt")
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def ckpt_name(run: str, step: int) -> str:
-    return f"{run}-step{step:08d}"
-
-
-def ckpt_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CKPT_DIR
 
 
 # -- RNG --------------------------------------------------------------------------------------------------
@@ -159,10 +148,13 @@ def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: 
     `kill_after_weights` is a fault hook for tests: SIGKILL this process once the weights are in the
     temporary folder (a crash in the middle of a save).
     """
-    root = ckpt_root(run_dir)
+    rd = RunDir(run_dir)
+    root = rd.checkpoints_dir
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    if final.exists():
+        raise CheckpointError(f"checkpoint {name} exists already; a save never replaces a folder")
+    tmp = rd.temporary(name)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -179,13 +171,7 @@ def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: 
         files = {f: file_digest(tmp / f) for f in FILES}
         _write_json(tmp / "meta.json", {"format": FORMAT, "name": name, **meta, "files": files})
         fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. resumed and stopped at once): replace it
-            old = root / f"{TMP_PREFIX}old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.rename(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -205,191 +191,7 @@ def _save_weights(model, weights: dict | None, path: Path) -> None:
     save_file(tensors, str(path), metadata=aliases or None)
 
 
-def prune(run_dir, run: str, keep: int, keep_name: str | None = None) -> list[str]:
-    """Delete all but the newest `keep` checkpoints of `run`; returns the deleted names.
-
-    Newest means most recently saved (then highest step), not highest step: a run resumed from an older
-    checkpoint follows a new line, and its saves must outlive the later steps of the line it left (by
-    step, each new save would be the first to go). `keep_name` (the save just written) counts as the newest
-    whatever its time says: a clock set back since an earlier save must not make it the first to go."""
-    if keep <= 0:
-        return []
-    mine = list_checkpoints(run_dir, run=run)  # oldest first by time, then step
-    mine = [m for m in mine if m["name"] != keep_name] + [m for m in mine if m["name"] == keep_name]
-    removed = []
-    for m in mine[:-keep]:
-        shutil.rmtree(ckpt_root(run_dir) / m["name"], ignore_errors=True)
-        removed.append(m["name"])
-    if removed:
-        fsync_dir(ckpt_root(run_dir))
-    return removed
-
-
-def resave_leftover(folder: Path) -> dict | None:
-    """The meta of checkpoint NAME when `folder` is .tmp-old-NAME-PID, what a same-step re-save moved aside.
-
-    save_checkpoint replaces a checkpoint of the same step by renaming it to .tmp-old-NAME-PID, then the new
-    one into place, then removing the old. NAME comes from the folder's meta.json (such a folder was a
-    complete checkpoint), not from its name, which is ambiguous for runs named old-...: an unfinished save
-    of run `old-x` is .tmp-old-x-stepN-PID too, and has no meta, or one that names old-x-stepN."""
-    folder = Path(folder)
-    if not folder.name.startswith(f"{TMP_PREFIX}old-"):
-        return None
-    meta = read_meta(folder)
-    name = meta.get("name") if meta else None
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        return None
-    rest = folder.name[len(f"{TMP_PREFIX}old-"):]
-    if not (rest.startswith(f"{name}-") and rest[len(name) + 1:].isdigit()):
-        return None
-    return meta
-
-
-def interrupted_resave(folder: Path) -> dict | None:
-    """The meta of a re-save's leftover whose NAME is missing: the crash came between the two renames, and
-    the folder is the only copy of that checkpoint."""
-    meta = resave_leftover(folder)
-    return meta if meta is not None and not (Path(folder).parent / meta["name"]).exists() else None
-
-
-def restore_interrupted_resave(folder: Path) -> str:
-    """Rename the checkpoint of an interrupted re-save back into place; returns one line."""
-    name = interrupted_resave(folder)["name"]
-    os.replace(folder, Path(folder).parent / name)
-    fsync_dir(Path(folder).parent)
-    return f"restored {name}: a save that replaced it was interrupted"
-
-
-def remove_stale_temporaries(run_dir, run: str) -> list[str]:
-    """Clear what crashed saves of `run` left (call only while holding the run's lock); returns one line each.
-
-    An interrupted same-step re-save is restored, everything else removed. .tmp-old-RUN-stepN-PID without a
-    meta naming RUN-stepN is the rest of a re-save's removal, or an unfinished save of run old-RUN: it is
-    left alone while a trainer of old-RUN is alive."""
-    root = ckpt_root(run_dir)
-    out = []
-    if not root.is_dir():
-        return out
-    for p in sorted(root.iterdir()):
-        if not (p.is_dir() and p.name.startswith(TMP_PREFIX)):
-            continue
-        meta = resave_leftover(p)
-        if meta is not None:
-            if meta.get("run") != run:
-                continue  # another run's: its next trainer or `ckpt clean` sees to it
-            if interrupted_resave(p) is not None:
-                out.append(restore_interrupted_resave(p))
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-                out.append(f"removed {p.name}: the copy of {meta['name']} that a finished re-save replaced")
-            continue
-        elif p.name.startswith(f"{TMP_PREFIX}old-{run}-step"):
-            with run_lock_free(run_dir, f"old-{run}") as free:
-                if not free:
-                    continue
-                shutil.rmtree(p, ignore_errors=True)
-            out.append(f"removed {p.name}: an unfinished save of an earlier trainer")
-            continue
-        elif not p.name.startswith(f"{TMP_PREFIX}{run}-step"):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        out.append(f"removed {p.name}: an unfinished save of an earlier trainer")
-    return out
-
-
-@contextmanager
-def run_lock_free(run_dir, run):
-    """Yields False when a trainer of run RUN is alive (its lock is held); True while holding that lock.
-
-    A probe: the lock file is not created and nothing is written to it (the trainer's pid stays). A trainer
-    starting at this moment retries its acquisition for a while (acquire_run_lock), so the probe's moment
-    of holding never makes it fail."""
-    if not isinstance(run, str) or not run or "/" in run or run.startswith(".") or ".." in run:
-        yield False
-        return
-    with probe_locks([Path(run_dir) / LOCKS_DIR / f"{run}.lock"]) as free:  # no lock file: never trained here
-        yield free
-
-
-def acquire_run_lock(run_dir, run: str, patience_s: float = 2.0) -> FolderLock:
-    """The trainer's lock of RUN, held until release. Retries for `patience_s` before LockHeld: `ckpt
-    clean` and other trainers probe locks for a moment (run_lock_free)."""
-    locks = Path(run_dir) / LOCKS_DIR
-    locks.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + patience_s
-    while True:
-        try:
-            return FolderLock(locks, f"{run}.lock").acquire()
-        except LockHeld:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def restore_interrupted_resaves(run_dir) -> list[str]:
-    """Restore the interrupted re-saves of every run before a trainer decides what to resume (a checkpoint
-    away from its place would be passed over). A run whose trainer is alive is left alone: its re-save may
-    be between the two renames right now."""
-    root = ckpt_root(run_dir)
-    out = []
-    if not root.is_dir():
-        return out
-    for p in sorted(root.iterdir()):
-        meta = interrupted_resave(p) if p.is_dir() else None
-        if meta is None:
-            continue
-        with run_lock_free(run_dir, meta.get("run")) as free:
-            if free and interrupted_resave(p) is not None:  # checked again under the lock
-                out.append(restore_interrupted_resave(p))
-    return out
-
-
 # -- reading ----------------------------------------------------------------------------------------------
-def read_meta(folder: Path) -> dict | None:
-    try:
-        with open(folder / "meta.json") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "step" not in meta:
-        return None
-    meta["path"] = str(folder)
-    return meta
-
-
-def list_checkpoints(run_dir, run: str | None = None) -> list[dict]:
-    """Metadata of every complete checkpoint (temporary folders skipped), oldest first by time, then step."""
-    root = ckpt_root(run_dir)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and not p.name.startswith("."):
-            meta = read_meta(p)
-            if meta is not None and (run is None or meta.get("run") == run):
-                out.append(meta)
-    out.sort(key=lambda m: (m.get("time", 0), m["step"]))
-    return out
-
-
-def find_checkpoint(run_dir, spec: str) -> dict:
-    """'latest' (the newest of any run), a checkpoint name, or a run name (its newest checkpoint); newest is
-    the most recently saved, as for prune: after a resume from an older step, the line the run follows now."""
-    metas = list_checkpoints(run_dir)
-    if not metas:
-        raise CheckpointError(f"no checkpoint in {ckpt_root(run_dir)} to resume from")
-    if spec == "latest":
-        return metas[-1]
-    for m in metas:
-        if m["name"] == spec:
-            return m
-    runs = [m for m in metas if m.get("run") == spec]
-    if runs:
-        return runs[-1]
-    raise CheckpointError(f"no checkpoint or run named {spec!r} in {ckpt_root(run_dir)} "
-                          f"(see `ckpt list --run-dir {run_dir}`)")
-
-
 def read_json(folder: Path, name: str) -> dict:
     try:
         with open(Path(folder) / name) as f:
@@ -399,6 +201,7 @@ def read_json(folder: Path, name: str) -> dict:
 
 
 def check_files(folder: Path, meta: dict) -> None:
+    """Every file meta.json records is there with its recorded size (the hashes are `ckpt verify`'s)."""
     for fname, info in meta.get("files", {}).items():
         p = Path(folder) / fname
         if not p.is_file():

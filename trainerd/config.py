@@ -8,6 +8,8 @@
     [log]        status line, JSON lines, trackers
 
 Precedence, stated once: command-line flags > the TOML file (`--config`) > these defaults.
+A field's `flag=` is its trainerd command-line flag: `cli_options` puts those on the click command and
+`cli_overrides` maps their values back to the fields.
 `python -m trainerd --help-config` prints every field with its default and help.
 """
 from __future__ import annotations
@@ -15,155 +17,147 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shared.config import ConfigError, build, describe, load_toml, merge, opt, to_dict
+from shared.config import (ConfigError, build, click_options, describe, flag_overrides, flags, load_toml, merge, opt,
+                           to_dict)
 from shared.protocol import DEFAULT_ENDPOINT
 
 from .follow import curve_problem
+from .schedule import KINDS as SCHEDULE_KINDS
 
-PRESETS = ("tiny", "124m", "415m")
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+# The architecture presets: model.preset's choices, --model (trainerd and packtrain), --help-config and
+# trainerd.model read this table. head_dim 64 in 124m and 415m, named by their parameter counts with the GPT-2
+# vocabulary (50,304 after padding).
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
+    "124m": Preset(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2304),
+    "415m": Preset(hidden_size=1024, num_layers=30, num_heads=16, num_kv_heads=4, intermediate_size=3072),
+}
+
+
+def _preset_help() -> str:
+    sizes = ", ".join(f"{name} ({p.hidden_size} wide, {p.num_layers} layers, {p.num_heads}/{p.num_kv_heads} heads)"
+                      for name, p in PRESETS.items())
+    return f"Architecture preset: {sizes}; each size field of [model] that is set overrides its value."
 
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "124m", "415m"] = opt("tiny", "Architecture preset: tiny (tests, CPU), 124m or 415m.")
-    hidden_size: int | None = opt(None, "Width of the residual stream; default from the preset.")
-    num_layers: int | None = opt(None, "Transformer blocks; default from the preset.")
-    num_heads: int | None = opt(None, "Query heads; default from the preset.")
-    num_kv_heads: int | None = opt(None, "Key/value heads (grouped-query attention); must divide num_heads.")
-    intermediate_size: int | None = opt(None, "SwiGLU hidden width; default from the preset.")
+    preset: str = opt("tiny", _preset_help(), flag="--model", choices=tuple(PRESETS))
+    hidden_size: int | None = opt(None, "Width of the residual stream; default from the preset.",
+                                  flag="--hidden-size", check="at least 1")
+    num_layers: int | None = opt(None, "Transformer blocks; default from the preset.", flag="--layers",
+                                 check="at least 1")
+    num_heads: int | None = opt(None, "Attention (query) heads; default from the preset.", flag="--heads",
+                                check="at least 1")
+    num_kv_heads: int | None = opt(None, "Key/value heads (grouped-query attention), must divide num_heads; "
+                                         "default from the preset.", flag="--kv-heads", check="at least 1")
+    intermediate_size: int | None = opt(None, "SwiGLU hidden width; default from the preset.", check="at least 1")
     rope_theta: float = opt(10000.0, "RoPE base frequency.")
-    init_std: float = opt(0.02, "Standard deviation of the initial weights.")
-    flash_attention: bool | None = opt(None, "Use flash-attention varlen kernels: true, false, or unset = when "
-                                             "flash_attn is installed and CUDA is used. Otherwise SDPA.")
-
-    def validate(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"model.{name} must be at least 1 (got {v})")
-        if self.init_std <= 0:
-            raise ConfigError(f"model.init_std must be positive (got {self.init_std})")
+    init_std: float = opt(0.02, "Standard deviation of the initial weights.", check="positive")
+    flash_attention: bool | None = opt(None, "Flash-attention varlen kernels (else SDPA); unset: used when flash_attn "
+                                             "is installed and CUDA is used.", flag="--flash-attention")
 
 
 @dataclass
 class DataConfig:
-    cache_dir: str = opt("", "Folder of the chunk cache written by packerd (required).")
-    endpoint: str = opt(DEFAULT_ENDPOINT, "ZeroMQ endpoint where packerd announces chunks.")
+    cache_dir: str = opt("", "Folder of the chunk cache written by packerd (required).", flag="--cache-dir")
+    endpoint: str = opt(DEFAULT_ENDPOINT, "ZeroMQ endpoint where packerd announces chunks.", flag="--endpoint")
     curve_dir: str = opt("", "Folder with server.key, client.key and client.key_secret from `packerd keys DIR`, "
                              "for an endpoint packerd runs with --curve-dir (encrypted, only key holders hear it; "
-                             "without keys the trainer follows by re-reading the manifest alone). Empty: no CURVE.")
-    target_epochs: float = opt(1.0, "Passes over the data (fractions allowed, e.g. 1.5).")
+                             "without keys the trainer follows by re-reading the manifest alone). Empty: no CURVE.",
+                         flag="--curve-dir")
+    target_epochs: float = opt(1.0, "Passes over the data (fractions allowed, e.g. 1.5).", flag="--target-epochs",
+                               check="positive")
     epoch_fraction: float = opt(1.0, "Fraction of the dataset that makes one epoch (0 < f <= 1): each epoch takes "
-                                     "that share of every chunk, a new random sample each epoch.")
-    wait: bool = opt(True, "Wait for a missing or empty cache to appear (false: fail at once, --no-wait).")
-    wait_seconds: float = opt(0.0, "With wait: give up after this many seconds (0 = wait forever).")
-    reconcile_seconds: float = opt(2.0, "Re-read the manifest this often, so a lost notification loses nothing.")
-    prefetch: int = opt(4, "Optimizer steps of batches prepared ahead in the background.")
+                                     "that share of every chunk, a new random sample each epoch.",
+                                flag="--epoch-fraction", check="in (0, 1]")
+    wait: bool = opt(True, "Wait for a missing or empty cache to appear; false (--no-wait): fail at once.",
+                     flag="--wait")
+    wait_seconds: float = opt(0.0, "With wait: give up after this many seconds (0 = wait forever).", check="0 or more")
+    reconcile_seconds: float = opt(2.0, "Re-read the manifest this often, so a lost notification loses nothing.",
+                                   check="positive")
+    prefetch: int = opt(4, "Optimizer steps of batches prepared ahead in the background.", check="at least 1")
 
     def validate(self) -> None:
-        if self.target_epochs <= 0:
-            raise ConfigError(f"data.target_epochs must be positive (got {self.target_epochs})")
-        if not 0 < self.epoch_fraction <= 1:
-            raise ConfigError(f"data.epoch_fraction must be in (0, 1] (got {self.epoch_fraction})")
         if not self.endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"data.endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
         if self.curve_dir and (problem := curve_problem(self.curve_dir)):
             raise ConfigError(f"data.curve_dir: {problem}")
-        if self.reconcile_seconds <= 0:
-            raise ConfigError(f"data.reconcile_seconds must be positive (got {self.reconcile_seconds})")
-        if self.prefetch < 1:
-            raise ConfigError(f"data.prefetch must be at least 1 (got {self.prefetch})")
-        if self.wait_seconds < 0:
-            raise ConfigError(f"data.wait_seconds must be 0 or more (got {self.wait_seconds})")
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = opt("runs", "Folder of checkpoints, logs and run records (RUN_DIR).")
-    micro_batch_size: int = opt(8, "Sequences per forward pass on each rank.")
-    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
-    lr: float = opt(6e-4, "Peak learning rate.")
-    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms).")
-    beta1: float = opt(0.9, "AdamW beta1.")
-    beta2: float = opt(0.95, "AdamW beta2.")
-    eps: float = opt(1e-8, "AdamW epsilon.")
-    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (unset: when the data is done).")
+    run_dir: str = opt("runs", "Folder of checkpoints, logs and run records (RUN_DIR).", flag="--run-dir")
+    micro_batch_size: int = opt(8, "Sequences per forward pass on each rank.",
+                                flag=("--micro-batch-size", "--batch-size"), check="at least 1")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", flag="--grad-accum", check="at least 1")
+    lr: float = opt(6e-4, "Peak learning rate.", flag="--lr", check="positive")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms).", check="0 or more")
+    beta1: float = opt(0.9, "AdamW beta1.", check="in [0, 1)")
+    beta2: float = opt(0.95, "AdamW beta2.", check="in [0, 1)")
+    eps: float = opt(1e-8, "AdamW epsilon.", check="0 or more")
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", check="0 or more")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (unset: when the data is done).",
+                                flag="--max-steps", check="at least 1")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt(
-        "auto", "auto: accelerate launch's --mixed_precision bf16/fp16 if given, else bf16 autocast on CUDA, fp32 on the CPU; "
-        "or no, bf16, fp16 (fp16: CUDA only).")
-    compile: bool = opt(False, "torch.compile the model (checkpoints stay uncompiled).")
-    seed: int = opt(1337, "Seed of the weights and of the data order.")
-    deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True): bitwise-repeatable on the CPU.")
-    threads: int = opt(0, "CPU threads per process (0: torch's default).")
+        "auto", "auto: accelerate launch's --mixed_precision bf16/fp16 if given, else bf16 autocast on CUDA, fp32 on "
+        "the CPU; or no, bf16, fp16 (fp16: CUDA only).", flag="--mixed-precision")
+    compile: bool = opt(False, "torch.compile the model (checkpoints stay uncompiled).", flag="--compile")
+    seed: int = opt(1337, "Seed of the weights and of the data order.", flag="--seed")
+    deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True): bitwise-repeatable runs and resumes "
+                                     "on the CPU.", flag="--deterministic")
+    threads: int = opt(0, "CPU threads per process (0: torch's default).", flag="--threads", check="0 or more")
 
     def validate(self) -> None:
-        for name in ("micro_batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive (got {self.lr})")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps must be at least 1 (got {self.max_steps})")
-        if self.grad_clip < 0:
-            raise ConfigError(f"train.grad_clip must be 0 or more (got {self.grad_clip})")
-        for name in ("weight_decay", "eps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be 0 or more (got {getattr(self, name)})")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be in [0, 1) (got {getattr(self, name)})")
-        if self.threads < 0:
-            raise ConfigError(f"train.threads must be 0 or more (got {self.threads})")
         if not self.run_dir:
             raise ConfigError("train.run_dir must not be empty")
 
 
+def _schedule_help() -> str:
+    return "Learning-rate schedule: " + "; ".join(f"{name}: {k.help}" for name, k in SCHEDULE_KINDS.items()) + "."
+
+
 @dataclass
 class ScheduleConfig:
-    kind: Literal["wsd", "cosine"] = opt("wsd", "wsd: warmup, constant, 1-sqrt decay; cosine: over the current estimate.")
-    warmup_fraction: float = opt(0.025, "Warmup as a fraction of the steps of the FULL dataset estimate.")
-    warmup_steps: int | None = opt(None, "Fixed warmup steps instead of warmup_fraction.")
-    decay_fraction: float = opt(0.2, "wsd: the last fraction of the planned steps that decays.")
-    decay_tokens: int | None = opt(None, "wsd: token budget at which the decay starts even if the size is unknown.")
-    min_lr_fraction: float = opt(0.1, "The final learning rate as a fraction of train.lr.")
-
-    def validate(self) -> None:
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"schedule.warmup_fraction must be in [0, 1) (got {self.warmup_fraction})")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps must be 0 or more (got {self.warmup_steps})")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError(f"schedule.decay_fraction must be in (0, 1] (got {self.decay_fraction})")
-        if self.decay_tokens is not None and self.decay_tokens < 1:
-            raise ConfigError(f"schedule.decay_tokens must be positive (got {self.decay_tokens})")
-        if not 0 <= self.min_lr_fraction <= 1:
-            raise ConfigError(f"schedule.min_lr_fraction must be in [0, 1] (got {self.min_lr_fraction})")
+    kind: str = opt("wsd", _schedule_help(), flag="--schedule", choices=tuple(SCHEDULE_KINDS))
+    warmup_fraction: float = opt(0.025, "Warmup as a fraction of the steps of the FULL dataset estimate.",
+                                 flag="--warmup-fraction", check="in [0, 1)")
+    warmup_steps: int | None = opt(None, "Fixed warmup steps instead of warmup_fraction.", check="0 or more")
+    decay_fraction: float = opt(0.2, "wsd: the last fraction of the planned steps that decays.",
+                                flag="--decay-fraction", check="in (0, 1]")
+    decay_tokens: int | None = opt(None, "wsd: token budget at which the decay starts even if the size is unknown.",
+                                   flag="--decay-tokens", check="positive")
+    min_lr_fraction: float = opt(0.1, "The final learning rate as a fraction of train.lr.", check="in [0, 1]")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(1000, "Save a checkpoint every this many optimizer steps (0 = only at the end and on a signal).")
-    keep: int = opt(3, "Keep the newest N checkpoints of this run, the most recently saved (0 = keep all).")
-
-    def validate(self) -> None:
-        if self.every < 0:
-            raise ConfigError(f"checkpoint.every must be 0 or more (got {self.every})")
-        if self.keep < 0:
-            raise ConfigError(f"checkpoint.keep must be 0 or more (got {self.keep})")
+    every: int = opt(1000, "Save a checkpoint every this many optimizer steps (0 = only at the end and on a signal).",
+                     flag="--checkpoint-every", check="0 or more")
+    keep: int = opt(3, "Keep the newest N checkpoints of this run, the most recently saved (0 = keep all).",
+                    flag="--keep", check="0 or more")
 
 
 @dataclass
 class LogConfig:
-    every: int = opt(10, "When the output is not a terminal: print a status line every this many steps.")
-    log_with: str | None = opt(None, "Accelerate tracker(s), e.g. tensorboard (needs it installed).")
+    every: int = opt(10, "When the output is not a terminal: print a status line every this many steps.",
+                     flag="--log-every", check="at least 1")
+    log_with: str | None = opt(None, "Accelerate tracker(s), e.g. tensorboard (needs it installed).", flag="--log-with")
     level: Literal["debug", "info", "warning"] = opt("info", "Logging level of the trainer's own messages.")
     data_trace: bool = opt(False, "Each rank also logs the (chunk, index) of every sequence it trains on, per step, "
                                   "to training_logs/<run>_run_<k>.rank<r>.data.jsonl (audits order and disjointness).")
 
     def validate(self) -> None:
-        if self.every < 1:
-            raise ConfigError(f"log.every must be at least 1 (got {self.every})")
         if self.log_with:
             # Accelerator skips a known tracker whose package is missing without a word: refuse it here
             from accelerate.tracking import get_available_trackers
@@ -220,10 +214,26 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def help_text() -> str:
+    """Every field with its default, its help and its flag: `trainerd --help-config`."""
     rows = describe(Config)
+    flag_of = {f.key: ", ".join(f.decls) for f in flags(Config)}
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{name:<{width}}  {default!r:<12}  {help}" for name, default, help in rows)
+    return "\n".join(f"{name:<{width}}  {default!r:<12}  {help}" + (f" ({flag_of[name]})" if name in flag_of else "")
+                     for name, default, help in rows)
+
+
+def cli_options(command):
+    """Decorator of trainerd's click command: the flag of every field that declares one (`opt(flag=...)`),
+    typed and documented from the field, default None so that a flag not given overrides nothing."""
+    return click_options(Config)(command)
+
+
+def cli_overrides(values: dict) -> dict:
+    """The dotted overrides for `load_config` ({"model.preset": "124m", ...}) of the values click passed for
+    the options of `cli_options`; flags not given are left out."""
+    return flag_overrides(Config, values)
 
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "ScheduleConfig",
-           "CheckpointConfig", "LogConfig", "load_config", "help_text", "PRESETS"]
+           "CheckpointConfig", "LogConfig", "load_config", "help_text", "cli_options", "cli_overrides",
+           "Preset", "PRESETS"]

@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .config import ModelConfig
+from shared.config import ConfigError
 
+from .config import PRESETS, ModelConfig, Preset
 
-@dataclass(frozen=True)
-class Preset:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-
-
-# head_dim 64 in the two real sizes; parameter counts with the GPT-2 vocabulary (50,304 after padding)
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
-    "124m": Preset(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2304),
-    "415m": Preset(hidden_size=1024, num_layers=30, num_heads=16, num_kv_heads=4, intermediate_size=3072),
-}
+# bf16 dense peak FLOP/s by device name, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10G": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
@@ -104,6 +93,27 @@ def model_from_config_dict(d: dict, use_flash: bool = False) -> LlamaForCausalLM
     return model
 
 
+def build(cfg: ModelConfig, tokenizer: dict, seq_len: int, cuda: bool, checkpoint: Path | None = None
+          ) -> tuple[LlamaForCausalLM, bool]:
+    """(the model, whether it uses flash-attention): freshly initialised from torch's current RNG (seed
+    before calling), or the one a checkpoint folder describes with its weights loaded."""
+    from . import checkpoint as ck
+    use_flash = cfg.flash_attention
+    if use_flash is None:
+        use_flash = cuda and flash_attn_available()
+    elif use_flash and not (cuda and flash_attn_available()):
+        raise ConfigError("model.flash_attention is on but flash_attn is not installed or CUDA is not available")
+    if checkpoint is not None:
+        model = model_from_config_dict(ck.read_json(checkpoint, "model_config.json"), use_flash)
+        ck.load_weights(checkpoint, model)
+    else:
+        model = build_model(cfg, int(tokenizer["vocab_size"]), seq_len, int(tokenizer["eos_id"]), use_flash)
+    if model.config.vocab_size < int(tokenizer["vocab_size"]):
+        raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+                          f"({tokenizer['vocab_size']})")
+    return model, use_flash
+
+
 def num_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
     """Parameters, tied ones counted once; non_embedding leaves out the (tied) token embedding."""
     seen, total = set(), 0
@@ -152,3 +162,33 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict:
     cu = torch.cat([idx, torch.tensor([pos.numel()])]).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak FLOP/s, for MFU (None off CUDA or for a card not in PEAK_FLOPS)."""
+    if device.type != "cuda":
+        return None
+    name = _device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+_names: dict = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device not in _names:
+        _names[device] = torch.cuda.get_device_name(device)
+    return _names[device]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """xxh64 of this rank's weights: the whole model, or under FSDP2 this rank's shards (no collective)."""
+    import xxhash
+    from torch.distributed.tensor import DTensor
+    h = xxhash.xxh64()
+    for name, t in sorted(model.state_dict().items()):
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

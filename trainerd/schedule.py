@@ -2,19 +2,23 @@
 
 The learning rate is a pure function of (step, the schedule's parameters, its small state); the state
 changes only through `update()` at an optimizer-step boundary, and never so that the rate jumps:
-a scheduler is never rebuilt and stepped N times (that is how an earlier system made the LR jump).
+a scheduler is never rebuilt and stepped N times (a rebuilt one follows the new plan from step 0 on,
+so the rate at the current step jumps).
 
 - Warmup: `warmup_fraction` of the steps of the FULL dataset estimate (the manifest's), fixed at the
   first update that has a step to train (or `warmup_steps`). Linear from peak/W to peak. Without an
   estimate (a source that gives no size) --max-steps or the token budget stand in for it; with none of
   them, the cache as it is then, with a warning.
-- wsd (default): warmup, constant, then a 1-sqrt decay to `min_lr_fraction * lr` over the last
-  `decay_fraction` of the run. The end of the run becomes known when the cache is finished, from
-  `--max-steps`, or from a token budget (`decay_tokens`: the decay starts there and lasts
-  decay_fraction/(1-decay_fraction) of it). Growth before the decay starts moves nothing. An end that
-  becomes known with fewer steps left than the decay should take (a trainer that kept up with the packer
-  learns the final size near the end) gives a shorter decay, with a warning.
-- cosine: from peak to the minimum over the current estimate of the total, continuous as it changes.
+- The decay, from peak to `min_lr_fraction * lr`, has the shape and the place of its kind: the table KINDS
+  below, which schedule.kind, its --schedule flag and --help-config read (a new kind is an entry there).
+  A kind decays either like wsd, over the last decay_fraction, or (`whole_run`) like cosine.
+- wsd (default): warmup, constant, then a 1-sqrt decay over the last `decay_fraction` of the run. The end
+  of the run becomes known when the cache is finished, from `--max-steps`, or from a token budget
+  (`decay_tokens`: the decay starts there and lasts decay_fraction/(1-decay_fraction) of it). Growth
+  before the decay starts moves nothing. An end that becomes known with fewer steps left than the decay
+  should take (a trainer that kept up with the packer learns the final size near the end) gives a
+  shorter decay, with a warning.
+- cosine: from the end of the warmup to the current estimate of the total, continuous as it changes.
 
 Continuity: a phase's progress q(s) is anchored, q(s) = q0 + (1 - q0) (s - s0) / (end - s0). When the end
 moves at step s, the anchor becomes (s, q(s), new end): the rate at s is what it would have been, and only
@@ -23,14 +27,39 @@ the speed of the remaining decay changes. So the difference at an expansion is a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from .config import ScheduleConfig
+if TYPE_CHECKING:  # config.py reads KINDS from this module: importing it here at run time would be circular
+    from .config import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A schedule kind: the shape of its decay and where the decay lies.
+
+    shape: the decay's progress q in [0, 1] -> the share of (peak - min) above min: 1 at q = 0, 0 at q = 1.
+    whole_run: True, the decay runs from the end of the warmup to the estimated end (like cosine);
+    False, over the last decay_fraction of the run (like wsd).
+    help: one line for --help and --help-config."""
+    shape: Callable[[float], float]
+    whole_run: bool
+    help: str
+
+
+KINDS: dict[str, Kind] = {
+    "wsd": Kind(lambda q: 1.0 - math.sqrt(q), whole_run=False,
+                help="warmup, constant, then a 1-sqrt decay over the last decay_fraction of the run"),
+    "cosine": Kind(lambda q: 0.5 * (1.0 + math.cos(math.pi * q)), whole_run=True,
+                   help="warmup, then a cosine decay over the current estimate of the run"),
+}
 
 
 class LRSchedule:
     def __init__(self, cfg: ScheduleConfig, peak_lr: float, max_steps: int | None = None,
                  tokens_per_step: int | None = None):
         self.kind = cfg.kind
+        self._kind = KINDS[cfg.kind]
         self.peak = float(peak_lr)
         self.min = float(peak_lr) * cfg.min_lr_fraction
         self.warmup_fraction = cfg.warmup_fraction
@@ -82,7 +111,7 @@ class LRSchedule:
         end = self._target_end(total_steps, estimated_total_steps, finished)
         if end is not None and end != self.end:
             self._move_end(step, end)
-            if self.kind == "wsd" and not self._warned_late and self.decay_start is not None:
+            if not self._kind.whole_run and not self._warned_late and self.decay_start is not None:
                 planned = int(round(self.decay_fraction * end))
                 have = end - self.decay_start
                 if have + 1 < planned:  # (+1: the token budget's decay length is rounded on its own)
@@ -98,7 +127,7 @@ class LRSchedule:
             ends.append(self.max_steps)
         if finished:
             ends.append(total)
-        if self.kind == "cosine":
+        if self._kind.whole_run:
             ends.append(max(estimate, total))
         elif self.budget_end:
             ends.append(self.budget_end[1])
@@ -122,7 +151,7 @@ class LRSchedule:
 
     def _decay_start(self, step: int, end: int) -> int:
         w = self.warmup or 0
-        if self.kind == "cosine":
+        if self._kind.whole_run:
             return max(w, step)
         if self.budget_end and end == self.budget_end[1]:
             start = self.budget_end[0]
@@ -145,10 +174,7 @@ class LRSchedule:
         w = self.warmup or 0
         if step < w:
             return self.peak * (step + 1) / (w + 1)
-        q = self._progress(step)
-        if self.kind == "cosine":
-            return self.min + (self.peak - self.min) * 0.5 * (1.0 + math.cos(math.pi * q))
-        return self.min + (self.peak - self.min) * (1.0 - math.sqrt(q))
+        return self.min + (self.peak - self.min) * self._kind.shape(self._progress(step))
 
     @property
     def decay_start(self) -> int | None:

@@ -201,10 +201,11 @@ def kill_all(*procs) -> None:
 def complete_checkpoints(runs: Path, run: str) -> list[int]:
     """Steps of the complete checkpoints of `run` (meta.json written last; every file of it present and sized)."""
     from trainerd import checkpoint as ck
+    from trainerd.rundir import RunDir
     out = []
-    for m in ck.list_checkpoints(runs, run=run):
-        ck.check_files(Path(m["path"]), m)
-        out.append(int(m["step"]))
+    for c in RunDir(runs).checkpoints(run, complete=True):
+        ck.check_files(c.path, c.meta)
+        out.append(c.step)
     return sorted(out)
 
 
@@ -629,7 +630,7 @@ def _checkpoint_with_code(tmp: Path, small_cache: Path) -> tuple[Path, Path]:
                              "model.num_heads": 4, "model.num_kv_heads": 2})
     model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"], False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    d = ck.save_checkpoint(tmp / "runs", ck.ckpt_name("evil", 4), model=model, optimizer_state=opt.state_dict(),
+    d = ck.save_checkpoint(tmp / "runs", "evil-step00000004", model=model, optimizer_state=opt.state_dict(),
                            state={"step": 4}, meta={"run": "evil", "run_id": "x", "step": 4, "time": 1.0},
                            config=cfg.to_dict(), model_config=model.config.to_dict(), tokenizer=m.tokenizer)
     marker = tmp / "code-ran"

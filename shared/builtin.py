@@ -2,7 +2,8 @@
 
 `builtin:pydoc` is CPython's own documentation text (the `pydoc_data.topics` module that ships with
 every Python): about 80 documents, 0.47 MB. `builtin:bpe` is a byte-level BPE tokenizer trained on that
-corpus once and cached as a Hugging Face tokenizer folder.
+corpus once and cached as a Hugging Face tokenizer folder. packerd reads the corpus as a source; packerd
+and trainerd both resolve `builtin:bpe` to the cached folder.
 """
 from __future__ import annotations
 

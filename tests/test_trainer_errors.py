@@ -1,10 +1,10 @@
 """Fast checks of two fault paths, on real files (the slow end-to-end versions are in tests/faults):
 
-    B6  a cache rebuilt under a reader: Cache.refresh, Cache.read_chunk and CacheFollower name the change
-        (CacheReplaced), never read the new cache with the old layout, never quarantine its chunks, and a
-        manifest that is missing for a while (packerd deletes it first) is not an error for the follower
-    B7  ENOSPC while appending the JSON-lines log (/dev/full): one TrainError naming the file, and close()
-        in a finally never raises over it
+    - a cache rebuilt under a reader: Cache.refresh, Cache.read_chunk and CacheFollower name the change
+      (CacheReplaced), never read the new cache with the old layout, never quarantine its chunks, and a
+      manifest that is missing for a while (packerd deletes it first) is not an error for the follower
+    - ENOSPC while appending the JSON-lines log (/dev/full): one TrainError naming the file, and close()
+      in a finally never raises over it
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from trainerd.follow import CacheFollower
 def caches(tmp_path_factory, corpus_texts, tokenizer_dir) -> dict[str, Path]:
     """Three caches of real packerd runs: `a` (seq_len 64), `short` (seq_len 32, same source) and `other`
     (seq_len 64, other documents first: same layout, other chunk checksums)."""
-    tmp = tmp_path_factory.mktemp("b6")
+    tmp = tmp_path_factory.mktemp("rebuilt")
     out = {}
     for name, seq_len, texts in (("a", 64, corpus_texts[:30]), ("short", 32, corpus_texts[:30]),
                                  ("other", 64, corpus_texts[30:60])):
@@ -113,7 +113,8 @@ def test_follower_waits_through_a_missing_manifest_and_names_the_new_cache(tmp_p
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_full_disk_while_logging_is_one_train_error():
-    from trainerd.train import JsonlLog, TrainError
+    from trainerd.output import JsonlLog
+    from trainerd.rundir import TrainError
     log = JsonlLog(Path("/dev/full"))          # every write there fails with ENOSPC
     with pytest.raises(TrainError, match="disk full while writing the training log /dev/full"):
         log.event("started", step=0)

@@ -1,0 +1,124 @@
+"""What the trainer prints and writes as it goes (rank 0): the status line and the JSON-lines log."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from .rundir import TrainError
+
+
+def fmt_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--:--h"
+    m = int(seconds // 60)
+    return f"{m // 60:02d}:{m % 60:02d}h"
+
+
+def status_line(step: int, total: int, loss: float | None, tokens_per_s: float | None, mfu: float | None,
+                eta_s: float | None) -> str:
+    """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU
+    (`Loss -` for a step without a target)."""
+    line = f"Step {step:,}/{total:,} ({100 * step / max(total, 1):4.1f}%) | "
+    line += f"Loss {loss:.3f} | " if loss is not None else "Loss - | "
+    line += f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s"
+    if mfu is not None:
+        line += f" | MFU {100 * mfu:.1f}%"
+    return line + f" | ETA {fmt_eta(eta_s)}"
+
+
+class Console:
+    """The status line, refreshed in place on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, enabled: bool, every: int, stream=sys.stderr):
+        self.enabled = enabled
+        self.every = every
+        self.stream = stream
+        self.tty = enabled and stream.isatty()
+        self._open = False
+        self._last_wait = 0.0
+
+    def _write(self, line: str, in_place: bool) -> None:
+        if not self.enabled:
+            return
+        if self.tty and in_place:
+            self.stream.write("\r" + line + "\x1b[K")
+            self._open = True
+        else:
+            if self._open:
+                self.stream.write("\n")
+                self._open = False
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, line: str) -> None:
+        self._write(line, in_place=False)
+
+    def status(self, line: str, step: int, force: bool = False) -> None:
+        if self.tty:
+            self._write(line, in_place=True)
+        elif force or step % self.every == 0:
+            self._write(line, in_place=False)
+
+    def waiting(self, line: str) -> None:
+        if self.tty:
+            self._write(line, in_place=True)
+        elif time.monotonic() - self._last_wait > 10:
+            self._last_wait = time.monotonic()
+            self._write(line, in_place=False)
+
+    def close(self) -> None:
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+class JsonlLog:
+    """RUN_DIR/training_logs/<run>_run_<k>.jsonl: appended line by line, never rewritten."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.f = None
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.f = open(path, "a", buffering=1)
+            except OSError as e:
+                raise self._failed(e) from None
+
+    def write(self, record: dict) -> None:
+        """One record per line; the file is opened for appending and line-buffered."""
+        if self.f is not None:
+            try:
+                self.f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            except OSError as e:
+                raise self._failed(e) from None
+
+    def event(self, kind: str, /, **fields) -> None:
+        self.write({"event": kind, "time": round(time.time(), 3), **fields})
+
+    def close(self, quiet: bool = False) -> None:
+        """Close the file; quiet (in a finally) drops an error, so it never hides the one that got there."""
+        f, self.f = self.f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:
+                if not quiet:
+                    raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> TrainError:
+        # later writes do nothing: the record that failed stays in the buffer and each flush would fail again
+        f, self.f = self.f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        what = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        return TrainError(f"{what} while writing the training log {self.path} (the steps after the last "
+                          f"checkpoint are lost; {'make room, then ' if e.errno == errno.ENOSPC else ''}resume)")
