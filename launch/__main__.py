@@ -55,6 +55,7 @@ from pathlib import Path
 import click
 
 from shared.protocol import DEFAULT_ENDPOINT
+from trainerd.config import PRESETS
 from trainerd.rundir import RunDir
 
 PYDOC = "builtin:pydoc"
@@ -462,7 +463,7 @@ def _cuda_devices() -> int:
               help=f"Sequences per chunk (default {PYDOC_CHUNK_SEQUENCES} for {PYDOC}, else packerd's 1024).")
 @click.option("--workers", type=int, help="packerd tokenizer threads (default: one per core).")
 @click.option("--model", default="tiny", show_default=True, help="Model preset (trainerd's model.preset).",
-              type=click.Choice(tuple(__import__("trainerd.config", fromlist=["PRESETS"]).PRESETS)))
+              type=click.Choice(tuple(PRESETS)))
 @click.option("--processes", type=int,
               help="Trainer processes (ranks): default the GPU count, or 2 on the CPU (one thread each).")
 @click.option("--accelerate-config", type=click.Path(exists=True, dir_okay=False),
@@ -551,16 +552,10 @@ def main(cache_dir, run_dir, sources, tokenizer, seq_len, chunk_sequences, worke
         raise click.ClickException(error)
 
 
-def _run(sup: Supervisor, packer_argv, trainer_argv, env, endpoint) -> str | None:
-    """Start and watch both; returns None on success, else the one-line error."""
+def _wait_for_packer(sup: Supervisor, packer: Child, endpoint: str) -> tuple[bool, str | None]:
+    """Wait until the packer publishes (any message: a heartbeat comes every second) or has exited 0 (its
+    cache was finished). Returns (stopped, error): stopped when the packer failed or a signal came first."""
     from shared.protocol import Subscriber
-
-    # 1. the packer
-    _say("starting: " + " ".join(shlex.quote(a) for a in packer_argv[1:]))
-    sup.packer = packer = Child("packerd", "[packerd] ", packer_argv, env)
-    _say(f"packerd pid {packer.pid}")
-
-    # 2. wait for its endpoint: any message (a heartbeat comes every second) means it is publishing
     sub = Subscriber(endpoint)
     try:
         t0 = time.monotonic()
@@ -569,23 +564,36 @@ def _run(sup: Supervisor, packer_argv, trainer_argv, env, endpoint) -> str | Non
             sup.track()
             if sup.signals:
                 sup.shutdown()
-                return None if sup.packer.poll() in (0, -signal.SIGTERM) else \
-                    _failure(packer, packer.poll(), " while stopping")
+                return True, (None if packer.poll() in (0, -signal.SIGTERM) else
+                              _failure(packer, packer.poll(), " while stopping"))
             if sub.poll(200):
                 _say(f"packerd is publishing on {endpoint}")
-                break
+                return False, None
             rc = packer.poll()
             if rc == 0:
                 _say("packerd exited 0 before its endpoint answered (the cache was already finished)")
-                break
+                return False, None
             if rc is not None:
                 packer.reader.join(timeout=5)
-                return _failure(packer, rc)
+                return True, _failure(packer, rc)
             if not said and time.monotonic() - t0 > 10:
                 _say(f"waiting for packerd to publish on {endpoint}")
                 said = True
     finally:
         sub.close()
+
+
+def _run(sup: Supervisor, packer_argv, trainer_argv, env, endpoint) -> str | None:
+    """Start and watch both; returns None on success, else the one-line error."""
+    # 1. the packer
+    _say("starting: " + " ".join(shlex.quote(a) for a in packer_argv[1:]))
+    sup.packer = packer = Child("packerd", "[packerd] ", packer_argv, env)
+    _say(f"packerd pid {packer.pid}")
+
+    # 2. wait for its endpoint
+    stopped, error = _wait_for_packer(sup, packer, endpoint)
+    if stopped:
+        return error
 
     # 3. the trainer
     _say("starting: " + " ".join(shlex.quote(a) for a in trainer_argv[1:]))

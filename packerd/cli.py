@@ -19,7 +19,7 @@ from shared.cache import CorruptChunk, open_cache, QUARANTINE_DIR
 from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
 from shared.fsutil import FolderLock, LockHeld, remove_temporaries
-from shared.manifest import MANIFEST_NAME, Manifest, ManifestError, chunk_filename, load_manifest
+from shared.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, Publisher
 from shared.tokenizer import TokenizerError, load_tokenizer
 
@@ -312,7 +312,7 @@ def status(cache_dir, as_json) -> None:
     click.echo(f"tokens       {t['tokens']:,} (utilization {t['utilization'] or 0:.4f})")
     click.echo(f"documents    {m.documents:,}" + (f" ({sum(m.skipped.values())} empty skipped)" if m.skipped else ""))
     click.echo(f"bytes/token  {t['bytes_per_token'] or 0:.3f} ({t['bytes']:,} bytes)")
-    click.echo(f"estimate     " + (f"{est:,} tokens ({m.estimate.get('method')})" if est else "unknown"))
+    click.echo("estimate     " + (f"{est:,} tokens ({m.estimate.get('method')})" if est else "unknown"))
     click.echo(f"tokenizer    {m.tokenizer['name']} (vocab {m.tokenizer['vocab_size']:,}, eos {m.tokenizer['eos_id']})")
     click.echo(f"finished     {'yes' if m.finished else 'no'}")
 

@@ -23,7 +23,7 @@ from typing import Callable
 import pytest
 from click.testing import CliRunner
 
-from conftest import free_endpoint, run_packerd, write_jsonl
+from conftest import run_packerd, write_jsonl
 
 
 def record(**fields) -> None:
@@ -369,7 +369,7 @@ def test_bad_input_is_one_line_and_writes_nothing(in_root, case):
 @pytest.mark.parametrize("case_id", ["packerd-source-txt-not-utf8", "packerd-tokenizer-empty-folder",
                                      "packerd-no-source-offline"])
 def test_packerd_bad_source_or_tokenizer_creates_no_cache_folder(in_root, case_id):
-    """A first run with a bad source or tokenizer leaves no cache folder (it used to leave DIR/.lock behind)."""
+    """A first run with a bad source or tokenizer leaves no cache folder, not even DIR/.lock."""
     case = next(c for c in CASES if c.id == case_id)
     result, before, after = run_case(in_root, case, "-bug")
     assert result.exit_code == 1

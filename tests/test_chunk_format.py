@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from shared.chunk import Chunk, ChunkError, decode_chunk, encode_chunk, read_header
+from shared.chunk import ChunkError, decode_chunk, encode_chunk, read_header
 from shared.manifest import ChunkEntry, Manifest, load_manifest
 from packerd.pack import build_chunk
 

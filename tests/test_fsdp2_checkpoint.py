@@ -201,7 +201,7 @@ def worker(out: Path) -> None:
     dist.destroy_process_group()
     # every check is done and written: leave without the interpreter's teardown, where a rank aborted now and
     # then (SIGABRT, "terminate called without an active exception", 2 of 15 runs with torch 2.13 on gloo)
-    # after all checks had passed; with os._exit it passed 20 of 20
+    # after all checks had passed
     os._exit(0)
 
 

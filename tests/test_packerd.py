@@ -6,13 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 from click.testing import CliRunner
 
 from conftest import ROOT, free_endpoint, run_packerd, write_jsonl

@@ -179,6 +179,14 @@ def save_checkpoint(run_dir, name: str, *, model, optimizer_state: dict, state: 
     return final
 
 
+def save_failure(e: BaseException) -> str:
+    """What went wrong in a save, in a few words: disk full surfaces as OSError, or as RuntimeError from
+    torch.save."""
+    if getattr(e, "errno", None) == 28 or "No space" in str(e) or "unexpected pos" in str(e):
+        return "disk full"
+    return _first_line(e)
+
+
 def _save_weights(model, weights: dict | None, path: Path) -> None:
     from safetensors.torch import save_file, save_model
     if weights is None:

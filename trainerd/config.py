@@ -191,6 +191,10 @@ class Config:
     def to_dict(self) -> dict:
         return to_dict(self)
 
+    def hyperparameters(self) -> dict:
+        """Dotted keys with scalar values: what trackers accept as hyperparameters."""
+        return {k: v for k, v in _flatten(self.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+
 
 def load_config(path: str | None = None, overrides: dict | None = None, base: dict | None = None) -> Config:
     """Defaults < `base` (a saved config, on resume) < the TOML file < `overrides` (dotted keys, None = unset)."""

@@ -145,3 +145,103 @@ class CacheFollower:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PlanSync:
+    """Every rank's data plan grown to rank 0's view of the cache at the same step boundary.
+
+    Rank 0 follows the cache; at each boundary one small collective (a MAX all-reduce) carries its chunk
+    count, whether the cache is finished, its estimate, whether following failed, and from every rank
+    whether it was asked to stop and whether it met corrupt chunks. Rank 0 logs what changed."""
+
+    def __init__(self, plan, cfg_data, *, rank: int, world: int, device, log, fail):
+        self.plan, self.rank, self.world, self.device = plan, rank, world, device
+        self.log, self.fail = log, fail             # log: rank 0's JsonlLog; fail(msg, alone=False) raises
+        self.main = rank == 0
+        self.known, self.finished, self.est_seen = -1, False, -1  # what the plan was last grown with
+        self.notify_ms = None                        # the slowest notification since the last growth
+        self.corrupt_logged: set[int] = set()        # chunk ids whose corrupt_chunk event is in the log
+        self.follower, self.error = None, None       # rank 0's; its error stops every rank at the next boundary
+        if self.main:
+            try:
+                self.follower = CacheFollower(cfg_data.cache_dir, cfg_data.endpoint, cfg_data.reconcile_seconds,
+                                              curve_dir=cfg_data.curve_dir or None)
+            except CacheError as e:
+                self.error = str(e)
+
+    def agree(self, step: int, stop: bool, waiting: bool) -> bool:
+        """Grow the plan to the agreed view before optimizer step `step`; returns whether some rank stops."""
+        import torch
+        # corrupt chunks this rank met since the last step (found by its prefetch thread)
+        events = [dict(ev, rank=self.rank) for ev in self.plan.take_events()]
+        # chunks, finished, stop, estimate, rank 0 failed, some rank has data events
+        view = [0, 0, int(stop), 0, 0, int(bool(events))]
+        if self.main and self.error is None:
+            try:
+                fs = self.follower.poll(200 if waiting else 0)
+            except CacheError as e:  # e.g. the cache was rebuilt under the run: every rank stops below
+                self.error = str(e)
+            else:
+                view[0], view[1], view[3] = fs.known_chunks, int(fs.finished), fs.est_total_sequences
+                self._log_follow_events(step, fs.events)
+        view[4] = int(self.error is not None)
+        if self.world > 1:
+            t = torch.tensor(view, dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            view = t.tolist()  # note: a host sync point, once per optimizer step
+        if view[4]:
+            self.fail(f"cannot follow the cache: {self.error}")
+        self._grow(step, view[0], bool(view[1]), view[3])
+        if view[5]:
+            self._log_corrupt_chunks(step, events)
+        return bool(view[2])
+
+    def _log_follow_events(self, step: int, events: list[dict]) -> None:
+        for ev in events:
+            if ev.get("latency_ms") is not None:
+                self.notify_ms = max(self.notify_ms or 0.0, ev["latency_ms"])
+            kind = ev.pop("event")
+            self.log.event("cache_finished" if kind == "finished" else kind, step=step, **ev)
+
+    def _grow(self, step: int, known: int, finished: bool, est: int) -> None:
+        if (known, finished, est) == (self.known, self.finished, self.est_seen):
+            return
+        before = self.plan.total_steps
+        try:
+            self.plan.grow(known, finished, step, est_total_sequences=est)
+        except (ValueError, CacheError) as e:
+            self.fail(f"cannot follow the cache: {e}", alone=True)
+        self.est_seen = est
+        if self.main and (known, finished) != (self.known, self.finished):
+            self.log.event("plan_expanded" if self.known >= 0 else "plan", step=step, chunks=known,
+                           previous_chunks=max(self.known, 0), finished=finished, total_steps=self.plan.total_steps,
+                           previous_total_steps=before, estimated_total_steps=self.plan.estimated_total_steps,
+                           latency_ms=self._commit_latency_ms(known) if self.known >= 0 else None,
+                           notify_latency_ms=self.notify_ms)
+        self.notify_ms = None
+        self.known, self.finished = known, finished
+
+    def _commit_latency_ms(self, known: int) -> float | None:
+        """From the commit of the newest known chunk (manifest time) to now, when the plan has grown."""
+        try:
+            entry = self.plan.cache.chunks[known - 1]
+        except (IndexError, AttributeError, TypeError):
+            return None
+        return round((time.time() - entry.committed_at) * 1000, 2)
+
+    def _log_corrupt_chunks(self, step: int, events: list[dict]) -> None:
+        """Corrupt chunks are skipped loudly, quarantined, never trained on; rank 0 logs every rank's, once."""
+        import torch
+        if self.world > 1:
+            every: list = [None] * self.world
+            torch.distributed.all_gather_object(every, events)
+            # the rank that quarantined a chunk first: another one may only have found its file gone
+            events = sorted((ev for evs in every for ev in evs), key=lambda ev: ev.get("quarantined") is None)
+        for ev in events:
+            if self.main and ev["chunk_id"] not in self.corrupt_logged:
+                self.corrupt_logged.add(ev["chunk_id"])
+                self.log.event(ev.pop("event"), step=step, **ev)
+
+    def close(self) -> None:
+        if self.follower is not None:
+            self.follower.close()

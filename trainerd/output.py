@@ -18,6 +18,15 @@ def fmt_eta(seconds: float | None) -> str:
     return f"{m // 60:02d}:{m % 60:02d}h"
 
 
+def shown_total(plan, max_steps: int | None) -> int:
+    """The step count the status line and the log show: the plan's, its estimate while the cache grows,
+    capped by --max-steps."""
+    total = plan.total_steps if plan.finished else max(plan.total_steps, plan.estimated_total_steps)
+    if max_steps:
+        total = min(total, max_steps) if total else max_steps
+    return int(total)
+
+
 def status_line(step: int, total: int, loss: float | None, tokens_per_s: float | None, mfu: float | None,
                 eta_s: float | None) -> str:
     """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU

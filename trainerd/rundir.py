@@ -28,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from shared.fsutil import FolderLock, LockHeld, fsync_dir, probe_locks
+from shared.fsutil import FolderLock, LockHeld, atomic_write_bytes, fsync_dir, probe_locks
 
 CHECKPOINTS = "checkpoints"
 LOGS = "training_logs"
@@ -258,6 +258,14 @@ class RunDir:
             doomed += ordered[keep:]
         return doomed, unreadable
 
+    def prune(self, run: str, keep: int, keep_name: str) -> list[str]:
+        """After the save `keep_name`: delete all but the newest KEEP checkpoints of RUN (0: keep all);
+        returns the deleted names."""
+        doomed = self.prune_plan(keep, run=run, keep_name=keep_name)[0] if keep else []
+        for c in doomed:
+            self.delete(c)
+        return [c.name for c in doomed]
+
     # -- logs and records ---------------------------------------------------------------------------
     def log_files(self, run: str) -> list[Path]:
         """training_logs/<run>_run_<k>.jsonl in order of k."""
@@ -287,6 +295,12 @@ class RunDir:
 
     def record_path(self, run: str) -> Path:
         return self.path / RUNS / f"{run}.json"
+
+    def write_record(self, run: str, run_id: str, config: dict) -> None:
+        """runs/<run>.json, written once when the run starts: its id, creation time and first config."""
+        rec = {"run": run, "run_id": run_id, "created": time.time(), "config": config}
+        self.record_path(run).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.record_path(run), json.dumps(rec, indent=2).encode())
 
     # -- locks --------------------------------------------------------------------------------------
     def lock_path(self, run: str) -> Path:

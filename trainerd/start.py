@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -215,6 +215,19 @@ def resolve_mixed_precision(asked: str, cuda: bool) -> str:
     return mixed
 
 
+def fault_hook() -> tuple[str | None, int | None]:
+    """The fault tests' hook, from the environment: TRAINERD_FAULT=kill-at-step:N (SIGKILL itself right
+    after step N is logged), kill-in-save:N (SIGKILL in the middle of writing the checkpoint of step N) or
+    read-error-at-step:N (the last rank alone fails to read its batch of step N, as a chunk read can)."""
+    spec = os.environ.get("TRAINERD_FAULT", "")
+    if not spec:
+        return None, None
+    kind, _, n = spec.partition(":")
+    if kind not in ("kill-at-step", "kill-in-save", "read-error-at-step") or not n.isdigit():
+        raise TrainError(f"TRAINERD_FAULT={spec!r}: expected kill-at-step:N, kill-in-save:N or read-error-at-step:N")
+    return kind, int(n)
+
+
 # -- the one start-up step ---------------------------------------------------------------------------
 CACHE_REQUIRED = "data.cache_dir is required (--cache-dir)"
 
@@ -258,6 +271,7 @@ def prepare(config_file: str | None, overrides: dict, new: str | None, resume: s
     if os.environ.get("RANK", "0") != "0":
         return None
     cfg = _config(config_file, overrides)
+    fault_hook()
     if mixed_precision_asked(cfg.train.mixed_precision) == "fp16":  # torch loads only to check fp16
         import torch
         resolve_mixed_precision("fp16", torch.cuda.is_available())

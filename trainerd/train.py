@@ -16,9 +16,8 @@ is finished and the plan done, or at --max-steps.
 - The loss is the mean over all real target tokens of the optimizer step, across micro-batches and ranks
   (each rank's summed loss is divided by the global target count), so accumulation and world size do
   not change its meaning.
-- Fault hooks for the fault tests, from the environment: TRAINERD_FAULT=kill-at-step:N (SIGKILL itself
-  right after step N is logged), kill-in-save:N (SIGKILL in the middle of writing the checkpoint of step N)
-  or read-error-at-step:N (the last rank alone fails to read its batch of step N, as a chunk read can).
+- The fault tests' hooks (TRAINERD_FAULT, see start.fault_hook) kill the process at a step or in a save,
+  or fail one rank's batch read.
 """
 from __future__ import annotations
 
@@ -39,17 +38,16 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from shared.cache import CacheError
 from shared.config import ConfigError
-from shared.fsutil import atomic_write_bytes
 
 from . import checkpoint as ck
 from .config import Config, load_config
 from .data import DataPlan, Prefetcher
-from .follow import CacheFollower
+from .follow import PlanSync
 from .model import build, flops_per_token, num_params, param_groups, peak_flops, varlen_kwargs, weights_digest
-from .output import Console, JsonlLog, status_line
+from .output import Console, JsonlLog, shown_total, status_line
 from .rundir import RunDir, TrainError
 from .schedule import LRSchedule
-from .start import STOP, Start, resolve_mixed_precision, wait_for_cache
+from .start import STOP, Start, fault_hook, resolve_mixed_precision, wait_for_cache
 
 
 @dataclass
@@ -141,7 +139,7 @@ class Trainer:
         self.main = accelerator.is_main_process
         self.rd = RunDir(cfg.train.run_dir)
         self.console = Console(self.main, cfg.log.every)
-        self.fault = _fault()
+        self.fault = fault_hook()
         self.cache = wait_for_cache(cfg, self.console, self.fail)
         self.state = TrainState()
         self.build_model()
@@ -149,21 +147,13 @@ class Trainer:
         if start.ckpt:
             self.load(Path(start.ckpt))
         self.open_records()
-        self.follower, self.follow_error = None, None  # rank 0 follows; its error stops every rank
-        if self.main:
-            try:
-                self.follower = CacheFollower(cfg.data.cache_dir, cfg.data.endpoint, cfg.data.reconcile_seconds,
-                                              curve_dir=cfg.data.curve_dir or None)
-            except CacheError as e:
-                self.follow_error = str(e)
+        self.sync = PlanSync(self.plan, cfg.data, rank=self.rank, world=self.world, device=self.device,
+                             log=self.jsonl, fail=self.fail)
         self.prefetch = Prefetcher(self.plan, depth=cfg.data.prefetch, pin_memory=self.device.type == "cuda",
                                    start=self.state.step)
         self.t_start, self.saved_step = time.monotonic(), self.state.step  # nothing to save before a step
-        self.known, self.finished, self.est_seen = -1, False, -1  # what the plan was last grown with
-        self.notify_ms = None            # the slowest notification (commit to receipt) since the last growth
         self.waiting_since = None
         self.t_prev, self.rate_ema = None, None   # the last step's end; optimizer steps per second, for the ETA
-        self.corrupt_logged: set[int] = set()     # chunk ids whose corrupt_chunk event is in the log
 
     def fail(self, msg: str, alone: bool = False):
         """Rank 0 raises the one-line error. `alone`: this rank may have met it alone (a chunk read, a
@@ -240,9 +230,7 @@ class Trainer:
         if not self.main:
             return
         if start.mode == "new":
-            rec = {"run": start.run, "run_id": start.run_id, "created": time.time(), "config": cfg.to_dict()}
-            rd.record_path(start.run).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(rd.record_path(start.run), __import__("json").dumps(rec, indent=2).encode())
+            rd.write_record(start.run, start.run_id, cfg.to_dict())
         self.jsonl.event("started", run=start.run, run_id=start.run_id, mode=start.mode, step=self.state.step,
                          world_size=self.world, device=str(self.device), mixed_precision=self.mixed,
                          params=self.n_params, global_batch=self.global_batch, seq_len=self.cache.seq_len,
@@ -255,7 +243,7 @@ class Trainer:
                                  f"{self.world} process(es) on {self.device}")
         self.console.message(f"logging to {self.jsonl.path}")
         if cfg.log.log_with:
-            self.accelerator.init_trackers(start.run, config=_flat(cfg.to_dict()))
+            self.accelerator.init_trackers(start.run, config=cfg.hyperparameters())
 
     def say_resumed(self, name: str) -> None:
         step, run = self.state.step, self.start.run
@@ -272,83 +260,24 @@ class Trainer:
 
     # -- agree on the plan ----------------------------------------------------------------------------
     def agree_on_plan(self) -> bool:
-        """Rank 0's view of the cache and any rank's stop signal, agreed at a step boundary (one collective);
-        every rank grows its plan to it. Returns whether to stop."""
-        # corrupt chunks this rank met since the last step (found by its prefetch thread)
-        events = [dict(ev, rank=self.rank) for ev in self.plan.take_events()]
-        # chunks, finished, stop, estimate, rank 0 failed, some rank has data events
-        view = [0, 0, int(STOP.sig is not None), 0, 0, int(bool(events))]
-        if self.main and self.follow_error is None:
-            try:
-                fs = self.follower.poll(200 if self.waiting_since is not None else 0)
-            except CacheError as e:  # e.g. the cache was rebuilt under the run: every rank stops below
-                self.follow_error = str(e)
-            else:
-                view[0], view[1], view[3] = fs.known_chunks, int(fs.finished), fs.est_total_sequences
-                self.log_follow_events(fs.events)
-        view[4] = int(self.follow_error is not None)
-        if self.world > 1:
-            t = torch.tensor(view, dtype=torch.int64, device=self.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            view = t.tolist()  # note: a host sync point, once per optimizer step
-        if view[4]:
-            self.fail(f"cannot follow the cache: {self.follow_error}")
-        self.grow_plan(view[0], bool(view[1]), view[3])
-        if view[5]:
-            self.log_corrupt_chunks(events)
-        for note in self.sched.update(self.state.step, self.plan.total_steps, self.plan.estimated_total_steps,
-                                      self.plan.finished):
+        """Every rank grows its plan to rank 0's view of the cache (one collective), then the schedule takes
+        it in. Returns whether some rank was asked to stop."""
+        step = self.state.step
+        stop = self.sync.agree(step, STOP.sig is not None, waiting=self.waiting_since is not None)
+        for note in self.sched.update(step, self.plan.total_steps, self.plan.estimated_total_steps, self.plan.finished):
             if self.main:
                 self.console.message(f"warning: {note}")
-                self.jsonl.event("warning", step=self.state.step, message=note)
-        return bool(view[2])
-
-    def log_follow_events(self, events: list[dict]) -> None:
-        for ev in events:
-            if ev.get("latency_ms") is not None:
-                self.notify_ms = max(self.notify_ms or 0.0, ev["latency_ms"])
-            kind = ev.pop("event")
-            self.jsonl.event("cache_finished" if kind == "finished" else kind, step=self.state.step, **ev)
-
-    def grow_plan(self, known: int, finished: bool, est: int) -> None:
-        if (known, finished, est) == (self.known, self.finished, self.est_seen):
-            return
-        before, step = self.plan.total_steps, self.state.step
-        try:
-            self.plan.grow(known, finished, step, est_total_sequences=est)
-        except (ValueError, CacheError) as e:
-            self.fail(f"cannot follow the cache: {e}", alone=True)
-        self.est_seen = est
-        if self.main and (known, finished) != (self.known, self.finished):
-            self.jsonl.event("plan_expanded" if self.known >= 0 else "plan", step=step, chunks=known,
-                             previous_chunks=max(self.known, 0), finished=finished,
-                             total_steps=self.plan.total_steps, previous_total_steps=before,
-                             estimated_total_steps=self.plan.estimated_total_steps,
-                             latency_ms=_commit_latency_ms(self.cache, known) if self.known >= 0 else None,
-                             notify_latency_ms=self.notify_ms)
-        self.notify_ms = None
-        self.known, self.finished = known, finished
-
-    def log_corrupt_chunks(self, events: list[dict]) -> None:
-        """Corrupt chunks are skipped loudly, quarantined, never trained on; rank 0 logs every rank's, once."""
-        if self.world > 1:
-            every: list = [None] * self.world
-            torch.distributed.all_gather_object(every, events)
-            # the rank that quarantined a chunk first: another one may only have found its file gone
-            events = sorted((ev for evs in every for ev in evs), key=lambda ev: ev.get("quarantined") is None)
-        for ev in events:
-            if self.main and ev["chunk_id"] not in self.corrupt_logged:
-                self.corrupt_logged.add(ev["chunk_id"])
-                self.jsonl.event(ev.pop("event"), step=self.state.step, **ev)
+                self.jsonl.event("warning", step=step, message=note)
+        return stop
 
     def wait_for_data(self) -> None:
         step = self.state.step
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
             if self.main:
-                self.jsonl.event("waiting", step=step, chunks=self.known, total_steps=self.plan.total_steps)
+                self.jsonl.event("waiting", step=step, chunks=self.sync.known, total_steps=self.plan.total_steps)
         if self.main:
-            self.console.waiting(f"Step {step:,}/{self.plan.total_steps:,} | waiting for data ({self.known:,} chunks "
+            self.console.waiting(f"Step {step:,}/{self.plan.total_steps:,} | waiting for data ({self.sync.known:,} chunks "
                                  f"in the cache, {time.monotonic() - self.waiting_since:.0f} s)")
         self.t_prev = None
 
@@ -434,7 +363,7 @@ class Trainer:
             self.rate_ema = 1 / dt if self.rate_ema is None else 0.9 * self.rate_ema + 0.1 / dt
         if not self.main:
             return
-        total = _shown_total(self.cfg, self.plan)
+        total = shown_total(self.plan, self.cfg.train.max_steps)
         self.jsonl.write({"step": s.step, "loss": loss, "lr": self.lr, "tokens": s.tokens, "step_tokens": step_tokens,
                           "tokens_per_s": round(tps, 1) if tps else None, "step_s": round(dt, 6) if dt else None,
                           "total_steps": total})
@@ -478,20 +407,15 @@ class Trainer:
                                       model_config=self.raw_model.config.to_dict(),
                                       tokenizer=dict(self.cache.manifest.tokenizer),
                                       kill_after_weights=self.fault == ("kill-in-save", s.step))
-        except (OSError, RuntimeError) as e:  # disk full surfaces as OSError, or RuntimeError from torch.save
-            what = "disk full" if getattr(e, "errno", None) == 28 or "No space" in str(e) or "unexpected pos" in str(e) \
-                else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        except (OSError, RuntimeError) as e:
+            what = ck.save_failure(e)
             try:
                 self.jsonl.event("checkpoint_failed", step=s.step, name=name, error=what)
             except TrainError:
                 pass  # the log lives on the same full disk
             raise TrainError(f"cannot save checkpoint {name} in {self.rd.path}: {what}; "
                              f"the previous checkpoint is intact") from None
-        pruned = []
-        if self.cfg.checkpoint.keep:
-            for c in self.rd.prune_plan(self.cfg.checkpoint.keep, run=start.run, keep_name=name)[0]:
-                self.rd.delete(c)
-                pruned.append(c.name)
+        pruned = self.rd.prune(start.run, self.cfg.checkpoint.keep, keep_name=name)
         dt = time.monotonic() - t0
         self.jsonl.event("checkpoint_saved", step=s.step, name=name, reason=reason, seconds=round(dt, 3), pruned=pruned)
         self.console.message(f"saved checkpoint {path} ({reason}, {dt:.1f} s)")
@@ -519,41 +443,8 @@ class Trainer:
     def close(self) -> None:
         self.console.close()
         self.prefetch.close()
-        if self.follower is not None:
-            self.follower.close()
+        self.sync.close()
         self.jsonl.close(quiet=True)
         self.trace.close(quiet=True)
         if self.cfg.log.log_with and self.main:
             self.accelerator.end_training()
-
-
-def _fault() -> tuple[str | None, int | None]:
-    spec = os.environ.get("TRAINERD_FAULT", "")
-    if not spec:
-        return None, None
-    kind, _, n = spec.partition(":")
-    if kind not in ("kill-at-step", "kill-in-save", "read-error-at-step") or not n.isdigit():
-        raise TrainError(f"TRAINERD_FAULT={spec!r}: expected kill-at-step:N, kill-in-save:N or read-error-at-step:N")
-    return kind, int(n)
-
-
-def _shown_total(cfg: Config, plan) -> int:
-    total = plan.total_steps if plan.finished else max(plan.total_steps, plan.estimated_total_steps)
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps) if total else cfg.train.max_steps
-    return int(total)
-
-
-def _commit_latency_ms(cache, known: int) -> float | None:
-    """From the commit of the newest known chunk (manifest time) to now, when the plan has grown."""
-    try:
-        entry = cache.chunks[known - 1]
-    except (IndexError, AttributeError, TypeError):
-        return None
-    return round((time.time() - entry.committed_at) * 1000, 2)
-
-
-def _flat(d: dict) -> dict:
-    """The config as dotted keys with scalar values: what trackers accept as hyperparameters."""
-    from .config import _flatten
-    return {k: v for k, v in _flatten(d).items() if isinstance(v, (int, float, str, bool))}

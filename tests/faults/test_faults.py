@@ -42,7 +42,7 @@ import zmq
 from click.testing import CliRunner
 
 from conftest import ROOT, run_packerd, write_jsonl
-from shared.cache import CorruptChunk, open_cache
+from shared.cache import open_cache
 from shared.manifest import load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, PROTOCOL_VERSION, encode
 
