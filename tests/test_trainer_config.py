@@ -162,3 +162,46 @@ def test_presets_and_schedule_kinds_come_from_one_table():
     assert kind.metadata["choices"] == choices(main, "--schedule") == tuple(KINDS)
     for name in (*PRESETS, *KINDS):
         assert name in help_text()
+
+
+def test_a_preset_and_a_schedule_kind_are_each_one_entry_in_one_file(tmp_path):
+    """Add one line to trainerd/config.py's PRESETS and one to trainerd/schedule.py's KINDS, in a copy of the
+    code: the trainer's flags, --help-config, packtrain's --model, the model and the schedule all take them."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    for pkg in ("shared", "trainerd", "launch"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    config, schedule = tmp_path / "trainerd" / "config.py", tmp_path / "trainerd" / "schedule.py"
+    anchor = '    "415m": Preset('
+    assert config.read_text().count(anchor) == 1
+    config.write_text(config.read_text().replace(anchor, '    "small": Preset(hidden_size=96, num_layers=3, num_heads=6, '
+                                                         'num_kv_heads=2, intermediate_size=256),\n' + anchor))
+    anchor = '    "cosine": Kind('
+    assert schedule.read_text().count(anchor) == 1
+    schedule.write_text(schedule.read_text().replace(anchor, '    "linear": Kind(lambda q: 1.0 - q, whole_run=True, '
+                                                             'help="warmup, then a linear decay"),\n' + anchor))
+    code = """
+import click.testing
+from trainerd.__main__ import main
+from trainerd.config import load_config
+from trainerd.model import build_model
+from trainerd.schedule import LRSchedule
+from launch.__main__ import main as packtrain
+cfg = load_config(None, {"model.preset": "small", "schedule.kind": "linear", "schedule.warmup_steps": 0})
+m = build_model(cfg.model, 512, 64, 0)
+print("layers", m.config.num_hidden_layers, "width", m.config.hidden_size)
+s = LRSchedule(cfg.schedule, 1.0)
+s.update(0, 100, 100, True)
+print("lr", round(s.lr(50), 6))
+r = click.testing.CliRunner()
+print("trainerd", "small" in r.invoke(main, ["--help"]).output, "linear" in r.invoke(main, ["--help"]).output)
+print("config", "linear" in r.invoke(main, ["--help-config"]).output)
+print("packtrain", "small" in r.invoke(packtrain, ["--help"]).output)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:5] == ["layers 3 width 96", "lr 0.55", "trainerd True True", "config True",
+                                         "packtrain True"], p.stdout
