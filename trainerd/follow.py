@@ -114,7 +114,8 @@ class CacheFollower:
     def poll(self, timeout_ms: int = 0) -> FollowState:
         """Messages waiting now (up to timeout_ms for the first), manifest re-read as needed, the state."""
         events, self._pending = self._pending, []
-        msgs = self.sub.poll(timeout_ms)
+        # messages naming another cache (the held-out one: "cache": "holdout") are not this cache's chunks
+        msgs = [m for m in self.sub.poll(timeout_ms) if m.get("cache") is None]
         reason = None
         chunk_msgs = []
         for msg in msgs:

@@ -72,9 +72,9 @@ def run(start: Start | None, lock=None) -> int:
     (start.catch_stop_signals); `lock`, the run's, is released at the end."""
     try:
         cuda = torch.cuda.is_available()
-        state = PartialState(cpu=not cuda)  # the process group, before the config (rank 0's) is known
+        process = PartialState(cpu=not cuda)  # the process group, before the config (rank 0's) is known
         decision = [asdict(start) if start is not None else None]
-        if state.num_processes > 1:
+        if process.num_processes > 1:
             broadcast_object_list(decision, from_process=0)
         start = Start(**decision[0])
         try:
@@ -217,10 +217,10 @@ class Trainer:
             ck.load_optimizer(folder, self.raw_model, self.optimizer)  # moved to the parameters' device
             for key, part in self.stateful().items():
                 part.load_state_dict(saved if key == "train" else saved[key])
+            rngs = saved["rng"]  # one per rank; ranks beyond the saved ones take rank 0's
+            ck.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         except (ck.CheckpointError, KeyError, ValueError, CacheError) as e:
             self.fail(f"cannot resume from {folder.name}: {e}")
-        rngs = saved["rng"]
-        ck.set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
 
     def open_records(self) -> None:
         """The run's record, the JSON-lines log (rank 0), the optional data trace (every rank), trackers."""
