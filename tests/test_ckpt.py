@@ -122,12 +122,12 @@ def test_list_newest_first(run_dir):
     r = ckpt(run_dir, "list")
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0].split() == ["NAME", "RUN", "STEP", "LOSS", "TOKENS", "TIME", "SIZE"]
+    assert lines[0].split() == ["NAME", "RUN", "STEP", "LOSS", "VAL", "LOSS", "TOKENS", "TIME", "SIZE"]
     assert [l.split()[0] for l in lines[1:]] == ["runA-step00000300", "runB-step00000050", "runA-step00000200",
                                                  "runA-step00000100"]
     first = lines[1].split()
-    assert first[1:5] == ["runA", "300", "4.2500", "1,228,800"]
-    assert first[5] == time.strftime("%Y-%m-%d", time.localtime(T0 + 300))
+    assert first[1:6] == ["runA", "300", "4.2500", "-", "1,228,800"]   # no held-out loss in its meta
+    assert first[6] == time.strftime("%Y-%m-%d", time.localtime(T0 + 300))
     assert first[-1] == "KB"
     assert ".tmp-" not in r.output
 
@@ -139,7 +139,7 @@ def test_list_json_and_run_filter(run_dir):
                                          "runA-step00000100"]
     meta = json.loads((run_dir / "checkpoints" / "runA-step00000300" / "meta.json").read_text())
     assert data[0] == {"name": "runA-step00000300", "run": "runA", "run_id": "runA-id", "step": 300, "loss": 4.25,
-                       "tokens": 300 * 4096, "time": T0 + 300, "size": sum(f["bytes"] for f in meta["files"].values()),
+                       "val_loss": None, "tokens": 300 * 4096, "time": T0 + 300, "size": sum(f["bytes"] for f in meta["files"].values()),
                        "path": str(run_dir / "checkpoints" / "runA-step00000300"), "error": None}
     r = ckpt(run_dir, "list", "--run", "runB", "--json")
     assert [d["name"] for d in json.loads(r.output)] == ["runB-step00000050"]

@@ -60,7 +60,8 @@ def test_every_field_is_documented():
         name, rest = line.split(None, 1)
         assert len(rest.split(None, 1)) == 2, f"{name} has no help"
     assert "schedule.decay_fraction" in text and "checkpoint.keep" in text
-    assert set(Config().to_dict()) == {"model", "data", "train", "schedule", "checkpoint", "log"}
+    assert set(Config().to_dict()) == {"model", "data", "train", "schedule", "checkpoint", "log", "eval"}
+    assert "eval.every" in text and "--val-cache" in text
 
 
 def test_cli_error_is_one_line_and_writes_nothing(tmp_path):

@@ -341,8 +341,9 @@ def export_checkpoint(ck: Checkpoint, out: str | os.PathLike) -> Path:
     return out
 
 
-def read_log(rd: RunDir, run: str) -> list[dict]:
-    """Step records of every log of RUN, in step order; a step logged again after a resume wins."""
+def read_log(rd: RunDir, run: str, event: str | None = None) -> list[dict]:
+    """Step records of every log of RUN (or its records of `event`, e.g. "eval"), in step order; a step
+    logged again after a resume wins."""
     by_step: dict[int, dict] = {}
     for p in rd.log_files(run):
         with open(p, encoding="utf-8") as f:
@@ -351,13 +352,30 @@ def read_log(rd: RunDir, run: str) -> list[dict]:
                     rec = json.loads(line)
                 except ValueError:
                     continue   # a line cut short by a crash
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and "event" not in rec:
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec.get("event") == event:
                     by_step[rec["step"]] = rec
     return [by_step[s] for s in sorted(by_step)]
 
 
+# the panels of `ckpt plot`: (label, [(key in the step records or the eval records, line label suffix)])
+PANELS = [("loss", [("loss", ""), ("val_loss", " held-out")]), ("learning rate", [("lr", "")]),
+          ("tokens/s", [("tokens_per_s", "")]), ("steps in the plan", [("plan_steps", "")])]
+
+
+def _plot_panel(ax, label: str, lines: list, logs: dict) -> None:
+    for run, recs in logs.items():
+        for key, suffix in lines:
+            pts = [(r["step"], r[key]) for r in recs if as_number(r.get(key)) is not None and math.isfinite(r[key])]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=run + suffix, linewidth=1.2,
+                        marker="o" if suffix else None, markersize=3)
+    ax.set_ylabel(label)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_runs(rd: RunDir, runs: list[str], out: str | os.PathLike) -> Path:
-    """Loss, learning rate and tokens/s against step, one line per run, as one image (Agg, no display)."""
+    """Loss (train and held-out), learning rate, tokens/s and the planned steps (the plan growing) against
+    step, one line per run, as one image (Agg, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -370,21 +388,17 @@ def plot_runs(rd: RunDir, runs: list[str], out: str | os.PathLike) -> Path:
         logs[run] = read_log(rd, run)
         if not logs[run]:
             raise click.ClickException(f"the logs of run {run!r} hold no step records yet")
-    fig = Figure(figsize=(9, 10), layout="constrained")
+        logs[run] += read_log(rd, run, event="eval")
+    fig = Figure(figsize=(9, 12), layout="constrained")
     canvas = FigureCanvasAgg(fig)
     fmt = out.suffix.lstrip(".").lower()
     if fmt not in canvas.get_supported_filetypes():
         raise click.ClickException(f"cannot write {out.name!r}: give --out a .png (or .svg, .pdf) file name")
     if not out.parent.is_dir():
         raise click.ClickException(f"folder {out.parent} does not exist")
-    axes = fig.subplots(3, 1, sharex=True)
-    for key, label, ax in zip(("loss", "lr", "tokens_per_s"), ("loss", "learning rate", "tokens/s"), axes):
-        for run, recs in logs.items():
-            pts = [(r["step"], r[key]) for r in recs if as_number(r.get(key)) is not None and math.isfinite(r[key])]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=run, linewidth=1.2)
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    for (label, lines), ax in zip(PANELS, axes):
+        _plot_panel(ax, label, lines, logs)
     axes[0].legend(loc="upper right")
     axes[0].set_title(f"{rd.path.name}: {', '.join(logs)}")
     axes[-1].set_xlabel("step")
@@ -400,17 +414,17 @@ def plot_runs(rd: RunDir, runs: list[str], out: str | os.PathLike) -> Path:
 
 # ---- output --------------------------------------------------------------------------------------
 def format_table(cks: list[Checkpoint]) -> str:
-    head = ("NAME", "RUN", "STEP", "LOSS", "TOKENS", "TIME", "SIZE")
+    head = ("NAME", "RUN", "STEP", "LOSS", "VAL LOSS", "TOKENS", "TIME", "SIZE")
     rows = []
     for c in cks:
-        loss = as_number(c.meta.get("loss"))
+        loss, val = as_number(c.meta.get("loss")), as_number(c.meta.get("val_loss"))
         tokens = c.meta.get("tokens")
         rows.append((c.name, c.run or "?", "?" if c.step is None else str(c.step),
-                     "-" if loss is None else f"{loss:.4f}",
+                     "-" if loss is None else f"{loss:.4f}", "-" if val is None else f"{val:.4f}",
                      f"{tokens:,}" if isinstance(tokens, int) else "-", human_time(c.time),
                      human_bytes(c.size) + (f"  ({c.error})" if c.error else "")))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
-    right = {2, 3, 4}
+    right = {2, 3, 4, 5}
     lines = []
     for r in [head, *rows]:
         cells = [r[i].rjust(widths[i]) if i in right else r[i].ljust(widths[i]) for i in range(len(widths))]

@@ -6,6 +6,7 @@
     [schedule]   learning-rate schedule
     [checkpoint] how often and how many
     [log]        status line, JSON lines, trackers
+    [eval]       held-out loss: how often, on how many sequences, of which cache
 
 Precedence, stated once: command-line flags > the TOML file (`--config`) > these defaults.
 A field's `flag=` is its trainerd command-line flag: `cli_options` puts those on the click command and
@@ -173,6 +174,16 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = opt(0, "Evaluate the held-out loss every this many optimizer steps and at the end (0 = never).",
+                     flag="--eval-every", check="0 or more")
+    sequences: int = opt(256, "Evaluate on the first this many sequences of the validation cache, in cache order "
+                              "(on what it holds while it holds fewer).", flag="--eval-sequences", check="at least 1")
+    cache_dir: str = opt("", "Validation cache: any packerd cache of the training cache's seq_len and tokenizer. "
+                             "Empty: CACHE/holdout (`packerd run --holdout`) when it exists.", flag="--val-cache")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +191,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         m = self.model
@@ -239,5 +251,5 @@ def cli_overrides(values: dict) -> dict:
 
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "ScheduleConfig",
-           "CheckpointConfig", "LogConfig", "load_config", "help_text", "cli_options", "cli_overrides",
+           "CheckpointConfig", "LogConfig", "EvalConfig", "load_config", "help_text", "cli_options", "cli_overrides",
            "Preset", "PRESETS"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -91,6 +92,18 @@ def model_from_config_dict(d: dict, use_flash: bool = False) -> LlamaForCausalLM
     model = LlamaForCausalLM(config)
     model.config.use_cache = False
     return model
+
+
+def set_up_torch(train, cuda: bool) -> None:
+    """This process's threads, determinism and matmul precision (train: the [train] config section)."""
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build(cfg: ModelConfig, tokenizer: dict, seq_len: int, cuda: bool, checkpoint: Path | None = None

@@ -28,15 +28,44 @@ def shown_total(plan, max_steps: int | None) -> int:
 
 
 def status_line(step: int, total: int, loss: float | None, tokens_per_s: float | None, mfu: float | None,
-                eta_s: float | None) -> str:
-    """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU
-    (`Loss -` for a step without a target)."""
+                eta_s: float | None, val_loss: float | None = None) -> str:
+    """`Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h`, with `| MFU 41.2%` on a GPU,
+    `| Val 5.702` after a held-out evaluation (`Loss -` for a step without a target)."""
     line = f"Step {step:,}/{total:,} ({100 * step / max(total, 1):4.1f}%) | "
     line += f"Loss {loss:.3f} | " if loss is not None else "Loss - | "
+    line += f"Val {val_loss:.3f} | " if val_loss is not None else ""
     line += f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s"
     if mfu is not None:
         line += f" | MFU {100 * mfu:.1f}%"
     return line + f" | ETA {fmt_eta(eta_s)}"
+
+
+def eval_line(val: dict, asked: int) -> str:
+    """`eval: step 200, val_loss 5.702 on 256 sequences (32,512 targets)`, and how many the cache lacks."""
+    if val["val_loss"] is None:
+        return f"eval: step {val['step']:,}, the validation cache holds no sequence yet"
+    short = (f"; the validation cache holds {val['val_sequences']:,} of the {asked:,} asked"
+             if val["val_sequences"] < asked else "")
+    return (f"eval: step {val['step']:,}, val_loss {val['val_loss']:.3f} on {val['val_sequences']:,} sequences "
+            f"({val['val_tokens']:,} targets){short}")
+
+
+def resumed_lines(run: str, name: str, step: int, later: list[str], keep: int) -> list[str]:
+    """What a resumed trainer says: where from, and a warning when the run saved past that step."""
+    lines = [f"resumed {run} from {name} (step {step:,})"]
+    if later:
+        # the kept checkpoints are the most recently saved: this line's saves push the old line's out
+        fate = (f"checkpoint.keep = {keep} keeps the most recently saved, so those and {name} are the first to "
+                f"go as this run saves" if keep else "none is pruned (checkpoint.keep = 0)")
+        lines.append(f"warning: {run} has {len(later)} checkpoint(s) past step {step:,} ({later[-1]} the last "
+                     f"saved); this run's saves now count as its newest, {fate}")
+    return lines
+
+
+def end_line(status: str, step: int, tokens: int, loss: float | None, checkpoints, run: str) -> str:
+    what = "stopped by signal" if status == "stopped" else "done"
+    return (f"{what}: step {step:,}, {tokens:,} tokens, loss {loss if loss is not None else float('nan'):.3f}; "
+            f"checkpoints in {checkpoints}; resume with --resume {run}")
 
 
 class Console:
@@ -107,8 +136,13 @@ class JsonlLog:
             except OSError as e:
                 raise self._failed(e) from None
 
-    def event(self, kind: str, /, **fields) -> None:
-        self.write({"event": kind, "time": round(time.time(), 3), **fields})
+    def event(self, kind: str, /, quiet: bool = False, **fields) -> None:
+        """An event record; `quiet`: a failure to write it is dropped (an error is on its way already)."""
+        try:
+            self.write({"event": kind, "time": round(time.time(), 3), **fields})
+        except TrainError:
+            if not quiet:
+                raise
 
     def close(self, quiet: bool = False) -> None:
         """Close the file; quiet (in a finally) drops an error, so it never hides the one that got there."""

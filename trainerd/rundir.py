@@ -147,8 +147,8 @@ class Checkpoint:
 
     def summary(self) -> dict:
         return {"name": self.name, "run": self.run, "run_id": self.run_id, "step": self.step, "loss": self.loss,
-                "tokens": self.meta.get("tokens"), "time": self.time, "size": self.size, "path": str(self.path),
-                "error": self.error}
+                "val_loss": as_number(self.meta.get("val_loss")), "tokens": self.meta.get("tokens"),
+                "time": self.time, "size": self.size, "path": str(self.path), "error": self.error}
 
     def sort_key(self):
         return (self.time or 0.0, self.step if self.step is not None else -1, self.name)
@@ -189,6 +189,10 @@ class RunDir:
                if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
         cks = [c for c in cks if (run is None or c.run == run) and (c.complete or not complete)]
         return sorted(cks, key=Checkpoint.sort_key, reverse=True)
+
+    def later(self, run: str, step: int) -> list[str]:
+        """The complete checkpoints of RUN past `step`, oldest first: what a resume from `step` leaves ahead."""
+        return [c.name for c in reversed(self.checkpoints(run, complete=True)) if c.step > step]
 
     def newest(self, run: str | None = None) -> Checkpoint | None:
         cks = self.checkpoints(run, complete=True)

@@ -30,6 +30,7 @@ from shared.manifest import Manifest
 
 from . import checkpoint as ck
 from .config import Config, load_config
+from .evaluate import check_validation_cache
 from .output import Console
 from .rundir import Checkpoint, RunDir, TrainError, check_run_name
 
@@ -291,6 +292,8 @@ def prepare(config_file: str | None, overrides: dict, new: str | None, resume: s
         cache = wait_for_cache(cfg, console)
     if start.ckpt:
         _check_compatible(start, cache.manifest)
+    if cfg.eval.every or cfg.eval.cache_dir:
+        check_validation_cache(cfg, cache.manifest)
     rd = RunDir(run_dir)
     lock = rd.lock_run(start.run)
     start.line = rd.next_line(start.run)

@@ -6,12 +6,11 @@
     trainerd --run-dir runs/ --resume latest                                              # go on where it stopped
 
 What happens, in order: trainerd/start.py decides the run on the main process before torch loads (and
-holds its lock); `run()` hands that decision to every rank, opens the cache, builds the model and
-optimizer (and loads the checkpoint), then `loop()` runs optimizer steps. At every step boundary rank 0
-tells all ranks how many chunks the cache holds and whether it is finished (one small collective), so
-every rank grows its data plan at the same step. The loop waits when it has caught up with the packer,
-saves a checkpoint every N steps, on SIGINT/SIGTERM (then exits 0) and at the end, and ends when the cache
-is finished and the plan done, or at --max-steps.
+holds its lock); `run()` hands that decision to every rank, and the Trainer opens the cache, builds the
+model and optimizer and loads the checkpoint. Then `loop()`: at every step boundary every rank grows its
+data plan to rank 0's view of the cache (one small collective); it waits when it has caught up with the
+packer, evaluates and saves every N steps, saves on SIGINT/SIGTERM (then exits 0) and at the end, and
+ends when the cache is finished and the plan done, or at --max-steps.
 
 - The loss is the mean over all real target tokens of the optimizer step, across micro-batches and ranks
   (each rank's summed loss is divided by the global target count), so accumulation and world size do
@@ -42,9 +41,11 @@ from shared.config import ConfigError
 from . import checkpoint as ck
 from .config import Config, load_config
 from .data import DataPlan, Prefetcher
+from .evaluate import Evaluator
 from .follow import PlanSync
-from .model import build, flops_per_token, num_params, param_groups, peak_flops, varlen_kwargs, weights_digest
-from .output import Console, JsonlLog, shown_total, status_line
+from .model import (build, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, varlen_kwargs,
+                    weights_digest)
+from .output import Console, JsonlLog, end_line, eval_line, resumed_lines, shown_total, status_line
 from .rundir import RunDir, TrainError
 from .schedule import LRSchedule
 from .start import STOP, Start, fault_hook, resolve_mixed_precision, wait_for_cache
@@ -83,10 +84,7 @@ def run(start: Start | None, lock=None) -> int:
             raise TrainError(str(e)) from None
         logging.basicConfig(level=cfg.log.level.upper(), format="%(asctime)s trainerd %(levelname)s %(message)s",
                             datefmt="%Y-%m-%dT%H:%M:%S")
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        set_up_torch(cfg.train, cuda)
         mixed = resolve_mixed_precision(cfg.train.mixed_precision, cuda)
         # bf16 autocast is ours (around the forward only): Accelerate's would also convert the logits to
         # fp32 inside the forward, a copy of [batch, seq_len, vocab] per micro-batch. fp16 needs its scaler.
@@ -126,6 +124,8 @@ def loop(t: "Trainer") -> str:
         t.log_step(loss, tokens)
         if t.fault == ("kill-at-step", t.state.step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if t.cfg.eval.every and t.state.step % t.cfg.eval.every == 0:
+            t.evaluate()
         if t.cfg.checkpoint.every and t.state.step % t.cfg.checkpoint.every == 0:
             t.save("every")
 
@@ -149,6 +149,9 @@ class Trainer:
         self.open_records()
         self.sync = PlanSync(self.plan, cfg.data, rank=self.rank, world=self.world, device=self.device,
                              log=self.jsonl, fail=self.fail)
+        self.evaluator = Evaluator(cfg, self.cache, rank=self.rank, world=self.world, device=self.device,
+                                   mixed=mixed, fail=self.fail) if cfg.eval.every else None
+        self.val: dict | None = None  # the last evaluation: step, val_loss, val_sequences, val_tokens
         self.prefetch = Prefetcher(self.plan, depth=cfg.data.prefetch, pin_memory=self.device.type == "cuda",
                                    start=self.state.step)
         self.t_start, self.saved_step = time.monotonic(), self.state.step  # nothing to save before a step
@@ -167,11 +170,6 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------------
     def build_model(self) -> None:
         cfg, cuda = self.cfg, self.device.type == "cuda"
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         tok = self.cache.manifest.tokenizer
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         try:
@@ -192,6 +190,8 @@ class Trainer:
         # FSDP2 shards raw_model in place (its parameters become DTensor shards): saving then gathers the full
         # state on every rank, and the optimizer state is loaded shard by shard
         self.sharded = ck.is_sharded(self.raw_model)
+        # evaluation calls the model inside DDP (no gradient, no reducer); a sharded one as prepared
+        self.eval_model = self.model if self.sharded else model
 
     def build_data(self) -> None:
         cfg = self.cfg
@@ -236,7 +236,11 @@ class Trainer:
                          params=self.n_params, global_batch=self.global_batch, seq_len=self.cache.seq_len,
                          flash_attention=bool(self.use_flash), compile=cfg.train.compile, config=cfg.to_dict())
         if start.ckpt:
-            self.say_resumed(Path(start.ckpt).name)
+            name, later = Path(start.ckpt).name, self.rd.later(start.run, self.state.step)
+            self.jsonl.event("resumed", step=self.state.step, checkpoint=name, tokens=self.state.tokens,
+                             later_checkpoints=later)
+            for line in resumed_lines(start.run, name, self.state.step, later, cfg.checkpoint.keep):
+                self.console.message(line)
         else:
             self.console.message(f"new run {start.run} ({start.run_id}): {cfg.model.preset}, {self.n_params:,} "
                                  f"parameters, global batch {self.global_batch} x {self.cache.seq_len} tokens, "
@@ -244,19 +248,6 @@ class Trainer:
         self.console.message(f"logging to {self.jsonl.path}")
         if cfg.log.log_with:
             self.accelerator.init_trackers(start.run, config=cfg.hyperparameters())
-
-    def say_resumed(self, name: str) -> None:
-        step, run = self.state.step, self.start.run
-        later = [c.name for c in reversed(self.rd.checkpoints(run, complete=True)) if c.step > step]
-        self.jsonl.event("resumed", step=step, checkpoint=name, tokens=self.state.tokens, later_checkpoints=later)
-        self.console.message(f"resumed {run} from {name} (step {step:,})")
-        if later:
-            # the kept checkpoints are the most recently saved: this line's saves push the old line's out
-            keep = self.cfg.checkpoint.keep
-            fate = (f"checkpoint.keep = {keep} keeps the most recently saved, so those and {name} are the first "
-                    f"to go as this run saves" if keep else "none is pruned (checkpoint.keep = 0)")
-            self.console.message(f"warning: {run} has {len(later)} checkpoint(s) past step {step:,} ({later[-1]} "
-                                 f"the last saved); this run's saves now count as its newest, {fate}")
 
     # -- agree on the plan ----------------------------------------------------------------------------
     def agree_on_plan(self) -> bool:
@@ -366,14 +357,27 @@ class Trainer:
         total = shown_total(self.plan, self.cfg.train.max_steps)
         self.jsonl.write({"step": s.step, "loss": loss, "lr": self.lr, "tokens": s.tokens, "step_tokens": step_tokens,
                           "tokens_per_s": round(tps, 1) if tps else None, "step_s": round(dt, 6) if dt else None,
-                          "total_steps": total})
+                          "total_steps": total, "plan_steps": self.plan.total_steps})
         peak = peak_flops(self.device)
         mfu = self.flops_tok * tps / (peak * self.world) if peak and tps else None
         eta = (total - s.step) / self.rate_ema if self.rate_ema else None
-        self.console.status(status_line(s.step, total, loss, tps, mfu, eta), s.step)
+        val = self.val["val_loss"] if self.val else None
+        self.console.status(status_line(s.step, total, loss, tps, mfu, eta, val), s.step)
         if self.cfg.log.log_with:
             self.accelerator.log({"lr": self.lr, "tokens_per_s": tps or 0.0,
                                   **({"loss": loss} if loss is not None else {})}, step=s.step)
+
+    # -- evaluate -------------------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        """The held-out loss with the weights after this optimizer step: the weights its checkpoint holds."""
+        t0 = time.perf_counter()
+        self.val = {"step": self.state.step, **self.evaluator.evaluate(self.eval_model)}
+        self.t_prev = None  # the next step's time and tokens/s do not include the evaluation
+        if self.main:
+            self.jsonl.event("eval", **self.val, seconds=round(time.perf_counter() - t0, 3))
+            self.console.message(eval_line(self.val, self.cfg.eval.sequences))
+            if self.cfg.log.log_with and self.val["val_loss"] is not None:
+                self.accelerator.log({"val_loss": self.val["val_loss"]}, step=self.state.step)
 
     # -- save -----------------------------------------------------------------------------------------
     def save(self, reason: str) -> None:
@@ -400,7 +404,8 @@ class Trainer:
                  "run": start.run, "run_id": start.run_id}
         meta = {"run": start.run, "run_id": start.run_id, "step": s.step, "loss": s.loss, "tokens": s.tokens,
                 "time": time.time(), "elapsed_s": round(elapsed, 3), "world_size": self.world,
-                "model": self.cfg.model.preset, "params": self.n_params}
+                "model": self.cfg.model.preset, "params": self.n_params,
+                **({"val_loss": self.val["val_loss"], "val_step": self.val["step"]} if self.val else {})}
         try:
             path = ck.save_checkpoint(self.rd.path, name, model=self.raw_model, weights=weights, optimizer_state=optim,
                                       state=state, meta=meta, config=self.cfg.to_dict(),
@@ -409,10 +414,7 @@ class Trainer:
                                       kill_after_weights=self.fault == ("kill-in-save", s.step))
         except (OSError, RuntimeError) as e:
             what = ck.save_failure(e)
-            try:
-                self.jsonl.event("checkpoint_failed", step=s.step, name=name, error=what)
-            except TrainError:
-                pass  # the log lives on the same full disk
+            self.jsonl.event("checkpoint_failed", step=s.step, name=name, error=what, quiet=True)  # same full disk
             raise TrainError(f"cannot save checkpoint {name} in {self.rd.path}: {what}; "
                              f"the previous checkpoint is intact") from None
         pruned = self.rd.prune(start.run, self.cfg.checkpoint.keep, keep_name=name)
@@ -422,21 +424,19 @@ class Trainer:
 
     # -- the end --------------------------------------------------------------------------------------
     def finish(self, status: str) -> None:
-        """Save what was trained, and say where it is."""
+        """Evaluate and save what was trained, and say where it is."""
+        if status == "done" and self.evaluator is not None and (self.val or {}).get("step") != self.state.step:
+            self.evaluate()
         self.save("signal" if status == "stopped" else "end")
         weights = weights_digest(self.raw_model)
         digests = gather_object([weights]) if self.world > 1 else [weights]
         s = self.state
         if self.main:
             self.console.close()
-            wall = time.monotonic() - self.t_start
             self.jsonl.event("finished" if status == "done" else "stopped", step=s.step, tokens=s.tokens,
-                             seconds=round(wall, 3), data_wait_s=round(self.prefetch.waited_seconds, 3),
-                             weights_xxh64=digests, signal=STOP.sig)
-            what = "stopped by signal" if status == "stopped" else "done"
-            self.console.message(f"{what}: step {s.step:,}, {s.tokens:,} tokens, loss "
-                                 f"{s.loss if s.loss is not None else float('nan'):.3f}; checkpoints in "
-                                 f"{self.rd.checkpoints_dir}; resume with --resume {self.start.run}")
+                             seconds=round(time.monotonic() - self.t_start, 3), weights_xxh64=digests,
+                             data_wait_s=round(self.prefetch.waited_seconds, 3), signal=STOP.sig)
+            self.console.message(end_line(status, s.step, s.tokens, s.loss, self.rd.checkpoints_dir, self.start.run))
         self.jsonl.close()  # a last flush that fails is reported here; close() below stays quiet
         self.trace.close()
 

@@ -1,0 +1,181 @@
+"""Held-out loss: the first K sequences of a validation cache, in cache order.
+
+The validation cache is `eval.cache_dir` (`--val-cache`), or CACHE/holdout (`packerd run --holdout`) when
+it exists. Its manifest is read again at every evaluation: while it holds fewer than K sequences, the
+evaluation takes what there is and says how many. Every rank takes rank 0's count (one collective), then
+its share of the sequences (i % world == rank), in micro-batches of train.micro_batch_size; every rank runs
+the same number of forward passes, as a sharded model gathers its weights in each. The loss is computed as
+in training: positions restart at each document start, the target of position t is token t + 1, padding is
+ignored; no gradients, the training precision (the model has no dropout, so train mode changes nothing).
+The result is the mean over every rank's targets.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared.cache import Cache, CacheError, CorruptChunk, open_cache
+from shared.manifest import Manifest, ManifestError, load_manifest
+
+from .rundir import TrainError
+
+HOLDOUT_DIR = "holdout"   # packerd run --holdout writes the held-out cache to CACHE/holdout
+
+
+def validation_dir(cache_dir: str, val_cache: str) -> Path:
+    return Path(val_cache) if val_cache else Path(cache_dir) / HOLDOUT_DIR
+
+
+def check_validation_cache(cfg, train: Manifest) -> None:
+    """A validation cache that cannot serve this run is one error at start: the training cache itself, one of
+    another seq_len or tokenizer, or (without data.wait) a --val-cache with no manifest."""
+    vdir = validation_dir(cfg.data.cache_dir, cfg.eval.cache_dir)
+    if vdir.resolve() == Path(cfg.data.cache_dir).resolve():
+        raise TrainError(f"the validation cache {vdir} is the training cache itself: give --val-cache another "
+                         f"packerd cache (or pack with --holdout)")
+    try:
+        m = load_manifest(vdir)
+    except ManifestError as e:
+        raise TrainError(f"validation cache: {e}") from None
+    if m is None:
+        if cfg.eval.cache_dir and not cfg.data.wait:
+            what = "does not exist" if not vdir.is_dir() else "has no manifest.json"
+            raise TrainError(f"validation cache {vdir} {what} (without --no-wait the trainer evaluates once it appears)")
+        return
+    if problem := incompatible(m, train, vdir):
+        raise TrainError(problem)
+
+
+def incompatible(val: Manifest, train: Manifest, vdir: Path) -> str | None:
+    if val.seq_len != train.seq_len:
+        return f"the validation cache {vdir} has seq_len {val.seq_len}, the training cache {train.seq_len}"
+    if val.tokenizer.get("vocab_hash") != train.tokenizer.get("vocab_hash"):
+        return (f"the validation cache {vdir} was packed with another tokenizer ({val.tokenizer.get('name')}) "
+                f"than the training cache ({train.tokenizer.get('name')})")
+    return None
+
+
+class Evaluator:
+    """One rank's side of the held-out evaluation. Its rows are read once per count of sequences and kept."""
+
+    def __init__(self, cfg, train: Cache, *, rank: int, world: int, device, mixed: str, fail):
+        self.dir = validation_dir(cfg.data.cache_dir, cfg.eval.cache_dir)
+        self.k, self.mb = cfg.eval.sequences, cfg.train.micro_batch_size
+        self.train, self.rank, self.world, self.device, self.mixed, self.fail = train, rank, world, device, mixed, fail
+        self.cache: Cache | None = None
+        self._rows: tuple[int, list, int] | None = None   # (count of sequences, micro-batches, their targets)
+
+    def evaluate(self, model) -> dict:
+        """{"val_loss", "val_sequences", "val_tokens"}: the loss over rank 0's count of the first K sequences
+        (None when there is none yet), the count, and the targets the loss averages over."""
+        import torch
+        n = self._agree(self._available() if self.rank == 0 else 0)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        targets = 0
+        if n:
+            self._wait_for(n)
+            with torch.no_grad():
+                for ids, pos, labels in self._batches(n):
+                    loss += self._forward(model, ids, pos, labels)
+            targets = self._rows[2]
+        sums = torch.stack([loss, torch.tensor(float(targets), dtype=torch.float64, device=self.device)])
+        if self.world > 1:
+            torch.distributed.all_reduce(sums)
+        loss, targets = sums.tolist()
+        return {"val_loss": loss / targets if targets else None, "val_sequences": n, "val_tokens": int(targets)}
+
+    def _forward(self, model, ids, pos, labels):
+        import torch
+        import torch.nn.functional as F
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed == "bf16"):
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    # -- which sequences ----------------------------------------------------------------------------------
+    def _open(self) -> Cache | None:
+        """The validation cache as its manifest is now (None while it has none)."""
+        try:
+            if self.cache is None:
+                self.cache = open_cache(self.dir)
+                if problem := incompatible(self.cache.manifest, self.train.manifest, self.dir):
+                    self.fail(problem)
+            else:
+                self.cache.refresh()
+        except CacheError as e:
+            if self.cache is not None:
+                self.fail(f"validation cache: {e}")
+        return self.cache
+
+    def _available(self) -> int:
+        cache = self._open()
+        return min(self.k, cache.manifest.total_sequences) if cache is not None else 0
+
+    def _agree(self, n: int) -> int:
+        """Rank 0's count on every rank."""
+        if self.world == 1:
+            return n
+        import torch
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def _wait_for(self, n: int) -> None:
+        """This rank's manifest holds rank 0's n sequences: it was read later, and manifests only grow."""
+        deadline = time.monotonic() + 30
+        while (self._open() is None or self.cache.manifest.total_sequences < n) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.cache is None or self.cache.manifest.total_sequences < n:
+            self.fail(f"validation cache {self.dir}: this rank's manifest lacks the {n} sequences rank 0 saw",
+                      alone=True)
+
+    def _batches(self, n: int) -> list:
+        """This rank's micro-batches of the first n sequences, the same number on every rank: a rank without
+        a row in the last one gets one padding row (no target)."""
+        if self._rows is None or self._rows[0] != n:
+            mine = np.arange(self.rank, n, self.world)
+            steps = math.ceil(math.ceil(n / self.world) / self.mb)
+            tokens, positions, labels = self._read(mine)
+            batches = []
+            for s in range(steps):
+                rows = slice(s * self.mb, (s + 1) * self.mb)
+                part = [a[rows] for a in (tokens, positions, labels)]
+                if not len(part[0]):
+                    part = [np.zeros((1, tokens.shape[1]), np.int64)] * 2 + [np.full((1, tokens.shape[1]), -100)]
+                batches.append(tuple(self._tensor(a) for a in part))
+            self._rows = (n, batches, int((labels[:, 1:] != -100).sum()))
+        return self._rows[1]
+
+    def _tensor(self, a: np.ndarray):
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
+
+    def _read(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """tokens, positions and labels [len(seqs), seq_len] of the cache's sequences `seqs` (cache order)."""
+        from .data import _positions
+        L, pad = self.train.seq_len, self.train.pad_id
+        tokens = np.full((len(seqs), L), pad, dtype=np.int64)
+        lengths = np.zeros(len(seqs), dtype=np.int64)
+        rows_of, starts_of = [], []
+        first = np.cumsum([0] + [c.sequences for c in self.cache.chunks])
+        for cid in np.unique(np.searchsorted(first, seqs, side="right") - 1):
+            take = np.nonzero((seqs >= first[cid]) & (seqs < first[cid + 1]))[0]
+            try:
+                chunk = self.cache.read_chunk(int(cid))
+            except CorruptChunk:
+                continue  # its rows stay padding: no target
+            for row in take:
+                i = int(seqs[row] - first[cid])
+                seq = chunk.sequence(i)
+                tokens[row, :len(seq)], lengths[row] = seq, len(seq)
+                starts = chunk.doc_starts_of(i).astype(np.int64)
+                rows_of.append(np.full(len(starts), row, dtype=np.int64))
+                starts_of.append(starts)
+        positions = np.empty_like(tokens)
+        _positions(positions, np.concatenate([np.zeros(0, np.int64)] + rows_of),
+                   np.concatenate([np.zeros(0, np.int64)] + starts_of))
+        labels = np.where(np.arange(L) < lengths[:, None], tokens, -100)
+        return tokens, positions, labels
