@@ -15,14 +15,15 @@ from pathlib import Path
 import click
 
 from shared.builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
-from shared.cache import CorruptChunk, open_cache, QUARANTINE_DIR
+from shared.cache import Cache, CorruptChunk, open_cache, QUARANTINE_DIR
 from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
-from shared.fsutil import FolderLock, LockHeld, remove_temporaries
+from shared.fsutil import FolderLock, LockHeld, fsync_dir, remove_temporaries
 from shared.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, Publisher
 from shared.tokenizer import TokenizerError, load_tokenizer
 
+from .holdout import HOLDOUT_DIR, HOLDOUT_HASH, MAX_FRACTION, holdout_record
 from .pack import Packer, PackError, Progress
 from .source import DEFAULT_HF, Source, SourceError, keep_torch_out
 
@@ -47,6 +48,8 @@ class PackerConfig:
     estimate_tokens: int | None = opt(None, "Size of the full dataset in tokens, when metadata cannot tell.")
     poll_seconds: float = opt(2.0, "Follow mode: how often to look for new files.")
     curve_dir: str | None = opt(None, "Folder of CURVE keys (`packerd keys`): encrypt and authenticate the endpoint.")
+    holdout: float | None = opt(None, f"Share of documents (0 < F <= {MAX_FRACTION}) packed into the held-out cache "
+                                      f"CACHE_DIR/{HOLDOUT_DIR}/ instead, chosen by a hash of each document's index.")
 
     def validate(self) -> None:
         if not self.cache_dir:
@@ -63,6 +66,8 @@ class PackerConfig:
             raise ConfigError(f"mode must be forward or inverse (got {self.mode!r})")
         if not self.endpoint.startswith(("tcp://", "ipc://")):
             raise ConfigError(f"endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
+        if self.holdout is not None and not 0 < self.holdout <= MAX_FRACTION:
+            raise ConfigError(f"holdout must be in (0, {MAX_FRACTION}] (got {self.holdout})")
         if self.curve_dir and not (Path(self.curve_dir) / "server.key_secret").exists():
             raise ConfigError(f"curve_dir {self.curve_dir} has no server.key_secret (create one with `packerd keys DIR`)")
 
@@ -96,6 +101,8 @@ def main(verbose: bool) -> None:
 @click.option("--follow/--no-follow", default=None, help="Keep running and pack new files in source folders.")
 @click.option("--estimate-tokens", type=int, help="Full dataset size in tokens, when metadata cannot tell.")
 @click.option("--curve-dir", type=click.Path(file_okay=False), help="CURVE key folder from `packerd keys`: encrypt and authenticate subscribers.")
+@click.option("--holdout", type=float, help=f"Share of documents (0 < F <= {MAX_FRACTION}) packed into CACHE_DIR/{HOLDOUT_DIR}/ "
+              "instead, for held-out loss; chosen for the life of the cache.")
 @click.option("--force-rebuild", is_flag=True, help="Delete the cache and pack from scratch.")
 @click.option("--yes", is_flag=True, help="Do not ask before --force-rebuild.")
 def run(config_file, force_rebuild, yes, **flags) -> None:
@@ -106,6 +113,9 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
         flags["source"] = list(flags["source"]) or None
         cache_dir = flags.get("cache_dir") or data.get("cache_dir")
         existing = _existing_manifest(cache_dir) if cache_dir else None
+        if existing is not None and existing.holdout_of:
+            raise ConfigError(f"{cache_dir} is the held-out cache of {Path(cache_dir).resolve().parent}: "
+                              f"run packerd on that folder (with its --holdout)")
         if existing is not None:  # settings of an existing cache are the defaults of a restart
             data = merge({"seq_len": existing.seq_len, "chunk_sequences": existing.chunk_sequences,
                           "source": existing.sources, "tokenizer": existing.tokenizer["name"],
@@ -138,9 +148,9 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
         tok = load_tokenizer(cfg.tokenizer, cfg.eos)
     except TokenizerError as e:
         raise _fail(str(e))
-    known = None if force_rebuild else _existing_manifest(cache_dir)
+    known = [] if force_rebuild else [_existing_manifest(cache_dir), _existing_manifest(cache_dir / HOLDOUT_DIR)]
     try:
-        Source(cfg.source, cfg.text_field, known.source_files if known else None)
+        Source(cfg.source, cfg.text_field, _known_files(*known))
     except SourceError as e:
         raise _fail(str(e))
     created = not cache_dir.exists()
@@ -148,32 +158,37 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _fail(f"cannot create cache folder {cache_dir}: {e.strerror}")
-    lock = FolderLock(cache_dir)
+    lock = FolderLock(cache_dir)  # held for both caches: the held-out one lives inside this folder
     try:
         lock.acquire()
     except LockHeld as e:
         raise _fail(f"another packer is running on this cache: {e}")
-    manifest = None
     try:
         _pack_locked(cfg, cache_dir, tok, force_rebuild, yes)
-        manifest = load_manifest(cache_dir)
     finally:
         lock.release()
-        if created and (manifest is None or not manifest.chunks) and not (cache_dir / MANIFEST_NAME).exists():
+        if created and not any((d / MANIFEST_NAME).exists() for d in (cache_dir, cache_dir / HOLDOUT_DIR)):
             shutil.rmtree(cache_dir, ignore_errors=True)  # a failed first run leaves no folder behind
+
+
+def _known_files(*manifests: Manifest | None) -> list[dict] | None:
+    """The local files packed so far, in their order: the longest list any of the manifests recorded (each
+    cache records the list as it was at its last commit, so the one saved last knows the most)."""
+    lists = [m.source_files for m in manifests if m is not None]
+    return max(lists, key=len) if lists else None
 
 
 def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, yes: bool) -> None:
     if force_rebuild:
         _clear(cache_dir, yes)
-    manifest = load_manifest(cache_dir)
-    manifest = _check_or_create(manifest, cfg, tok)
+    manifest = _check_or_create(load_manifest(cache_dir), cfg, tok, cache_dir)
     _clean_uncommitted(cache_dir, manifest)
+    held = _holdout(cfg, cache_dir, tok)
     try:
-        source = Source(cfg.source, cfg.text_field, manifest.source_files)
+        source = Source(cfg.source, cfg.text_field, _known_files(manifest, held and held[1]))
     except SourceError as e:
         raise _fail(str(e))
-    if cfg.mode == "forward" and manifest.finished:
+    if cfg.mode == "forward" and manifest.finished and (held is None or held[1].finished):
         click.echo(f"cache {cache_dir} is finished: {manifest.total_sequences:,} sequences; nothing to do "
                    f"(--force-rebuild packs it again)", err=True)
         return
@@ -188,33 +203,74 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
         raise _fail(str(e))
     progress = Progress()
     packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
-                    cfg.estimate_tokens, progress)
+                    cfg.estimate_tokens, progress, holdout=held)
     try:
         if cfg.mode == "inverse":
-            missing = open_cache(cache_dir).missing_chunks()
-            if not missing:
-                click.echo("no chunk is missing", err=True)
-                return
-            click.echo(f"regenerating {len(missing)} missing chunk(s): {_ranges(missing)}", err=True)
-            done = packer.regenerate(missing)
-            click.echo(f"regenerated {len(done)} chunk(s)", err=True)
+            _regenerate(packer)
         else:
             packer.forward(follow=cfg.follow, poll_seconds=cfg.poll_seconds)
     except (SourceError, PackError) as e:
-        raise _fail(f"{e} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
+        raise _fail(f"{e} (committed chunks are intact; {_committed(packer)} in the manifest)")
     except OSError as e:
         what = "disk full" if e.errno == 28 else (e.strerror or str(e))
-        raise _fail(f"{what} while writing to {cache_dir} (committed chunks are intact; {len(manifest.chunks)} in the manifest)")
+        raise _fail(f"{what} while writing to {cache_dir} (committed chunks are intact; {_committed(packer)} in the manifest)")
     finally:
         progress.close()
         packer.close()
         if publisher:
             publisher.close()
-    t = manifest.totals()
-    state = "finished" if manifest.finished else "stopped"
-    click.echo(f"{state}: {t['chunks']:,} chunks, {t['sequences']:,} sequences, {t['tokens']:,} tokens, "
-               f"{t['bytes_per_token'] or 0:.3f} bytes/token, utilization {t['utilization'] or 0:.4f}"
-               + (f", {sum(manifest.skipped.values())} empty records skipped" if manifest.skipped else ""), err=True)
+    _summary(packer)
+
+
+def _holdout(cfg: PackerConfig, cache_dir: Path, tok) -> tuple[Path, Manifest] | None:
+    """The held-out cache's folder and manifest (checked against cfg like the main one, or new), ready to
+    pack into; None without --holdout. A held-out cache that a run without --holdout would leave behind,
+    or one packed with another fraction, is refused by _check_or_create."""
+    folder = cache_dir / HOLDOUT_DIR
+    existing = _existing_manifest(folder)
+    if existing is not None and not existing.holdout_of:
+        raise _fail(f"{folder} holds a cache that is not a held-out one: move it away, or use --force-rebuild")
+    if existing is None and cfg.holdout is None:
+        return None
+    manifest = _check_or_create(existing, cfg, tok, folder)
+    manifest.holdout_of = manifest.holdout_of or cache_dir.resolve().name
+    if not folder.is_dir():
+        folder.mkdir()
+        fsync_dir(cache_dir)  # the new folder's entry is durable before any chunk is committed in it
+    _clean_uncommitted(folder, manifest)
+    return folder, manifest
+
+
+def _regenerate(packer: Packer) -> None:
+    """Inverse mode: the missing chunk files of each cache, written again byte for byte."""
+    missing = [(w, Cache(w.dir, w.m).missing_chunks()) for w in packer.writers]
+    if not any(ids for _, ids in missing):
+        click.echo("no chunk is missing", err=True)
+        return
+    for w, ids in missing:
+        where = " of the held-out cache" if w.held_out else ""
+        if ids:
+            click.echo(f"regenerating {len(ids)} missing chunk(s){where}: {_ranges(ids)}", err=True)
+            done = packer.regenerate(w, ids)
+            click.echo(f"regenerated {len(done)} chunk(s){where}", err=True)
+
+
+def _committed(packer: Packer) -> str:
+    n = f"{len(packer.main.m.chunks)}"
+    return n + (f" and {len(packer.held.m.chunks)} held out" if packer.held else "")
+
+
+def _summary(packer: Packer) -> None:
+    m = packer.main.m
+    t = m.totals()
+    state = "finished" if m.finished else "stopped"
+    line = (f"{state}: {t['chunks']:,} chunks, {t['sequences']:,} sequences, {t['tokens']:,} tokens, "
+            f"{t['bytes_per_token'] or 0:.3f} bytes/token, utilization {t['utilization'] or 0:.4f}"
+            + (f", {sum(m.skipped.values())} empty records skipped" if m.skipped else ""))
+    if packer.held:
+        h = packer.held.m.totals()
+        line += f"; held out: {h['chunks']:,} chunks, {h['sequences']:,} sequences, {h['tokens']:,} tokens"
+    click.echo(line, err=True)
 
 
 def _ranges(ids: list[int]) -> str:
@@ -231,19 +287,25 @@ def _ranges(ids: list[int]) -> str:
 def _clear(cache_dir: Path, yes: bool) -> None:
     if not yes and sys.stdin.isatty():
         click.confirm(f"Delete every chunk and the manifest in {cache_dir}?", abort=True)
-    # the manifest goes first: from then on no reader trusts the chunk files that follow it
+    # the manifests go first: from then on no reader trusts the chunk files that follow them
     (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (cache_dir / HOLDOUT_DIR / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(cache_dir / HOLDOUT_DIR, ignore_errors=True)  # a rebuild chooses its holdout anew
     for p in cache_dir.glob("chunk-*.lz4"):
         p.unlink()
     shutil.rmtree(cache_dir / QUARANTINE_DIR, ignore_errors=True)
     remove_temporaries(cache_dir)
 
 
-def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok) -> Manifest:
+def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok, folder: Path) -> Manifest:
+    """`folder`'s manifest, refused when it was packed with other settings than cfg's; a new one when None."""
     if manifest is None:
         return Manifest(seq_len=cfg.seq_len, chunk_sequences=cfg.chunk_sequences,
                         dtype=dtype_for_vocab(tok.vocab_size).name, tokenizer=tok.identity(),
-                        sources=list(cfg.source), text_field=cfg.text_field, lz4_level=cfg.lz4_level)
+                        sources=list(cfg.source), text_field=cfg.text_field, lz4_level=cfg.lz4_level,
+                        holdout=holdout_record(cfg.holdout) if cfg.holdout else None)
+    held = manifest.holdout or {}
+    both = bool(held) and cfg.holdout is not None  # the hash matters only where both choose documents
     mismatches = []
     for name, have, want in [("seq_len", manifest.seq_len, cfg.seq_len),
                              ("chunk_sequences", manifest.chunk_sequences, cfg.chunk_sequences),
@@ -251,11 +313,13 @@ def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok) -> Manif
                              ("text_field", manifest.text_field, cfg.text_field),
                              ("lz4_level", manifest.lz4_level, cfg.lz4_level),
                              ("tokenizer vocabulary", manifest.tokenizer["vocab_hash"], tok.vocab_hash),
-                             ("eos", manifest.tokenizer["eos_id"], tok.eos_id)]:
+                             ("eos", manifest.tokenizer["eos_id"], tok.eos_id),
+                             ("holdout", held.get("fraction"), cfg.holdout),
+                             ("holdout hash", held.get("hash") if both else None, HOLDOUT_HASH if both else None)]:
         if have != want:
             mismatches.append(f"{name} {have!r} (now {want!r})")
     if mismatches:
-        raise _fail(f"the cache in {cfg.cache_dir} was packed with {'; '.join(mismatches)}: "
+        raise _fail(f"the cache in {folder} was packed with {'; '.join(mismatches)}: "
                     f"use the same settings, another --cache-dir, or --force-rebuild")
     return manifest
 
@@ -302,6 +366,11 @@ def status(cache_dir, as_json) -> None:
     info = {**t, "seq_len": m.seq_len, "dtype": m.dtype, "tokenizer": m.tokenizer["name"],
             "documents": m.documents, "skipped": m.skipped, "estimate": m.estimate, "finished": m.finished,
             "sources": m.sources}
+    held = _holdout_status(Path(cache_dir), m)
+    if held is not None:
+        info["holdout"] = held
+    if m.holdout_of:
+        info["holdout_of"] = m.holdout_of
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -315,6 +384,23 @@ def status(cache_dir, as_json) -> None:
     click.echo("estimate     " + (f"{est:,} tokens ({m.estimate.get('method')})" if est else "unknown"))
     click.echo(f"tokenizer    {m.tokenizer['name']} (vocab {m.tokenizer['vocab_size']:,}, eos {m.tokenizer['eos_id']})")
     click.echo(f"finished     {'yes' if m.finished else 'no'}")
+    if held is not None:
+        click.echo(f"held out     {held['chunks']:,} chunks, {held['sequences']:,} sequences, {held['tokens']:,} tokens "
+                   f"({held['fraction']} of the documents, in {held['cache_dir']}; finished "
+                   f"{'yes' if held['finished'] else 'no'})")
+    if m.holdout_of:
+        click.echo(f"holdout of   {m.holdout_of} ({m.holdout['fraction']} of its documents)")
+
+
+def _holdout_status(cache_dir: Path, m: Manifest) -> dict | None:
+    """The held-out cache of the cache at cache_dir in a few figures; None when it has none."""
+    if not m.holdout or m.holdout_of:
+        return None
+    folder = cache_dir / HOLDOUT_DIR
+    h = _existing_manifest(folder)
+    t = h.totals() if h else {"chunks": 0, "sequences": 0, "tokens": 0}
+    return {"fraction": m.holdout["fraction"], "cache_dir": str(folder), "chunks": t["chunks"],
+            "sequences": t["sequences"], "tokens": t["tokens"], "finished": bool(h and h.finished)}
 
 
 @main.command()

@@ -1,9 +1,14 @@
 """The packing loop: ordered documents -> tokens (tokenizer threads) -> fixed windows -> committed chunks.
 
-The packed stream is a pure function of the source documents in order, the tokenizer, seq_len and the
-chunk size. Every chunk records the source position of its first token and of the token after its last
-([document index, token offset]); forward mode restarts at the last committed end, inverse mode
+The packed stream of a cache is a pure function of the source documents in order, the tokenizer, seq_len
+and the chunk size. Every chunk records the source position of its first token and of the token after its
+last ([document index, token offset]); forward mode restarts at the last committed end, inverse mode
 regenerates a missing chunk from its recorded start, byte for byte.
+
+With a holdout (`--holdout F`) one read of the source feeds two caches: each document goes, by a hash of
+its index (packerd/holdout.py), to the main cache or to the held-out one in CACHE/holdout/. Each has its own
+token stream, chunks, manifest and restart point (a CacheWriter); a restart reads from the earlier of the
+two points and gives a document to a cache only at or after that cache's own.
 
 Commit order for each chunk: chunk file (temporary name, fsync, rename, fsync folder) -> manifest
 (the same way) -> notification.
@@ -17,6 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +33,7 @@ from shared.fsutil import atomic_write_bytes
 from shared.manifest import ChunkEntry, Manifest, chunk_filename
 from shared.tokenizer import TokenizerInfo
 
+from .holdout import HOLDOUT_DIR, held_out
 from .source import Source, SourceError
 from .tokenizer import BatchEncoder
 
@@ -61,7 +68,9 @@ class TokenStream:
         self.tokens = np.empty(0, dtype=dtype)
         self.doc_index = np.empty(0, dtype=np.int64)     # source index of each document still buffered
         self.doc_start = np.empty(0, dtype=np.int64)     # its absolute start (may be < base: began earlier)
-        self.next_doc = 0                                # index of the next source record to read
+        # the source index after the last record appended (records of the other cache included, once their
+        # batch is): where a cut at the end of the buffer ends
+        self.next_doc = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -138,181 +147,83 @@ class Progress:
             self.stream.flush()
 
 
-class Packer:
-    def __init__(self, cache_dir: Path, manifest: Manifest, source: Source, tok: TokenizerInfo,
-                 workers: int, level: int, publisher=None, stop: threading.Event | None = None,
-                 estimate_tokens: int | None = None, progress: Progress | None = None):
+@dataclass
+class Batch:
+    """Records read for one tokenizer task, in source order."""
+    idx: np.ndarray      # source index of each non-empty document
+    texts: list[str]
+    empty: list[int]     # source indices of the empty records among them (skipped, counted)
+    upto: int            # the index after the last record read: where a cut at the end of the batch ends
+
+
+class CacheWriter:
+    """One cache folder's side of packing: its manifest, its token stream, its chunks waiting to be committed.
+
+    A Packer reads and tokenizes the source once and hands each document to the writer of the cache it
+    belongs to: the main cache, or with --holdout the held-out one (packerd/holdout.py)."""
+
+    def __init__(self, packer: "Packer", cache_dir: Path, manifest: Manifest, held_out: bool = False):
+        self.packer = packer
         self.dir = Path(cache_dir)
         self.m = manifest
-        self.source = source
-        self.tok = tok
-        self.workers = workers
-        self.level = level
-        self.pub = publisher
-        self.stop = stop or threading.Event()
-        self.estimate_tokens = estimate_tokens
-        self.progress = progress
-        self.dtype = np.dtype(manifest.dtype)
-        self._pool: ThreadPoolExecutor | None = None
-        self._encode: BatchEncoder | None = None
+        self.held_out = held_out  # True: takes the documents the hash selects; False: all the others
+        self.tag = {"cache": HOLDOUT_DIR} if held_out else {}  # the optional field of its notifications
+        self.stream = TokenStream(manifest.total_tokens, packer.dtype)
+        self.since = [0, 0]  # the source position the stream starts at
         self._cuts: deque = deque()  # (sequences, tokens, documents, start, end, bytes or pending result)
-        # running ratio of source units (bytes, or rows) to tokens, for the size estimate
-        self.units_seen = 0.0
-        self.tokens_seen = 0
         self.skipped_at: list[int] = []  # indices of skipped empty records not yet counted in the manifest
+        self.tokens_seen = 0  # tokens of the documents routed here, for the size estimate
 
-    # -- tokenizing ----------------------------------------------------------------------------
-    def _batches(self, stream: TokenStream, start_doc: int) -> Iterator[tuple[np.ndarray, list[str]]]:
-        idx, texts, chars = [], [], 0
-        try:
-            for i, text, units in self.source.documents(start_doc):
-                if self.stop.is_set():
-                    break
-                stream.next_doc = i + 1  # provisional: only meaningful once the batch is appended
-                self.units_seen += units
-                if text is None:
-                    self.skipped_at.append(i)
-                    continue
-                idx.append(i)
-                texts.append(text)
-                chars += len(text)
-                if chars >= BATCH_CHARS:
-                    yield np.asarray(idx, dtype=np.int64), texts
-                    idx, texts, chars = [], [], 0
-        except SourceError:
-            if texts:  # what was read before the bad record still gets packed and committed
-                yield np.asarray(idx, dtype=np.int64), texts
-            raise
-        if texts:
-            yield np.asarray(idx, dtype=np.int64), texts
+    def open(self, since: list[int], base: int) -> None:
+        """Start an empty stream at source position `since`, absolute token position `base`."""
+        self.since = list(since)
+        self.stream = TokenStream(base, self.packer.dtype)
+        self.stream.next_doc = since[0]
 
-    def _tokenized(self, batches):
-        """(indices, tokens, lengths) in source order; at most IN_FLIGHT batches per worker in flight."""
-        self.start_workers()
-        if self._pool is None:
-            for idx, texts in batches:
-                yield (idx, *self._encode(texts))
-            return
-        pending: deque = deque()
-        error = None
-        try:
-            for idx, texts in batches:
-                pending.append((idx, self._pool.submit(self._encode, texts)))
-                if len(pending) >= IN_FLIGHT * self.workers:
-                    i, r = pending.popleft()
-                    yield (i, *r.result())
-        except SourceError as e:
-            error = e  # hand over the batches read before the bad record first
-        while pending:
-            i, r = pending.popleft()
-            yield (i, *r.result())
-        if error is not None:
-            raise error
+    def resume_point(self) -> list[int]:
+        return list(self.m.chunks[-1].end) if self.m.chunks else [0, 0]
 
-    def start_workers(self) -> None:
-        """Load the tokenizer and start the tokenizer threads (none with workers=0: encode inline).
+    def add(self, batch: Batch, tokens: np.ndarray, lengths: np.ndarray, mine: np.ndarray, mine_empty) -> int:
+        """Append the batch's documents routed here (the mask `mine`) that lie at or after self.since; the
+        document at self.since loses the tokens committed before. Returns the tokens appended."""
+        self.tokens_seen += int(lengths[mine].sum())
+        self.skipped_at += [i for i, m in zip(batch.empty, mine_empty) if m and i >= self.since[0]]
+        keep = mine & (batch.idx >= self.since[0])
+        added = 0
+        if keep.any():
+            idx = batch.idx[keep]
+            skip = self.since[1] if idx[0] == self.since[0] else 0
+            self.stream.append(tokens if keep.all() else tokens[np.repeat(keep, lengths)], lengths[keep], idx, skip)
+            added = int(lengths[keep].sum()) - skip
+        self.stream.next_doc = max(self.stream.next_doc, batch.upto)
+        return added
 
-        Threads, not processes: `tokenizers` and LZ4 release the GIL for the work itself, and threads
-        share one tokenizer in memory (measured faster per token; README, Packer throughput)."""
-        if self._encode is None:
-            self._encode = BatchEncoder(self.tok.backend, self.tok.eos_id, self.dtype.str)
-        if self._pool is None and self.workers > 0:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tokenize")
+    # -- cutting and committing ----------------------------------------------------------------
+    def cut_chunks(self) -> None:
+        """Cut every full chunk the stream holds."""
+        size = self.m.chunk_sequences * self.m.seq_len
+        while len(self.stream) >= size:
+            self._cut(size)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def cut_windows(self) -> None:
+        """Follow mode: cut every complete window; the partial one stays in memory for more text."""
+        whole = len(self.stream) // self.m.seq_len * self.m.seq_len
+        if whole:
+            self._cut(whole)
 
-    def _feed(self, stream: TokenStream, start: list[int]):
-        """Yield after each tokenized batch is appended to `stream`, reading from source position `start`."""
-        skip = start[1]
-        for idx, tokens, lengths in self._tokenized(self._batches(stream, start[0])):
-            first_skip = skip if len(idx) and idx[0] == start[0] else 0
-            skip = 0
-            stream.next_doc = int(idx[-1]) + 1 if stream.next_doc <= idx[-1] else stream.next_doc
-            stream.append(tokens, lengths, idx, first_skip)
-            self.tokens_seen += int(lengths.sum()) - first_skip
-            if self.progress:
-                self.progress.tokens += int(lengths.sum()) - first_skip
-                self.progress.docs += len(idx)
-            yield
+    def cut_rest(self) -> None:
+        """The source is finished: the rest, with a short final window of its real length."""
+        if len(self.stream):
+            self._cut(len(self.stream))
 
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, follow: bool = False, poll_seconds: float = 2.0) -> None:
-        L, S = self.m.seq_len, self.m.chunk_sequences
-        start = list(self.m.chunks[-1].end) if self.m.chunks else [0, 0]
-        base = self.m.total_tokens
-        stream = TokenStream(base, self.dtype)
-        stream.next_doc = start[0]
-        read_from = start
-        try:
-            while not self.stop.is_set():
-                for _ in self._feed(stream, read_from):
-                    while len(stream) >= S * L:
-                        self._cut(stream, S * L)
-                    self._commit_ready()
-                    if self.progress:
-                        self.progress.update(self.m)
-                read_from = [stream.next_doc, 0]
-                if self.stop.is_set():
-                    break
-                if not follow:
-                    if len(stream):
-                        self._cut(stream, len(stream))  # the final window, short, with its real length
-                    self._commit_ready(wait=True)
-                    self.m.finished = True
-                    self._save_manifest()
-                    if self.pub:
-                        self.pub.finished(total_sequences=self.m.total_sequences, total_tokens=self.m.total_tokens)
-                    break
-                # follow mode: hand the trainer every complete window now, keep the partial one in memory
-                whole = len(stream) // L * L
-                if whole:
-                    self._cut(stream, whole)
-                self._commit_ready(wait=True)
-                if self.progress:
-                    self.progress.update(self.m)
-                while not self.stop.is_set() and not self.source.rescan():
-                    self.stop.wait(poll_seconds)
-        except SourceError:
-            self._commit_ready(wait=True)  # the chunks cut before the bad record are complete: commit them
-            raise
-        self._commit_ready(wait=True)  # after a stop, likewise
-        if self.progress:
-            self.progress.update(self.m, force=True)
-
-    def _estimate(self) -> dict:
-        if self.estimate_tokens:
-            tokens, method = self.estimate_tokens, "--estimate-tokens"
-        else:
-            units, method = self.source.total_units()
-            if units is None or not self.units_seen or not self.tokens_seen:
-                return self.m.estimate
-            tokens = int(units * self.tokens_seen / self.units_seen)
-        tokens = max(tokens, self.m.total_tokens)
-        return {"tokens": tokens, "sequences": math.ceil(tokens / self.m.seq_len), "method": method}
-
-    def _save_manifest(self) -> None:
-        self.m.source_files = [f.to_json() for f in self.source.files]
-        self.m.estimate = self._estimate()
-        self.m.save(self.dir)
-
-    def _cut(self, stream: TokenStream, n: int) -> None:
-        """Take the next n tokens as a chunk and have it compressed (by a worker thread when there are any).
-
-        LZ4 high compression costs about as much time as everything else the main thread does together;
-        it releases the GIL, so in a worker thread it runs in parallel and the main thread stays off the
-        critical path. Chunks are still committed strictly in order, by _commit_ready."""
-        tokens, starts, start, end = stream.take(n)
+    def _cut(self, n: int) -> None:
+        """Take the next n tokens as a chunk and have it compressed (Packer.compress: by a worker thread when
+        there are any). Chunks are still committed strictly in order, by commit_ready."""
+        tokens, starts, start, end = self.stream.take(n)
         chunk = build_chunk(tokens, starts, self.m.seq_len)
-        if self._pool is not None:
-            data = self._pool.submit(encode_chunk, chunk, self.level)
-        else:
-            data = encode_chunk(chunk, self.level)
-        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end, data))
+        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end, self.packer.compress(chunk)))
 
-    def _commit_ready(self, wait: bool = False) -> None:
+    def commit_ready(self, wait: bool = False) -> None:
         """Commit the compressed chunks at the head of the queue; with wait, all of them.
 
         At most MAX_CUTS chunks wait for compression, which bounds memory."""
@@ -331,34 +242,247 @@ class Packer:
                            documents=documents, committed_at=time.time())
         self.m.chunks.append(entry)
         self.m.documents = end[0]
-        counted = [i for i in self.skipped_at if i < end[0]]
+        self._count_skipped(end[0])
+        self.save_manifest()
+        if self.packer.pub:
+            self.packer.pub.chunk(chunk_id=cid, sequences=entry.sequences, tokens=entry.tokens,
+                                  total_sequences=self.m.total_sequences, total_tokens=self.m.total_tokens,
+                                  est_total_sequences=self.m.estimated_total_sequences(),
+                                  committed_at=entry.committed_at, **self.tag)
+
+    def _count_skipped(self, before: int) -> None:
+        counted = [i for i in self.skipped_at if i < before]
         if counted:
             self.m.skipped["empty"] = self.m.skipped.get("empty", 0) + len(counted)
-            self.skipped_at = [i for i in self.skipped_at if i >= end[0]]
-        self._save_manifest()
-        if self.pub:
-            self.pub.chunk(chunk_id=cid, sequences=entry.sequences, tokens=entry.tokens,
-                           total_sequences=self.m.total_sequences, total_tokens=self.m.total_tokens,
-                           est_total_sequences=self.m.estimated_total_sequences(), committed_at=entry.committed_at)
+            self.skipped_at = [i for i in self.skipped_at if i >= before]
+
+    def save_manifest(self) -> None:
+        self.m.source_files = [f.to_json() for f in self.packer.source.files]
+        self.m.estimate = self.packer.estimate(self)
+        self.m.save(self.dir)
+
+    def finish(self) -> None:
+        """Mark the cache finished (its last chunk is committed) and announce it."""
+        self.m.documents = max(self.m.documents, self.stream.next_doc)
+        self._count_skipped(self.stream.next_doc)  # empty records after the last chunk
+        self.m.finished = True
+        self.save_manifest()
+        if self.packer.pub:
+            self.packer.pub.finished(total_sequences=self.m.total_sequences, total_tokens=self.m.total_tokens,
+                                     **self.tag)
+
+    def rewrite(self, entry: ChunkEntry) -> None:
+        """Inverse mode: write the chunk `entry` again from the stream; it must come out byte-identical."""
+        tokens, starts, start, end = self.stream.take(entry.tokens)
+        data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.packer.level)
+        checksum = file_checksum(data)
+        if start != entry.start or checksum != entry.checksum or len(data) != entry.bytes:
+            raise PackError(f"regenerated chunk {entry.id} of {self.dir} differs from the manifest (source "
+                            f"changed, or another tokenizer or level); not written")
+        atomic_write_bytes(self.dir / entry.file, data)
+        log.info("regenerated chunk %d of %s (%d sequences)", entry.id, self.dir, entry.sequences)
+
+
+class Packer:
+    """Reads and tokenizes the source once, in order, and feeds the main cache's writer and, with a holdout
+    (`holdout=(folder, manifest)`), the held-out cache's."""
+
+    def __init__(self, cache_dir: Path, manifest: Manifest, source: Source, tok: TokenizerInfo,
+                 workers: int, level: int, publisher=None, stop: threading.Event | None = None,
+                 estimate_tokens: int | None = None, progress: Progress | None = None,
+                 holdout: tuple[Path, Manifest] | None = None):
+        self.source = source
+        self.tok = tok
+        self.workers = workers
+        self.level = level
+        self.pub = publisher
+        self.stop = stop or threading.Event()
+        self.estimate_tokens = estimate_tokens
+        self.progress = progress
+        self.dtype = np.dtype(manifest.dtype)
+        self.fraction = (manifest.holdout or {}).get("fraction")
+        self.main = CacheWriter(self, cache_dir, manifest)
+        self.held = CacheWriter(self, holdout[0], holdout[1], held_out=True) if holdout else None
+        self.writers = [self.main] + ([self.held] if self.held else [])
+        self._pool: ThreadPoolExecutor | None = None
+        self._encode: BatchEncoder | None = None
+        # running ratio of source units (bytes, or rows) to tokens, for the size estimate
+        self.units_seen = 0.0
+        self.tokens_seen = 0
+
+    # -- tokenizing ----------------------------------------------------------------------------
+    def _batches(self, start_doc: int) -> Iterator[Batch]:
+        idx, texts, empty, chars, upto = [], [], [], 0, start_doc
+
+        def batch() -> Batch:
+            return Batch(np.asarray(idx, dtype=np.int64), texts, empty, upto)
+        try:
+            for i, text, units in self.source.documents(start_doc):
+                if self.stop.is_set():
+                    break
+                upto = i + 1
+                self.units_seen += units
+                if text is None:
+                    empty.append(i)
+                    continue
+                idx.append(i)
+                texts.append(text)
+                chars += len(text)
+                if chars >= BATCH_CHARS:
+                    yield batch()
+                    idx, texts, empty, chars = [], [], [], 0
+        except SourceError:
+            if texts or empty:  # what was read before the bad record still gets packed and committed
+                yield batch()
+            raise
+        if texts or empty:
+            yield batch()
+
+    def _tokenized(self, batches: Iterator[Batch]):
+        """(batch, tokens, lengths) in source order; at most IN_FLIGHT batches per worker in flight."""
+        self.start_workers()
+        if self._pool is None:
+            for b in batches:
+                yield (b, *self._encode(b.texts))
+            return
+        pending: deque = deque()
+        error = None
+        try:
+            for b in batches:
+                pending.append((b, self._pool.submit(self._encode, b.texts)))
+                if len(pending) >= IN_FLIGHT * self.workers:
+                    b, r = pending.popleft()
+                    yield (b, *r.result())
+        except SourceError as e:
+            error = e  # hand over the batches read before the bad record first
+        while pending:
+            b, r = pending.popleft()
+            yield (b, *r.result())
+        if error is not None:
+            raise error
+
+    def start_workers(self) -> None:
+        """Load the tokenizer and start the tokenizer threads (none with workers=0: encode inline).
+
+        Threads, not processes: `tokenizers` and LZ4 release the GIL for the work itself, and threads
+        share one tokenizer in memory (measured faster per token; README, Packer throughput)."""
+        if self._encode is None:
+            self._encode = BatchEncoder(self.tok.backend, self.tok.eos_id, self.dtype.str)
+        if self._pool is None and self.workers > 0:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tokenize")
+
+    def compress(self, chunk: Chunk):
+        """The chunk file's bytes, or a future of them from a worker thread.
+
+        LZ4 high compression costs about as much time as everything else the main thread does together;
+        it releases the GIL, so in a worker thread it runs in parallel and the main thread stays off the
+        critical path."""
+        if self._pool is not None:
+            return self._pool.submit(encode_chunk, chunk, self.level)
+        return encode_chunk(chunk, self.level)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _feed(self, writers: list[CacheWriter], start_doc: int):
+        """Yield after each tokenized batch, read from record `start_doc` on, is handed to `writers`: each
+        document to the writer of its cache (by the hash of its index), if that writer is among them."""
+        for batch, tokens, lengths in self._tokenized(self._batches(start_doc)):
+            held = held_out(batch.idx, self.fraction)
+            held_empty = held_out(batch.empty, self.fraction)
+            added = sum(w.add(batch, tokens, lengths, held == w.held_out, held_empty == w.held_out) for w in writers)
+            self.tokens_seen += int(lengths.sum())
+            if self.progress:
+                self.progress.tokens += added
+                self.progress.docs += len(batch.idx)
+            yield
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, follow: bool = False, poll_seconds: float = 2.0) -> None:
+        """Pack from where each cache stopped: read from the earlier of their restart points."""
+        for w in self.writers:
+            w.open(w.resume_point(), w.m.total_tokens)
+        read_from = min(w.since for w in self.writers)[0]
+        try:
+            while not self.stop.is_set():
+                for _ in self._feed(self.writers, read_from):
+                    for w in self.writers:
+                        w.cut_chunks()
+                        w.commit_ready()
+                    self._show()
+                read_from = min(w.stream.next_doc for w in self.writers)
+                if self.stop.is_set():
+                    break
+                if not follow:
+                    self._finish()
+                    break
+                # follow mode: hand the trainer every complete window now, keep the partial ones in memory
+                for w in self.writers:
+                    w.cut_windows()
+                    w.commit_ready(wait=True)
+                self._show()
+                while not self.stop.is_set() and not self.source.rescan():
+                    self.stop.wait(poll_seconds)
+        except SourceError:
+            self._commit_all()  # the chunks cut before the bad record are complete: commit them
+            raise
+        self._commit_all()  # after a stop, likewise
+        self._show(force=True)
+
+    def _commit_all(self) -> None:
+        for w in self.writers:
+            w.commit_ready(wait=True)
+
+    def _finish(self) -> None:
+        """The last short chunks, then each cache marked finished. The held-out cache goes first, so a main
+        manifest that says finished means both are."""
+        for w in reversed(self.writers):
+            w.cut_rest()
+            w.commit_ready(wait=True)
+        for w in reversed(self.writers):
+            w.finish()
+
+    def _show(self, force: bool = False) -> None:
+        if self.progress:
+            self.progress.update(self.main.m, force=force)
+
+    def estimate(self, w: CacheWriter) -> dict:
+        """The size estimate of w's cache: its share of the whole source's tokens."""
+        if self.estimate_tokens:
+            tokens, method = int(self.estimate_tokens * self._share(w)), "--estimate-tokens"
+        else:
+            units, method = self.source.total_units()
+            if units is None or not self.units_seen or not self.tokens_seen:
+                return w.m.estimate
+            tokens = int(units * self.tokens_seen / self.units_seen * self._share(w))
+        tokens = max(tokens, w.m.total_tokens)
+        return {"tokens": tokens, "sequences": math.ceil(tokens / w.m.seq_len), "method": method}
+
+    def _share(self, w: CacheWriter) -> float:
+        """w's share of the tokens: as measured so far, or before any reading as the fraction expects."""
+        if self.tokens_seen:
+            return w.tokens_seen / self.tokens_seen
+        f = self.fraction or 0.0
+        return f if w.held_out else 1.0 - f
 
     # -- inverse -------------------------------------------------------------------------------
-    def regenerate(self, chunk_ids: list[int]) -> list[int]:
-        """Rewrite the given chunks from their recorded source ranges; each must come out byte-identical."""
+    def regenerate(self, w: CacheWriter, chunk_ids: list[int]) -> list[int]:
+        """Rewrite the given chunks of w's cache from their recorded source ranges, each byte-identical."""
         done = []
         ids = sorted(chunk_ids)
         while ids and not self.stop.is_set():
             run = [ids.pop(0)]
             while ids and ids[0] == run[-1] + 1:
                 run.append(ids.pop(0))
-            first = self.m.chunks[run[0]]
-            base = sum(c.tokens for c in self.m.chunks[:run[0]])
-            stream = TokenStream(base, self.dtype)
-            stream.next_doc = first.start[0]
+            first = w.m.chunks[run[0]]
+            w.open(first.start, sum(c.tokens for c in w.m.chunks[:run[0]]))
             pending = list(run)
-            feed = self._feed(stream, first.start)
+            feed = self._feed([w], first.start[0])
             for _ in feed:
-                while pending and len(stream) >= self.m.chunks[pending[0]].tokens:
-                    self._rewrite(stream, self.m.chunks[pending.pop(0)])
+                while pending and len(w.stream) >= w.m.chunks[pending[0]].tokens:
+                    w.rewrite(w.m.chunks[pending.pop(0)])
                 if not pending:
                     break
             feed.close()
@@ -366,13 +490,3 @@ class Packer:
                 raise PackError(f"the source ended before chunk {pending[0]} could be regenerated; has it changed?")
             done += run
         return done
-
-    def _rewrite(self, stream: TokenStream, entry: ChunkEntry) -> None:
-        tokens, starts, start, end = stream.take(entry.tokens)
-        data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.level)
-        checksum = file_checksum(data)
-        if start != entry.start or checksum != entry.checksum or len(data) != entry.bytes:
-            raise PackError(f"regenerated chunk {entry.id} differs from the manifest (source changed, "
-                            f"or another tokenizer or level); not written")
-        atomic_write_bytes(self.dir / entry.file, data)
-        log.info("regenerated chunk %d (%d sequences)", entry.id, entry.sequences)

@@ -58,6 +58,11 @@ class Manifest:
     skipped: dict = field(default_factory=dict)             # reason -> count of source records skipped
     estimate: dict = field(default_factory=dict)            # tokens, sequences, method
     finished: bool = False
+    # `packerd run --holdout F`: {"fraction": F, "hash": how documents are chosen} in both the main cache and
+    # the held-out one (CACHE/holdout/); the held-out one also names its main cache's folder in holdout_of.
+    # Absent (None) in caches without a holdout, and then left out of the JSON.
+    holdout: dict | None = None
+    holdout_of: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
@@ -102,9 +107,11 @@ class Manifest:
     # a list of objects, which matters once a cache holds tens of thousands of chunks (the packer writes
     # the manifest on every commit, the trainer re-reads it on every notification)
     _COLUMNS = ("id", "sequences", "tokens", "bytes", "checksum", "documents", "committed_at")
+    _OPTIONAL = ("holdout", "holdout_of")  # written only when set
 
     def to_json(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunks"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunks"
+             and not (f.name in self._OPTIONAL and getattr(self, f.name) is None)}
         cols = {name: [getattr(c, name) for c in self.chunks] for name in self._COLUMNS}
         cols["start_doc"] = [c.start[0] for c in self.chunks]
         cols["start_offset"] = [c.start[1] for c in self.chunks]

@@ -7,6 +7,10 @@ one packer run carries the run's id and a `seq` that grows by one, so a subscrib
      "total_sequences": int, "total_tokens": int, "est_total_sequences": int, "committed_at": float}
     {"v": 1, "type": "heartbeat", "run": str, "seq": int, "sent_at": float}
     {"v": 1, "type": "finished", "run": str, "seq": int, "total_sequences": int, "total_tokens": int}
+
+Optional fields (OPTIONAL), checked when present: `"cache": str` on `chunk` and `finished` names the cache the
+message is about when it is not the main one: "holdout" for the held-out cache in CACHE/holdout/
+(`packerd run --holdout`). The main cache's messages carry no such field, so older subscribers see no change.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ SCHEMA = {
     "heartbeat": {"run": _STR, "seq": _INT, "sent_at": _FLOAT},
     "finished": {"run": _STR, "seq": _INT, "total_sequences": _INT, "total_tokens": _INT},
 }
+OPTIONAL = {"chunk": {"cache": _STR}, "finished": {"cache": _STR}}  # may be absent; checked when present
 
 
 class ProtocolError(ValueError):
@@ -52,7 +57,10 @@ def validate(msg) -> dict:
     kind = msg.get("type")
     if kind not in SCHEMA:
         raise ProtocolError(f"unknown message type {kind!r}")
-    for key, types in SCHEMA[kind].items():
+    optional = OPTIONAL.get(kind, {})
+    for key, types in {**SCHEMA[kind], **optional}.items():
+        if key in optional and key not in msg:
+            continue
         value = msg.get(key)
         if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(f"{kind} message field {key!r} is {value!r}")
