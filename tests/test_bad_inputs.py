@@ -136,6 +136,15 @@ def _corrupt_ckpt_config(w: WS):
         (d / "config.json").write_text("{not json")
 
 
+def _other_cache(name: str, *flags):
+    """A validation cache packed from the workspace's documents with other settings (made once)."""
+    def make(w: WS):
+        if not (w.root / name).exists():
+            run_packerd("run", "--cache-dir", w.root / name, "--source", w.src, "--workers", 1,
+                        "--endpoint", w.endpoint, *[a(w) if callable(a) else a for a in flags])
+    return make
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -278,6 +287,18 @@ CASES = [
          setup=_corrupt_ckpt_config),
     Case("trainerd-new-and-resume", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--resume", "latest"), "not both"),
     Case("trainerd-run-name-is-a-path", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "../escape"), "run name"),
+    Case("trainerd-val-cache-is-the-training-cache", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--eval-every", "5", "--val-cache", REAL_CACHE),
+         "is the training cache itself"),
+    Case("trainerd-val-cache-missing-no-wait", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--eval-every", "5", "--val-cache", R("no-such-val"), "--no-wait"),
+         "validation cache"),
+    Case("trainerd-val-cache-other-seq-len", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--eval-every", "5", "--val-cache", R("val32")),
+         "has seq_len 32", setup=_other_cache("val32", "--tokenizer", TOK, "--seq-len", "32")),
+    Case("trainerd-val-cache-other-tokenizer", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--eval-every", "5", "--val-cache", R("valbpe")),
+         "another tokenizer", setup=_other_cache("valbpe", "--tokenizer", "builtin:bpe", "--seq-len", "64")),
     Case("trainerd-new-on-a-run-with-checkpoints", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "good"), "already has checkpoints"),
     # ckpt: run folders, names, options
     Case("ckpt-list-missing-run-dir", "ckpt", C("list", "--run-dir", R("missing")), "does not exist"),
