@@ -33,7 +33,7 @@ log = logging.getLogger("packerd")
 @dataclass
 class PackerConfig:
     cache_dir: str = opt("", "Folder of the chunk cache (created if missing).")
-    source: list[str] = opt([], "Sources: hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or local files/folders/globs "
+    source: list[str] = opt([], "Sources: hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, builtin:stdlib, or local files/folders/globs "
                                 "(none: FineWeb-Edu sample-10BT, or builtin:pydoc with the builtin:bpe tokenizer).")
     tokenizer: str = opt("", "Hugging Face tokenizer: hub name, local folder, tokenizer.json, or builtin:bpe.")
     eos: str | None = opt(None, "EOS token to append after each document when the tokenizer names none.")
@@ -47,6 +47,8 @@ class PackerConfig:
     follow: bool = opt(False, "Keep running and pack files that appear in source folders.")
     estimate_tokens: int | None = opt(None, "Size of the full dataset in tokens, when metadata cannot tell.")
     poll_seconds: float = opt(2.0, "Follow mode: how often to look for new files.")
+    max_tokens_per_s: int = opt(0, "Pace the packing to at most this many tokens per second (0: as fast as it "
+                                   "goes), as a dataset streamed over a network arrives; leaves the CPU to a trainer.")
     curve_dir: str | None = opt(None, "Folder of CURVE keys (`packerd keys`): encrypt and authenticate the endpoint.")
     holdout: float | None = opt(None, f"Share of documents (0 < F <= {MAX_FRACTION}) packed into the held-out cache "
                                       f"CACHE_DIR/{HOLDOUT_DIR}/ instead, chosen by a hash of each document's index.")
@@ -60,6 +62,8 @@ class PackerConfig:
             raise ConfigError(f"chunk_sequences must be at least 1 (got {self.chunk_sequences})")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 or more (got {self.workers})")
+        if self.max_tokens_per_s < 0:
+            raise ConfigError(f"max_tokens_per_s must be 0 or more (got {self.max_tokens_per_s})")
         if not 0 <= self.lz4_level <= 12:
             raise ConfigError(f"lz4_level must be between 0 and 12 (got {self.lz4_level})")
         if self.mode not in ("forward", "inverse"):
@@ -87,7 +91,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with these options; flags win.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Folder of the chunk cache.")
-@click.option("--source", multiple=True, help="hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, or a local file/folder/glob. "
+@click.option("--source", multiple=True, help="hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, builtin:stdlib, or a local file/folder/glob. "
               f"Repeatable. Default: {DEFAULT_HF} (builtin:pydoc with --tokenizer builtin:bpe).")
 @click.option("--tokenizer", help="Hub name, local folder, tokenizer.json, or builtin:bpe.")
 @click.option("--eos", help="EOS token, for tokenizers that name none.")
@@ -99,6 +103,7 @@ def main(verbose: bool) -> None:
 @click.option("--endpoint", help=f"ZeroMQ PUB endpoint (default {DEFAULT_ENDPOINT}).")
 @click.option("--mode", type=click.Choice(["forward", "inverse"]), help="forward (default) or inverse.")
 @click.option("--follow/--no-follow", default=None, help="Keep running and pack new files in source folders.")
+@click.option("--max-tokens-per-s", type=int, help="Pace packing to at most this many tokens/s (default 0: no limit).")
 @click.option("--estimate-tokens", type=int, help="Full dataset size in tokens, when metadata cannot tell.")
 @click.option("--curve-dir", type=click.Path(file_okay=False), help="CURVE key folder from `packerd keys`: encrypt and authenticate subscribers.")
 @click.option("--holdout", type=float, help=f"Share of documents (0 < F <= {MAX_FRACTION}) packed into CACHE_DIR/{HOLDOUT_DIR}/ "
@@ -203,7 +208,7 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
         raise _fail(str(e))
     progress = Progress()
     packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
-                    cfg.estimate_tokens, progress, holdout=held)
+                    cfg.estimate_tokens, progress, holdout=held, max_tokens_per_s=cfg.max_tokens_per_s)
     try:
         if cfg.mode == "inverse":
             _regenerate(packer)

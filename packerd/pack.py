@@ -154,6 +154,7 @@ class Batch:
     texts: list[str]
     empty: list[int]     # source indices of the empty records among them (skipped, counted)
     upto: int            # the index after the last record read: where a cut at the end of the batch ends
+    units: float = 0.0   # their size in progress units (bytes or rows), counted once they are tokenized
 
 
 class CacheWriter:
@@ -290,8 +291,10 @@ class Packer:
     def __init__(self, cache_dir: Path, manifest: Manifest, source: Source, tok: TokenizerInfo,
                  workers: int, level: int, publisher=None, stop: threading.Event | None = None,
                  estimate_tokens: int | None = None, progress: Progress | None = None,
-                 holdout: tuple[Path, Manifest] | None = None):
+                 holdout: tuple[Path, Manifest] | None = None, max_tokens_per_s: int = 0):
         self.source = source
+        self.max_rate = max_tokens_per_s
+        self._paced: tuple[float, int] | None = None  # (when pacing began, tokens handed over since)
         self.tok = tok
         self.workers = workers
         self.level = level
@@ -312,16 +315,16 @@ class Packer:
 
     # -- tokenizing ----------------------------------------------------------------------------
     def _batches(self, start_doc: int) -> Iterator[Batch]:
-        idx, texts, empty, chars, upto = [], [], [], 0, start_doc
+        idx, texts, empty, chars, upto, units = [], [], [], 0, start_doc, 0.0
 
         def batch() -> Batch:
-            return Batch(np.asarray(idx, dtype=np.int64), texts, empty, upto)
+            return Batch(np.asarray(idx, dtype=np.int64), texts, empty, upto, units)
         try:
-            for i, text, units in self.source.documents(start_doc):
+            for i, text, doc_units in self.source.documents(start_doc):
                 if self.stop.is_set():
                     break
                 upto = i + 1
-                self.units_seen += units
+                units += doc_units
                 if text is None:
                     empty.append(i)
                     continue
@@ -330,7 +333,7 @@ class Packer:
                 chars += len(text)
                 if chars >= BATCH_CHARS:
                     yield batch()
-                    idx, texts, empty, chars = [], [], [], 0
+                    idx, texts, empty, chars, units = [], [], [], 0, 0.0
         except SourceError:
             if texts or empty:  # what was read before the bad record still gets packed and committed
                 yield batch()
@@ -393,11 +396,22 @@ class Packer:
             held = held_out(batch.idx, self.fraction)
             held_empty = held_out(batch.empty, self.fraction)
             added = sum(w.add(batch, tokens, lengths, held == w.held_out, held_empty == w.held_out) for w in writers)
+            # units and tokens of the same documents: the reader runs batches ahead of the tokenizer
+            self.units_seen += batch.units
             self.tokens_seen += int(lengths.sum())
             if self.progress:
                 self.progress.tokens += added
                 self.progress.docs += len(batch.idx)
             yield
+            self._pace(int(lengths.sum()))
+
+    def _pace(self, tokens: int) -> None:
+        """With max_tokens_per_s, wait until the tokens handed over so far are due at that rate."""
+        if not self.max_rate:
+            return
+        t0, done = self._paced or (time.monotonic(), 0)
+        self._paced = (t0, done + tokens)
+        self.stop.wait(max(0.0, t0 + (done + tokens) / self.max_rate - time.monotonic()))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, follow: bool = False, poll_seconds: float = 2.0) -> None:

@@ -1,6 +1,6 @@
 """Source documents in a fixed order, each with a global index.
 
-A source spec is `hf:NAME[:CONFIG[:SPLIT]]`, `builtin:pydoc`, or a local file, folder or glob of
+A source spec is `hf:NAME[:CONFIG[:SPLIT]]`, `builtin:pydoc`, `builtin:stdlib`, or a local file, folder or glob of
 .jsonl/.json/.parquet/.txt files. Local files are read through datasets' own loaders (streaming), in
 the order: the files the manifest already lists, then new ones sorted by path. A `.txt` file is one
 document. Records are numbered across all specs; the packer's restart point is such a number.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from shared.builtin import BUILTIN_SOURCE, pydoc_documents
+from shared.builtin import BUILTIN_SOURCES
 
 log = logging.getLogger("packerd")
 
@@ -119,10 +119,11 @@ class Source:
         self.text_field = text_field
         self.files: list[SourceFile] = [SourceFile(**f) for f in (known_files or [])]
         self.hf_rows: dict[str, int | None] = {}
+        self.builtin_units: dict[str, int] = {}
         for spec in self.specs:
             if spec.startswith("hf:"):
                 parse_hf(spec)
-            elif spec != BUILTIN_SOURCE:
+            elif spec not in BUILTIN_SOURCES:
                 for f in expand_local(spec):
                     self._add_file(f)
         for f in self.files:
@@ -159,8 +160,8 @@ class Source:
             if spec.startswith("hf:"):
                 it = self._hf_records(spec)
                 index = yield from self._numbered(it, index, start, lambda text: 1.0)
-            elif spec == BUILTIN_SOURCE:
-                it = iter(pydoc_documents())
+            elif spec in BUILTIN_SOURCES:
+                it = iter(BUILTIN_SOURCES[spec]())
                 index = yield from self._numbered(it, index, start, lambda text: float(len(text.encode())))
         i = 0
         while i < len(self.files):
@@ -238,8 +239,10 @@ class Source:
                 if rows is None:
                     return None, "unknown"
                 total += rows
-            elif spec == BUILTIN_SOURCE:
-                total += sum(len(t.encode()) for t in pydoc_documents())
+            elif spec in BUILTIN_SOURCES:
+                if spec not in self.builtin_units:  # read once: the estimate is asked at every commit
+                    self.builtin_units[spec] = sum(len(t.encode()) for t in BUILTIN_SOURCES[spec]())
+                total += self.builtin_units[spec]
         total += sum(f.units for f in self.files)
         method = "dataset-metadata" if self.has_hf else "file-sizes"
         return total, method
