@@ -69,12 +69,12 @@ def main() -> None:
         tok = cache.manifest.tokenizer
         torch.manual_seed(0)
         model = build_model(cfg.model, tok["vocab_size"], a.seq_len, tok["eos_id"])
-        ev = Evaluator(cfg, cache, rank=0, world=1, device=torch.device("cpu"), mixed="no",
+        ev = Evaluator(cfg, cache, rank=0, world=1, device=torch.device("cpu"), mixed="no", use_flash=False,
                        fail=lambda msg, alone=False: sys.exit(msg))
         t0 = time.perf_counter()
         first = ev.evaluate(model)
         first_s = time.perf_counter() - t0
-        batches = ev._batches(first["val_sequences"])  # the very tensors, for the hand loop
+        batches = ev._batches(first["val_sequences"])[0]  # the very tensors, for the hand loop
 
         def hand() -> float:
             total = 0.0

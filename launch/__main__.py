@@ -63,9 +63,9 @@ EMBEDDED_SEQ_LEN = 128
 EMBEDDED_CHUNK_SEQUENCES = 64
 EMBEDDED_GLOBAL_BATCH = 8
 EMBEDDED = {
-    # the default: the standard library's source, about 4 M tokens with the built-in BPE, packed at a paced
-    # 40,000 tokens/s (a stream over a network is as slow): the trainer starts on the first chunks and its plan
-    # grows with every chunk for about 100 s. An epoch takes 0.3 of every chunk, about what 2 CPU ranks train
+    # the default: the standard library's source, about 3.1 M tokens with the built-in BPE, packed at a paced
+    # 40,000 tokens/s (a stream over a network is as slow) for about 80 s: the trainer starts on the first
+    # chunks and its plan grows as they come. An epoch takes 0.3 of every chunk, about what 2 CPU ranks train
     # at that pace; 2% of the documents are held out and evaluated every 200 steps.
     "builtin:stdlib": (["--max-tokens-per-s", "40000", "--holdout", "0.02"],
                        ["--epoch-fraction", "0.3", "--lr", "3e-3", "--schedule", "cosine", "--checkpoint-every", "200",

@@ -10,7 +10,8 @@ one packer run carries the run's id and a `seq` that grows by one, so a subscrib
 
 Optional fields (OPTIONAL), checked when present: `"cache": str` on `chunk` and `finished` names the cache the
 message is about when it is not the main one: "holdout" for the held-out cache in CACHE/holdout/
-(`packerd run --holdout`). The main cache's messages carry no such field, so older subscribers see no change.
+(`packerd run --holdout`). The main cache's messages carry no such field; a subscriber that follows the main cache ignores messages
+that name another (trainerd's CacheFollower does).
 """
 from __future__ import annotations
 

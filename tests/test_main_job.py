@@ -10,7 +10,6 @@ import threading
 
 import pytest
 
-from conftest import ROOT
 
 
 def test_the_stdlib_corpus_is_the_same_every_time_and_leaves_tests_out():

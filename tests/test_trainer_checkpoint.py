@@ -197,6 +197,28 @@ def test_weights_that_do_not_fit_are_one_error(tmp_path):
         ck.load_weights(path, other)
 
 
+def test_a_complete_checkpoint_outside_the_listing_is_never_removed(tmp_path):
+    # a folder moved aside by hand (or a save cut between its last fsync and its rename) may be the only
+    # copy of a checkpoint: neither the run's next trainer nor `ckpt clean` removes it; both say how to use it
+    from click.testing import CliRunner
+
+    from trainerd.admin import cli
+    m, opt = trained_model()
+    path = save(tmp_path, "a", 10, m, opt)
+    aside = tmp_path / "checkpoints" / ".tmp-old-a-step00000010-4242"
+    os.replace(path, aside)
+    (tmp_path / "checkpoints" / ".tmp-a-step00000020-4243").mkdir()   # an unfinished save: removed
+    rd = RunDir(tmp_path)
+    assert rd.remove_unfinished_saves("a") == [
+        "removed .tmp-a-step00000020-4243: an unfinished save of an earlier trainer",
+        f"kept .tmp-old-a-step00000010-4242: it holds the complete checkpoint a-step00000010, which is not listed; "
+        f"rename it to {tmp_path / 'checkpoints' / 'a-step00000010'} to use it"]
+    r = CliRunner().invoke(cli, ["clean", "--run-dir", str(tmp_path), "--yes"])
+    assert r.exit_code == 0 and "Kept .tmp-old-a-step00000010-4242" in r.output and aside.is_dir(), r.output
+    os.replace(aside, path)
+    assert rd.find("a").name == "a-step00000010" and rd.stranded_lines() == []
+
+
 def test_lock_probes_create_nothing_and_a_starting_trainer_waits_them_out(tmp_path):
     import threading
     rd = RunDir(tmp_path)

@@ -64,7 +64,7 @@ def reference_loss(model_dir: Path, val_cache: Path, k: int) -> tuple[float, int
     from shared.cache import open_cache
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     cache = open_cache(val_cache)
-    ids, pos, labels = [], [], []
+    ids, pos = [], []
     for _, chunk in cache.iter_chunks():
         for i in range(chunk.num_sequences):
             if len(ids) == k:

@@ -34,7 +34,7 @@ def _parse_set(values) -> dict:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with sections model, data, train, schedule, checkpoint, log.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with sections model, data, train, schedule, checkpoint, log, eval.")
 @click.option("--new", "new", metavar="NAME", help="Start a new run with this name.")
 @click.option("--resume", metavar="latest|NAME", help="Resume the newest checkpoint, a checkpoint by name, or a run's newest.")
 @cli_options

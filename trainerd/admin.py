@@ -102,6 +102,8 @@ def clean_plan(rd: RunDir) -> tuple[list[Leftover], list[str]]:
 
 def clean(rd: RunDir, yes: bool) -> int:
     items, busy = clean_plan(rd)
+    for line in rd.stranded_lines():
+        click.echo(line[0].upper() + line[1:])
     for r in busy:
         click.echo(f"Skipping run {r}: it is training (its lock in {rd.locks_dir} is held)")
     if not items:
@@ -617,7 +619,8 @@ def export(run_dir, name, out):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, metavar="FILE.png",
               help="Image to write.")
 def plot(run_dir, runs, out):
-    """Plot loss, learning rate and tokens/s against step for RUNS, from training_logs/<run>_run_<k>.jsonl."""
+    """Plot loss and held-out loss, learning rate, tokens/s and the steps in the plan against step for RUNS,
+    from training_logs/<run>_run_<k>.jsonl."""
     rd = RunDir(run_dir, must_exist=True)
     plot_runs(rd, list(runs), out)
     click.echo(f"Wrote {out} ({', '.join(dict.fromkeys(runs))})")

@@ -20,6 +20,7 @@ import numpy as np
 from shared.cache import Cache, CacheError, CorruptChunk, open_cache
 from shared.manifest import Manifest, ManifestError, load_manifest
 
+from .model import summed_loss
 from .rundir import TrainError
 
 HOLDOUT_DIR = "holdout"   # packerd run --holdout writes the held-out cache to CACHE/holdout
@@ -61,93 +62,104 @@ def incompatible(val: Manifest, train: Manifest, vdir: Path) -> str | None:
 class Evaluator:
     """One rank's side of the held-out evaluation. Its rows are read once per count of sequences and kept."""
 
-    def __init__(self, cfg, train: Cache, *, rank: int, world: int, device, mixed: str, fail):
+    def __init__(self, cfg, train: Cache, *, rank: int, world: int, device, mixed: str, use_flash: bool, fail):
         self.dir = validation_dir(cfg.data.cache_dir, cfg.eval.cache_dir)
         self.k, self.mb = cfg.eval.sequences, cfg.train.micro_batch_size
-        self.train, self.rank, self.world, self.device, self.mixed, self.fail = train, rank, world, device, mixed, fail
+        self.train, self.rank, self.world, self.device, self.fail = train, rank, world, device, fail
+        self.mixed, self.use_flash = mixed, use_flash
         self.cache: Cache | None = None
+        self.corrupt: list[int] = []   # validation chunks found corrupt in the last read: their rows count nothing
         self._rows: tuple[int, list, int] | None = None   # (count of sequences, micro-batches, their targets)
 
     def evaluate(self, model) -> dict:
         """{"val_loss", "val_sequences", "val_tokens"}: the loss over rank 0's count of the first K sequences
-        (None when there is none yet), the count, and the targets the loss averages over."""
+        (None when there is none yet), the count, and the targets the loss averages over; with
+        "val_corrupt_chunks" when some of them could not be read."""
         import torch
-        n = self._agree(self._available() if self.rank == 0 else 0)
+        n, problem = (self._available() if self.rank == 0 else (0, None))
+        n, failed = self._agree(n, problem is not None)
+        if failed:  # rank 0's error, said by rank 0, after every rank knows (none waits in a collective)
+            self.fail(f"validation cache: {problem}")
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         targets = 0
         if n:
             self._wait_for(n)
+            batches, targets = self._batches(n)
             with torch.no_grad():
-                for ids, pos, labels in self._batches(n):
-                    loss += self._forward(model, ids, pos, labels)
-            targets = self._rows[2]
+                for ids, pos, labels in batches:
+                    loss += summed_loss(model, ids, pos, labels, use_flash=self.use_flash, mixed=self.mixed)
         sums = torch.stack([loss, torch.tensor(float(targets), dtype=torch.float64, device=self.device)])
         if self.world > 1:
             torch.distributed.all_reduce(sums)
         loss, targets = sums.tolist()
-        return {"val_loss": loss / targets if targets else None, "val_sequences": n, "val_tokens": int(targets)}
-
-    def _forward(self, model, ids, pos, labels):
-        import torch
-        import torch.nn.functional as F
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed == "bf16"):
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100, reduction="sum")
+        out = {"val_loss": loss / targets if targets else None, "val_sequences": n, "val_tokens": int(targets)}
+        return {**out, "val_corrupt_chunks": self.corrupt} if self.corrupt else out
 
     # -- which sequences ----------------------------------------------------------------------------------
     def _open(self) -> Cache | None:
-        """The validation cache as its manifest is now (None while it has none)."""
+        """The validation cache as its manifest is now (None while it has none); CacheError when it names
+        another cache, or one this run cannot evaluate on."""
         try:
             if self.cache is None:
                 self.cache = open_cache(self.dir)
-                if problem := incompatible(self.cache.manifest, self.train.manifest, self.dir):
-                    self.fail(problem)
             else:
                 self.cache.refresh()
-        except CacheError as e:
+        except CacheError:
             if self.cache is not None:
-                self.fail(f"validation cache: {e}")
+                raise
+            return None
+        if problem := incompatible(self.cache.manifest, self.train.manifest, self.dir):
+            raise CacheError(problem)
         return self.cache
 
-    def _available(self) -> int:
-        cache = self._open()
-        return min(self.k, cache.manifest.total_sequences) if cache is not None else 0
+    def _available(self) -> tuple[int, str | None]:
+        try:
+            cache = self._open()
+        except CacheError as e:
+            return 0, str(e)
+        return (min(self.k, cache.manifest.total_sequences) if cache is not None else 0), None
 
-    def _agree(self, n: int) -> int:
-        """Rank 0's count on every rank."""
+    def _agree(self, n: int, failed: bool) -> tuple[int, bool]:
+        """Rank 0's count, and whether rank 0 failed, on every rank."""
         if self.world == 1:
-            return n
+            return n, failed
         import torch
-        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        t = torch.tensor([n, int(failed)], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
+        return int(t[0]), bool(t[1])
 
     def _wait_for(self, n: int) -> None:
         """This rank's manifest holds rank 0's n sequences: it was read later, and manifests only grow."""
         deadline = time.monotonic() + 30
-        while (self._open() is None or self.cache.manifest.total_sequences < n) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            while (self._open() is None or self.cache.manifest.total_sequences < n) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except CacheError as e:
+            self.fail(f"validation cache: {e}", alone=True)
         if self.cache is None or self.cache.manifest.total_sequences < n:
             self.fail(f"validation cache {self.dir}: this rank's manifest lacks the {n} sequences rank 0 saw",
                       alone=True)
 
-    def _batches(self, n: int) -> list:
-        """This rank's micro-batches of the first n sequences, the same number on every rank: a rank without
-        a row in the last one gets one padding row (no target)."""
-        if self._rows is None or self._rows[0] != n:
-            mine = np.arange(self.rank, n, self.world)
-            steps = math.ceil(math.ceil(n / self.world) / self.mb)
-            tokens, positions, labels = self._read(mine)
-            batches = []
-            for s in range(steps):
-                rows = slice(s * self.mb, (s + 1) * self.mb)
-                part = [a[rows] for a in (tokens, positions, labels)]
-                if not len(part[0]):
-                    part = [np.zeros((1, tokens.shape[1]), np.int64)] * 2 + [np.full((1, tokens.shape[1]), -100)]
-                batches.append(tuple(self._tensor(a) for a in part))
-            self._rows = (n, batches, int((labels[:, 1:] != -100).sum()))
-        return self._rows[1]
+    def _batches(self, n: int) -> tuple[list, int]:
+        """(this rank's micro-batches of the first n sequences, their targets). Every rank gets the same
+        number of micro-batches: a rank without a row in the last one gets one padding row (no target).
+        Kept for the next evaluation of the same n, unless a chunk was corrupt (`packerd run --mode inverse`
+        may regenerate it by then)."""
+        if self._rows is not None and self._rows[0] == n:
+            return self._rows[1], self._rows[2]
+        mine = np.arange(self.rank, n, self.world)
+        steps = math.ceil(math.ceil(n / self.world) / self.mb)
+        tokens, positions, labels = self._read(mine)
+        batches = []
+        for s in range(steps):
+            rows = slice(s * self.mb, (s + 1) * self.mb)
+            part = [a[rows] for a in (tokens, positions, labels)]
+            if not len(part[0]):
+                part = [np.zeros((1, tokens.shape[1]), np.int64)] * 2 + [np.full((1, tokens.shape[1]), -100)]
+            batches.append(tuple(self._tensor(a) for a in part))
+        targets = int((labels[:, 1:] != -100).sum())
+        self._rows = None if self.corrupt else (n, batches, targets)
+        return batches, targets
 
     def _tensor(self, a: np.ndarray):
         import torch
@@ -157,6 +169,7 @@ class Evaluator:
         """tokens, positions and labels [len(seqs), seq_len] of the cache's sequences `seqs` (cache order)."""
         from .data import _positions
         L, pad = self.train.seq_len, self.train.pad_id
+        self.corrupt = []
         tokens = np.full((len(seqs), L), pad, dtype=np.int64)
         lengths = np.zeros(len(seqs), dtype=np.int64)
         rows_of, starts_of = [], []
@@ -166,7 +179,10 @@ class Evaluator:
             try:
                 chunk = self.cache.read_chunk(int(cid))
             except CorruptChunk:
+                self.corrupt.append(int(cid))
                 continue  # its rows stay padding: no target
+            except CacheError as e:  # the validation cache was rebuilt or removed under the run
+                self.fail(f"validation cache: {e}", alone=True)
             for row in take:
                 i = int(seqs[row] - first[cid])
                 seq = chunk.sequence(i)

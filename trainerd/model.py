@@ -161,6 +161,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, *, use_flash: bool, mixed: str,
+                host_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed next-token loss of one micro-batch [n, L] (target of position t: token t + 1, -100 ignored),
+    with document masking: SDPA builds the block mask from position_ids; flash-attention gets the rows as
+    one sequence with the document boundaries (from `host_pos`, a host copy of pos, to spare a device sync).
+    Training and evaluation both call this, so they compute the same loss."""
+    import torch.nn.functional as F
+    n, L = ids.shape
+    kwargs = {}
+    if use_flash:
+        kwargs = {k: (v.to(ids.device) if torch.is_tensor(v) else v)
+                  for k, v in varlen_kwargs(pos if host_pos is None else host_pos).items()}
+        ids, pos = ids.reshape(1, -1), pos.reshape(1, -1)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=mixed == "bf16"):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).logits
+    logits = logits.view(n, L, logits.shape[-1])  # flash: from [1, n*L, V]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:
     """Flash-attention varlen arguments for a batch flattened to one row.
 

@@ -19,6 +19,7 @@ line, and that line is what `--resume RUN`, pruning and `packtrain`'s summary ta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 import click
 
 from shared.fsutil import FolderLock, LockHeld, atomic_write_bytes, fsync_dir, probe_locks
+
+log = logging.getLogger("trainerd")
 
 CHECKPOINTS = "checkpoints"
 LOGS = "training_logs"
@@ -242,6 +245,7 @@ class RunDir:
             os.rename(ck.path, trash)
         except FileNotFoundError:
             return  # removed meanwhile
+        (trash / META).unlink(missing_ok=True)  # first: a delete cut short leaves no complete checkpoint
         shutil.rmtree(trash)
         fsync_dir(self.checkpoints_dir)
 
@@ -264,11 +268,15 @@ class RunDir:
 
     def prune(self, run: str, keep: int, keep_name: str) -> list[str]:
         """After the save `keep_name`: delete all but the newest KEEP checkpoints of RUN (0: keep all);
-        returns the deleted names."""
-        doomed = self.prune_plan(keep, run=run, keep_name=keep_name)[0] if keep else []
-        for c in doomed:
-            self.delete(c)
-        return [c.name for c in doomed]
+        returns the deleted names (one that cannot be removed is left, with a warning)."""
+        deleted = []
+        for c in self.prune_plan(keep, run=run, keep_name=keep_name)[0] if keep else []:
+            try:
+                self.delete(c)
+                deleted.append(c.name)
+            except OSError as e:  # a checkpoint that cannot be removed costs disk, not the run
+                log.warning("could not prune %s: %s", c.name, e)
+        return deleted
 
     # -- logs and records ---------------------------------------------------------------------------
     def log_files(self, run: str) -> list[Path]:
@@ -345,17 +353,28 @@ class RunDir:
 
     # -- leftovers ----------------------------------------------------------------------------------
     def unfinished_saves(self, run: str | None = None) -> list[Leftover]:
-        """checkpoints/.tmp-* folders (of RUN only, when given): saves and deletes that a crash cut short."""
+        """checkpoints/.tmp-* folders (of RUN only, when given): saves and deletes that a crash cut short.
+        One that holds a complete checkpoint whose name is not listed is left out (see `stranded`)."""
         if not self.checkpoints_dir.is_dir():
             return []
         out = []
         for e in sorted(os.scandir(self.checkpoints_dir), key=lambda e: e.name):
-            if not e.name.startswith(TMP_PREFIX):
+            if not e.name.startswith(TMP_PREFIX) or self.stranded(Path(e.path)):
                 continue
             m = TMP_RE.match(e.name)
             if run is None or (m and m.group("run") == run):
                 out.append(Leftover(Path(e.path), (m.group("run"),) if m else None, "unfinished save"))
         return out
+
+    def stranded(self, folder: Path) -> str | None:
+        """The name of the complete checkpoint a .tmp- folder holds when no folder of that name is listed
+        (a save cut between its last fsync and its rename, or a folder moved aside by hand): never removed,
+        as it may be the only copy; renamed to that name, it is listed again."""
+        c = Checkpoint(folder)
+        name = c.meta.get("name")
+        if not c.complete or not isinstance(name, str) or not NAME_RE.match(name) or "/" in name:
+            return None
+        return None if (self.checkpoints_dir / name).exists() else name
 
     def orphaned_logs(self) -> list[Leftover]:
         with_checkpoints = {c.run for c in self.checkpoints()}
@@ -373,4 +392,11 @@ class RunDir:
         for item in self.unfinished_saves(run):
             shutil.rmtree(item.path, ignore_errors=True)
             out.append(f"removed {item.path.name}: an unfinished save of an earlier trainer")
-        return out
+        return out + self.stranded_lines()
+
+    def stranded_lines(self) -> list[str]:
+        """One line for each .tmp- folder that holds a complete checkpoint outside the listing."""
+        tmp = sorted(p for p in self.checkpoints_dir.glob(f"{TMP_PREFIX}*") if p.is_dir()) \
+            if self.checkpoints_dir.is_dir() else []
+        return [f"kept {p.name}: it holds the complete checkpoint {name}, which is not listed; rename it to "
+                f"{self.checkpoints_dir / name} to use it" for p in tmp if (name := self.stranded(p))]

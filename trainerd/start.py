@@ -93,6 +93,7 @@ class Start:
     run_id: str
     ckpt: str | None = None   # checkpoint folder when resuming
     line: int = 1             # this process is line k of the run: training_logs/<run>_run_<k>.jsonl
+    checked: bool = False     # the checkpoint and the validation cache were checked against the cache
     config: dict = field(default_factory=dict)  # the resolved config, the same on every rank
 
     @classmethod
@@ -254,13 +255,28 @@ def _resumed_config(start: Start, run_dir: str, config_file: str | None, overrid
     return _config(config_file, overrides, base=saved, where=f"checkpoint {folder.name}: ")
 
 
-def _check_compatible(start: Start, manifest: Manifest) -> None:
+def check_against_cache(start: Start, cfg: Config, manifest: Manifest) -> None:
+    """The checkpoint resumed, and the validation cache, fit the training cache (seq_len, tokenizer)."""
+    if start.ckpt:
+        try:
+            problem = ck.compatibility_error(Path(start.ckpt), manifest)
+        except ck.CheckpointError as e:
+            problem = str(e)
+        if problem:
+            raise TrainError(problem)
+    if cfg.eval.every:
+        check_validation_cache(cfg, manifest)
+
+
+def _cache_now(cfg: Config, console: Console) -> Cache | None:
+    """The cache if it has a manifest now; None when it has none yet and data.wait is on (the trainer's
+    ranks wait for it together, after the process group exists, so a signal stops them all)."""
+    if not cfg.data.wait:
+        return wait_for_cache(cfg, console)  # fails at once
     try:
-        problem = ck.compatibility_error(Path(start.ckpt), manifest)
-    except ck.CheckpointError as e:
-        problem = str(e)
-    if problem:
-        raise TrainError(problem)
+        return open_cache(cfg.data.cache_dir)
+    except CacheError:
+        return None
 
 
 def prepare(config_file: str | None, overrides: dict, new: str | None, resume: str | None,
@@ -289,11 +305,10 @@ def prepare(config_file: str | None, overrides: dict, new: str | None, resume: s
         if not cfg.data.cache_dir:
             raise TrainError(CACHE_REQUIRED)
     if cache is None or Path(cfg.data.cache_dir) != cache.dir:
-        cache = wait_for_cache(cfg, console)
-    if start.ckpt:
-        _check_compatible(start, cache.manifest)
-    if cfg.eval.every or cfg.eval.cache_dir:
-        check_validation_cache(cfg, cache.manifest)
+        cache = _cache_now(cfg, console)
+    if cache is not None:  # else every rank waits for it in the trainer, and rank 0 checks it then
+        check_against_cache(start, cfg, cache.manifest)
+        start.checked = True
     rd = RunDir(run_dir)
     lock = rd.lock_run(start.run)
     start.line = rd.next_line(start.run)

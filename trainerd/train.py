@@ -31,7 +31,6 @@ from pathlib import Path
 
 import click
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -43,12 +42,12 @@ from .config import Config, load_config
 from .data import DataPlan, Prefetcher
 from .evaluate import Evaluator
 from .follow import PlanSync
-from .model import (build, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, varlen_kwargs,
+from .model import (build, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, summed_loss,
                     weights_digest)
 from .output import Console, JsonlLog, end_line, eval_line, resumed_lines, shown_total, status_line
 from .rundir import RunDir, TrainError
 from .schedule import LRSchedule
-from .start import STOP, Start, fault_hook, resolve_mixed_precision, wait_for_cache
+from .start import STOP, Start, check_against_cache, fault_hook, resolve_mixed_precision, wait_for_cache
 
 
 @dataclass
@@ -141,6 +140,8 @@ class Trainer:
         self.console = Console(self.main, cfg.log.every)
         self.fault = fault_hook()
         self.cache = wait_for_cache(cfg, self.console, self.fail)
+        if self.main and not start.checked:  # the cache appeared only now
+            check_against_cache(start, cfg, self.cache.manifest)
         self.state = TrainState()
         self.build_model()
         self.build_data()
@@ -150,7 +151,7 @@ class Trainer:
         self.sync = PlanSync(self.plan, cfg.data, rank=self.rank, world=self.world, device=self.device,
                              log=self.jsonl, fail=self.fail)
         self.evaluator = Evaluator(cfg, self.cache, rank=self.rank, world=self.world, device=self.device,
-                                   mixed=mixed, fail=self.fail) if cfg.eval.every else None
+                                   mixed=mixed, use_flash=self.use_flash, fail=self.fail) if cfg.eval.every else None
         self.val: dict | None = None  # the last evaluation: step, val_loss, val_sequences, val_tokens
         self.prefetch = Prefetcher(self.plan, depth=cfg.data.prefetch, pin_memory=self.device.type == "cuda",
                                    start=self.state.step)
@@ -316,23 +317,15 @@ class Trainer:
     def forward_backward(self, batch, scale: torch.Tensor) -> torch.Tensor:
         """The summed loss of this rank's micro-batches; each one's gradient is scaled by world / global
         targets, so DDP's mean over ranks makes it the gradient of the global mean."""
-        mb, accum, L = self.cfg.train.micro_batch_size, self.cfg.train.grad_accum, self.cache.seq_len
+        mb, accum = self.cfg.train.micro_batch_size, self.cfg.train.grad_accum
         input_ids, position_ids, labels = batch.to(self.device, non_blocking=True)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for micro in range(accum):
             rows = slice(micro * mb, (micro + 1) * mb)
-            ids, pos, kwargs = input_ids[rows], position_ids[rows], {}
-            if self.use_flash:
-                ids, pos = ids.reshape(1, -1), pos.reshape(1, -1)
-                kwargs = {k: (v.to(self.device) if torch.is_tensor(v) else v)
-                          for k, v in varlen_kwargs(batch.position_ids[rows]).items()}
             last = micro == accum - 1
             with self.accelerator.no_sync(self.model) if (not last and self.world > 1) else nullcontext():
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed == "bf16"):
-                    logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).logits
-                logits = logits.view(-1, L, logits.shape[-1])  # [mb, L, V] (flash: from [1, mb*L, V])
-                summed = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                         labels[rows][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+                summed = summed_loss(self.model, input_ids[rows], position_ids[rows], labels[rows],
+                                     use_flash=self.use_flash, mixed=self.mixed, host_pos=batch.position_ids[rows])
                 self.accelerator.backward(summed * scale)
             loss_sum += summed.detach()
         return loss_sum
