@@ -104,3 +104,40 @@ def test_export_with_save_pretrained(tmp_path):
     x = torch.randint(1, 512, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=x).logits, back(input_ids=x).logits)
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tmp_path, make_cache, monkeypatch):
+    """With train.activation_checkpointing each block runs again in the backward pass (its activations are
+    not kept), and the per-step losses of a deterministic CPU run are bitwise those without it."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT, free_endpoint
+    import transformers.models.llama.modeling_llama as llama
+
+    from trainerd.config import ModelConfig
+    from trainerd.model import build_model, checkpoint_activations
+    calls, forward = [], llama.LlamaMLP.forward   # (module hooks do not fire in a recomputation)
+    monkeypatch.setattr(llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2), 512, 64, 0)
+    checkpoint_activations(model)
+    x = torch.randint(0, 512, (2, 64))
+    model(input_ids=x, labels=x).loss.backward()
+    assert len(calls) == 4   # 2 layers: each once forward, once again in the backward pass
+
+    cache, losses = make_cache(), {}
+    for flag in ("--no-activation-checkpointing", "--activation-checkpointing"):
+        runs = tmp_path / flag.strip("-")
+        p = subprocess.run([sys.executable, "-m", "trainerd", "--cache-dir", str(cache), "--run-dir", str(runs),
+                            "--new", "a", "--max-steps", "6", "--hidden-size", "32", "--layers", "2", "--heads", "4",
+                            "--kv-heads", "2", "--micro-batch-size", "4", "--grad-accum", "2", "--deterministic",
+                            "--threads", "1", "--endpoint", free_endpoint(tmp_path), flag],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        with open(runs / "training_logs" / "a_run_1.jsonl") as f:
+            losses[flag] = [r["loss"] for r in map(json.loads, f) if "event" not in r]
+    assert len(losses["--activation-checkpointing"]) == 6
+    assert losses["--activation-checkpointing"] == losses["--no-activation-checkpointing"]

@@ -114,6 +114,9 @@ class TrainConfig:
         "auto", "auto: accelerate launch's --mixed_precision bf16/fp16 if given, else bf16 autocast on CUDA, fp32 on "
         "the CPU; or no, bf16, fp16 (fp16: CUDA only).", flag="--mixed-precision")
     compile: bool = opt(False, "torch.compile the model (checkpoints stay uncompiled).", flag="--compile")
+    activation_checkpointing: bool = opt(False, "Recompute each block's activations in the backward pass instead of "
+                                                "keeping them: less memory for about a third more compute; the same "
+                                                "losses.", flag="--activation-checkpointing")
     seed: int = opt(1337, "Seed of the weights and of the data order.", flag="--seed")
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True): bitwise-repeatable runs and resumes "
                                      "on the CPU.", flag="--deterministic")

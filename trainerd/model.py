@@ -127,6 +127,15 @@ def build(cfg: ModelConfig, tokenizer: dict, seq_len: int, cuda: bool, checkpoin
     return model, use_flash
 
 
+def checkpoint_activations(model: LlamaForCausalLM) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant torch checkpoint) instead of keeping
+    its activations."""
+    if hasattr(model, "activation_checkpointing_enable"):   # the name in transformers 5
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def num_params(model: torch.nn.Module, non_embedding: bool = False) -> int:
     """Parameters, tied ones counted once; non_embedding leaves out the (tied) token embedding."""
     seen, total = set(), 0

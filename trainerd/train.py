@@ -42,7 +42,7 @@ from .config import Config, load_config
 from .data import DataPlan, Prefetcher
 from .evaluate import Evaluator
 from .follow import PlanSync
-from .model import (build, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, summed_loss,
+from .model import (build, checkpoint_activations, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, summed_loss,
                     weights_digest)
 from .output import Console, JsonlLog, end_line, eval_line, resumed_lines, shown_total, status_line
 from .rundir import RunDir, TrainError
@@ -180,6 +180,8 @@ class Trainer:
                                                    Path(self.start.ckpt) if self.start.ckpt else None)
         except (ck.CheckpointError, ConfigError) as e:
             self.fail(str(e))
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(self.raw_model)
         self.n_params = num_params(self.raw_model)
         self.flops_tok = flops_per_token(self.raw_model.config, self.n_params, self.cache.seq_len)
         self.raw_model.to(self.device)
