@@ -19,11 +19,11 @@ from shared.cache import Cache, CorruptChunk, open_cache, QUARANTINE_DIR
 from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
 from shared.fsutil import FolderLock, LockHeld, fsync_dir, remove_temporaries
-from shared.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from shared.manifest import HOLDOUT_DIR, MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, Publisher
 from shared.tokenizer import TokenizerError, load_tokenizer
 
-from .holdout import HOLDOUT_DIR, HOLDOUT_HASH, MAX_FRACTION, holdout_record
+from .holdout import HOLDOUT_HASH, MAX_FRACTION, holdout_record
 from .pack import Packer, PackError, Progress
 from .source import DEFAULT_HF, Source, SourceError, keep_torch_out
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-HOLDOUT_DIR = "holdout"  # CACHE/holdout/: the held-out cache, a packerd cache of its own
 HOLDOUT_SEED = 0x686F6C646F7574  # fixed for the life of every cache: "holdout" in ASCII
 # recorded in both manifests, so a packer that chose documents another way refuses to continue the cache
 HOLDOUT_HASH = f"xxh64(index as little-endian uint64, seed=0x{HOLDOUT_SEED:x}) < fraction * 2**64"

@@ -30,10 +30,10 @@ import numpy as np
 
 from shared.chunk import Chunk, encode_chunk, file_checksum
 from shared.fsutil import atomic_write_bytes
-from shared.manifest import ChunkEntry, Manifest, chunk_filename
+from shared.manifest import HOLDOUT_DIR, ChunkEntry, Manifest, chunk_filename
 from shared.tokenizer import TokenizerInfo
 
-from .holdout import HOLDOUT_DIR, held_out
+from .holdout import held_out
 from .source import Source, SourceError
 from .tokenizer import BatchEncoder
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from .fsutil import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
+HOLDOUT_DIR = "holdout"  # CACHE/holdout/: the held-out cache (`packerd run --holdout`), a cache of its own
 MANIFEST_VERSION = 1
 
 

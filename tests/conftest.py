@@ -101,6 +101,14 @@ def run_packerd(*args, check: bool = True, timeout: float = 300, **kw) -> subpro
     return proc
 
 
+def free_port() -> int:
+    """A TCP port free now on the loopback (for accelerate's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def free_endpoint(tmp_path: Path) -> str:
     return f"ipc://{tmp_path}/packerd.sock"
 

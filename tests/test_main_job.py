@@ -43,13 +43,19 @@ class _Waits(threading.Event):
         return False
 
 
-def test_pacing_holds_the_rate_it_is_given():
+def test_pacing_holds_the_rate_it_is_given(monkeypatch):
+    import packerd.pack
     from packerd.pack import Packer
+    now = [100.0]                        # a clock the test moves: no real time in the assertions
+    monkeypatch.setattr(packerd.pack.time, "monotonic", lambda: now[0])
     p = Packer.__new__(Packer)           # only the pacing state: no cache, source or tokenizer
     p.max_rate, p._paced, p.stop = 100_000, None, _Waits()
     p._pace(50_000)                      # half a second's worth handed over at once
+    now[0] += 0.2                        # the next batch took 0.2 s to tokenize
     p._pace(50_000)
-    assert p.stop.asked[0] == pytest.approx(0.5, abs=0.05) and p.stop.asked[1] == pytest.approx(1.0, abs=0.05)
+    now[0] += 2.0                        # a slow source: already behind the rate
+    p._pace(10_000)
+    assert p.stop.asked == [0.5, pytest.approx(0.8), 0.0]
     p.max_rate, p.stop = 0, _Waits()     # no limit: never waits
     p._pace(10**9)
     assert p.stop.asked == []

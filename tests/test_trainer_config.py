@@ -198,9 +198,10 @@ s = LRSchedule(cfg.schedule, 1.0)
 s.update(0, 100, 100, True)
 print("lr", round(s.lr(50), 6))
 r = click.testing.CliRunner()
-print("trainerd", "small" in r.invoke(main, ["--help"]).output, "linear" in r.invoke(main, ["--help"]).output)
-print("config", "linear" in r.invoke(main, ["--help-config"]).output)
-print("packtrain", "small" in r.invoke(packtrain, ["--help"]).output)
+help = r.invoke(main, ["--help"]).output
+print("trainerd", "124m|small|415m" in help, "wsd|linear|cosine" in help)
+print("config", "linear: warmup, then a linear decay" in r.invoke(main, ["--help-config"]).output)
+print("packtrain", "124m|small|415m" in r.invoke(packtrain, ["--help"]).output)
 """
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

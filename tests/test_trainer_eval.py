@@ -12,17 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_endpoint, write_jsonl
+from conftest import ROOT, free_endpoint, free_port, write_jsonl
 
 TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
         "--threads", "1", "--log-every", "1000"]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(cache, runs, tmp, *args, ranks: int = 1) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_endpoint, run_packerd, write_jsonl
+from conftest import ROOT, free_endpoint, free_port, run_packerd, write_jsonl
 
 DOCS = [(0, 10), (10, 20), (20, 30)]   # three source files, added one at a time
 GLOBAL_BATCH = 2 * 2 * 2              # micro batch 2, grad accum 2, 2 ranks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, what: str, procs, timeout: float = 150.0) -> None:

@@ -18,13 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from shared.cache import Cache, CacheError, CorruptChunk, open_cache
-from shared.manifest import Manifest, ManifestError, load_manifest
+from shared.manifest import HOLDOUT_DIR, Manifest, ManifestError, load_manifest
 
 from .model import summed_loss
 from .rundir import TrainError
-
-HOLDOUT_DIR = "holdout"   # packerd run --holdout writes the held-out cache to CACHE/holdout
-
 
 def validation_dir(cache_dir: str, val_cache: str) -> Path:
     return Path(val_cache) if val_cache else Path(cache_dir) / HOLDOUT_DIR

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.config import ConfigError
@@ -176,7 +177,6 @@ def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tenso
     with document masking: SDPA builds the block mask from position_ids; flash-attention gets the rows as
     one sequence with the document boundaries (from `host_pos`, a host copy of pos, to spare a device sync).
     Training and evaluation both call this, so they compute the same loss."""
-    import torch.nn.functional as F
     n, L = ids.shape
     kwargs = {}
     if use_flash:

@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from conftest import ROOT, run_packerd, write_jsonl
+from conftest import ROOT, free_port, run_packerd, write_jsonl
 from shared.cache import open_cache
 from shared.manifest import load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, PROTOCOL_VERSION, encode
@@ -86,12 +85,6 @@ def endpoint(tmp_path: Path, name: str = "p") -> str:
     if len(p) > 100:
         p = f"{tempfile.mkdtemp(prefix='ep', dir='/tmp')}/{name}.sock"
     return f"ipc://{p}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(fault: str | None = None, hf_home: Path | None = None) -> dict:
