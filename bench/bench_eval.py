@@ -69,7 +69,7 @@ def main() -> None:
         tok = cache.manifest.tokenizer
         torch.manual_seed(0)
         model = build_model(cfg.model, tok["vocab_size"], a.seq_len, tok["eos_id"])
-        ev = Evaluator(cfg, cache, rank=0, world=1, device=torch.device("cpu"), mixed="no", use_flash=False,
+        ev = Evaluator(cfg, cache, rank=0, world=1, device=torch.device("cpu"), mixed="no", attention="sdpa",
                        fail=lambda msg, alone=False: sys.exit(msg))
         t0 = time.perf_counter()
         first = ev.evaluate(model)

@@ -75,7 +75,7 @@ def _real_checkpoint(runs: Path, cache: Path) -> str:
     cfg = load_config(None, {"data.cache_dir": str(cache), "train.run_dir": str(runs), "model.hidden_size": 32,
                              "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2})
     torch.manual_seed(0)
-    model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"], False)
+    model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     name = "good-step00000004"
     meta = {"run": "good", "run_id": "abc", "step": 4, "loss": 6.0, "tokens": 2048, "time": 1_700_000_000.0,
@@ -278,6 +278,20 @@ CASES = [
     *([] if _cuda() else [  # where CUDA is present fp16 is allowed
         Case("trainerd-fp16-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--mixed-precision", "fp16"),
              "fp16 needs CUDA")]),
+    *([] if _cuda() else [  # where CUDA is present these kernels may be there
+        Case("trainerd-flex-attention-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--attention", "flex"),
+             "model.attention = flex needs CUDA"),
+        Case("trainerd-flash-attention-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--attention", "flash"),
+             "model.attention = flash needs flash_attn installed and CUDA"),
+        Case("trainerd-liger-loss-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--loss", "liger"),
+             "train.loss = liger needs liger-kernel"),
+        Case("trainerd-liger-kernels-on-the-cpu", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--liger-kernels"),
+             "model.liger_kernels needs liger-kernel")]),
+    Case("trainerd-attention-contradicts-flash-switch", "trainerd",
+         T("--cache-dir", REAL_CACHE, "--new", "x", "--attention", "sdpa", "--flash-attention"),
+         "model.flash_attention = true contradicts model.attention = sdpa"),
+    Case("trainerd-loss-unknown", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "x", "--loss", "fused"),
+         "Invalid value for '--loss'", kind="usage"),
     Case("trainerd-no-wait-folder-without-manifest", "trainerd", T("--cache-dir", R("not_a_run_dir"), "--new", "x", "--no-wait"),
          "has no manifest.json"),
     Case("trainerd-resume-without-checkpoints", "trainerd",

@@ -142,7 +142,7 @@ def test_a_bad_choice_is_a_usage_error():
     from trainerd.__main__ import main
     result = CliRunner().invoke(main, ["--model", "huge"])
     assert result.exit_code == 2 and "Invalid value for '--model'" in result.output, result.output
-    with pytest.raises(ConfigError, match=r"model.preset must be one of tiny, 124m, 415m \(got '7b'\)"):
+    with pytest.raises(ConfigError, match=r"model.preset must be one of tiny, 124m, 415m, 680m, 1b \(got '7b'\)"):
         load_config(None, {"model.preset": "7b"})
 
 

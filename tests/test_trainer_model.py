@@ -35,9 +35,11 @@ def test_architecture_is_modern_llama():
 
 def test_preset_sizes():
     with torch.device("meta"):
-        sizes = {name: num_params(build_model(ModelConfig(preset=name), 50257, 512, 50256)) for name in ("124m", "415m")}
+        sizes = {name: num_params(build_model(ModelConfig(preset=name), 50257, 512, 50256)) for name in ("124m", "415m", "680m", "1b")}
     assert 110e6 < sizes["124m"] < 135e6, sizes
     assert 390e6 < sizes["415m"] < 440e6, sizes
+    assert 650e6 < sizes["680m"] < 710e6, sizes
+    assert 1.0e9 < sizes["1b"] < 1.15e9, sizes
     assert PRESETS["tiny"].num_layers == 2
 
 

@@ -42,6 +42,28 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192),
     "124m": Preset(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, intermediate_size=2304),
     "415m": Preset(hidden_size=1024, num_layers=30, num_heads=16, num_kv_heads=4, intermediate_size=3072),
+    # sized for consumer cards: weights, gradients and AdamW's two moments in fp32 take 16 bytes per parameter,
+    # 10.2 GiB for 680m (a 16 GB card) and 16.0 GiB for 1b (a 24 GB card), activations on top (see
+    # train.activation_checkpointing)
+    "680m": Preset(hidden_size=1536, num_layers=24, num_heads=24, num_kv_heads=8, intermediate_size=4096),
+    "1b": Preset(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
+}
+
+# model.attention's choices: how attention keeps to each document of a packed row (trainerd.model uses them)
+ATTENTIONS = {
+    "auto": "flash when flash_attn is installed and CUDA is used, else flex on CUDA with Triton, else sdpa",
+    "sdpa": "torch SDPA with the block-diagonal mask transformers builds from position_ids (dense: off the "
+            "flash kernel)",
+    "flex": "FlexAttention (compiled) with a block mask of the documents; CUDA only (it has no CPU backward)",
+    "flash": "flash-attn's varlen kernel with the document boundaries (needs flash_attn and CUDA)",
+}
+
+# train.loss's choices: how the next-token loss is computed from the last hidden states
+LOSSES = {
+    "full": "the logits of the whole micro-batch, then cross-entropy",
+    "chunked": "the logits of train.loss_chunk positions at a time, with their gradient computed in the forward "
+               "pass: the full logits never exist",
+    "liger": "Liger-Kernel's fused linear cross-entropy (needs liger-kernel and CUDA)",
 }
 
 
@@ -65,8 +87,12 @@ class ModelConfig:
     intermediate_size: int | None = opt(None, "SwiGLU hidden width; default from the preset.", check="at least 1")
     rope_theta: float = opt(10000.0, "RoPE base frequency.")
     init_std: float = opt(0.02, "Standard deviation of the initial weights.", check="positive")
-    flash_attention: bool | None = opt(None, "Flash-attention varlen kernels (else SDPA); unset: used when flash_attn "
-                                             "is installed and CUDA is used.", flag="--flash-attention")
+    attention: str = opt("auto", "Attention kernel, each keeping to the documents of a packed row: " + "; ".join(
+        f"{k}: {v}" for k, v in ATTENTIONS.items()) + ".", flag="--attention", choices=tuple(ATTENTIONS))
+    flash_attention: bool | None = opt(None, "The older switch: true is attention = flash, false is attention = sdpa "
+                                             "(when attention is auto).", flag="--flash-attention")
+    liger_kernels: bool = opt(False, "Liger-Kernel's RMSNorm, SwiGLU and RoPE kernels (needs liger-kernel and "
+                                     "CUDA); the weights and checkpoints are the same.", flag="--liger-kernels")
 
 
 @dataclass
@@ -117,6 +143,10 @@ class TrainConfig:
     activation_checkpointing: bool = opt(False, "Recompute each block's activations in the backward pass instead of "
                                                 "keeping them: less memory for about a third more compute; the same "
                                                 "losses.", flag="--activation-checkpointing")
+    loss: str = opt("full", "Loss computation: " + "; ".join(f"{k}: {v}" for k, v in LOSSES.items()) + ".",
+                    flag="--loss", choices=tuple(LOSSES))
+    loss_chunk: int = opt(8192, "train.loss chunked: positions per chunk (memory: this many rows of logits in "
+                                "fp32).", check="at least 1")
     seed: int = opt(1337, "Seed of the weights and of the data order.", flag="--seed")
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms(True): bitwise-repeatable runs and resumes "
                                      "on the CPU.", flag="--deterministic")
@@ -202,6 +232,9 @@ class Config:
             raise ConfigError(f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
         if m.hidden_size and m.num_heads and m.hidden_size % m.num_heads:
             raise ConfigError(f"model.hidden_size ({m.hidden_size}) must be a multiple of model.num_heads ({m.num_heads})")
+        if m.flash_attention is not None and m.attention != "auto" and m.flash_attention != (m.attention == "flash"):
+            raise ConfigError(f"model.flash_attention = {str(m.flash_attention).lower()} contradicts "
+                              f"model.attention = {m.attention}: set one of them")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -255,4 +288,4 @@ def cli_overrides(values: dict) -> dict:
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "DataConfig", "TrainConfig", "ScheduleConfig",
            "CheckpointConfig", "LogConfig", "EvalConfig", "load_config", "help_text", "cli_options", "cli_overrides",
-           "Preset", "PRESETS"]
+           "Preset", "PRESETS", "ATTENTIONS", "LOSSES"]

@@ -59,11 +59,11 @@ def incompatible(val: Manifest, train: Manifest, vdir: Path) -> str | None:
 class Evaluator:
     """One rank's side of the held-out evaluation. Its rows are read once per count of sequences and kept."""
 
-    def __init__(self, cfg, train: Cache, *, rank: int, world: int, device, mixed: str, use_flash: bool, fail):
+    def __init__(self, cfg, train: Cache, *, rank: int, world: int, device, mixed: str, attention: str, fail):
         self.dir = validation_dir(cfg.data.cache_dir, cfg.eval.cache_dir)
         self.k, self.mb = cfg.eval.sequences, cfg.train.micro_batch_size
         self.train, self.rank, self.world, self.device, self.fail = train, rank, world, device, fail
-        self.mixed, self.use_flash = mixed, use_flash
+        self.mixed, self.attention = mixed, attention
         self.cache: Cache | None = None
         self.corrupt: list[int] = []   # validation chunks found corrupt in the last read: their rows count nothing
         self._rows: tuple[int, list, int] | None = None   # (count of sequences, micro-batches, their targets)
@@ -84,7 +84,7 @@ class Evaluator:
             batches, targets = self._batches(n)
             with torch.no_grad():
                 for ids, pos, labels in batches:
-                    loss += summed_loss(model, ids, pos, labels, use_flash=self.use_flash, mixed=self.mixed)
+                    loss += summed_loss(model, ids, pos, labels, attention=self.attention, mixed=self.mixed)
         sums = torch.stack([loss, torch.tensor(float(targets), dtype=torch.float64, device=self.device)])
         if self.world > 1:
             torch.distributed.all_reduce(sums)

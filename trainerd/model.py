@@ -2,9 +2,9 @@
 
 Built from transformers' own classes so that a checkpoint exports with `save_pretrained` and loads with
 `AutoModelForCausalLM`. Document masking: the batch's `position_ids` restart at 0 at every document start;
-with `attention_mask=None` and `use_cache=False`, transformers' SDPA path builds a block-diagonal causal mask
-from them, so attention never crosses a document boundary. With flash-attention installed (and CUDA), the
-batch is flattened to one row and the varlen kernel gets the document boundaries as `cu_seq_lens`.
+with `attention_mask=None` and `use_cache=False`, transformers builds a mask from them that keeps attention
+inside each document: a dense block-diagonal one for SDPA, a block mask for FlexAttention. With flash-attention
+the batch is flattened to one row and the varlen kernel gets the document boundaries as `cu_seq_lens`.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.config import ConfigError
 
 from .config import PRESETS, ModelConfig, Preset
+from .loss import IGNORE, linear_cross_entropy
 
 # bf16 dense peak FLOP/s by device name, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -30,8 +30,55 @@ def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+# model.attention -> transformers' attn_implementation
+ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_attention(cfg: ModelConfig, cuda: bool) -> str:
+    """sdpa, flex or flash: model.attention (or the older model.flash_attention) on this machine."""
+    choice = cfg.attention
+    if choice == "auto" and cfg.flash_attention is not None:
+        choice = "flash" if cfg.flash_attention else "sdpa"
+    if choice == "auto":
+        if cuda and flash_attn_available():
+            return "flash"
+        return "flex" if cuda and triton_available() else "sdpa"
+    if choice == "flash" and not (cuda and flash_attn_available()):
+        raise ConfigError("model.attention = flash needs flash_attn installed and CUDA")
+    if choice == "flex" and not cuda:
+        raise ConfigError("model.attention = flex needs CUDA: FlexAttention has no backward pass on the CPU")
+    return choice
+
+
+def check_kernels(cfg: ModelConfig, loss: str, cuda: bool) -> None:
+    """Liger-Kernel's parts, when asked for, need the package and CUDA (its kernels are Triton)."""
+    wanted = [name for name, on in (("model.liger_kernels", cfg.liger_kernels), ("train.loss = liger",
+                                                                                loss == "liger")) if on]
+    if wanted and not (cuda and importlib.util.find_spec("liger_kernel") is not None):
+        raise ConfigError(f"{wanted[0]} needs liger-kernel installed (pip install liger-kernel) and CUDA")
+
+
+class PackedLlama(LlamaForCausalLM):
+    """LlamaForCausalLM whose forward, given next-token `targets`, returns their summed loss instead of the
+    logits: the loss then runs inside the forward that DDP, FSDP2 and torch.compile wrap (FSDP2 gathers the
+    output embedding only there), and train.loss chooses how (trainerd.loss). Its weights and config are
+    those of LlamaForCausalLM, so checkpoints and exports are a plain Llama."""
+
+    def forward(self, input_ids=None, position_ids=None, targets=None, loss: str = "full", loss_chunk: int = 0,
+                **kwargs):
+        if targets is None:
+            return super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        hidden = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
+                                    loss=loss, chunk=loss_chunk)
 
 
 def resolve(cfg: ModelConfig) -> Preset:
@@ -52,7 +99,7 @@ def resolve(cfg: ModelConfig) -> Preset:
     return Preset(hidden, cfg.num_layers or p.num_layers, heads, kv, inter)
 
 
-def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, use_flash: bool = False) -> LlamaConfig:
+def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, attention: str = "sdpa") -> LlamaConfig:
     p = resolve(cfg)
     return LlamaConfig(
         vocab_size=padded_vocab(vocab_size),
@@ -74,23 +121,23 @@ def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, u
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=eos_id,
-        attn_implementation="flash_attention_2" if use_flash else "sdpa",
+        attn_implementation=ATTN_IMPLEMENTATION[attention],
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, use_flash: bool = False) -> LlamaForCausalLM:
+def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, attention: str = "sdpa"
+                ) -> PackedLlama:
     """A freshly initialised model (weights from torch's current RNG: seed before calling)."""
-    config = llama_config(cfg, vocab_size, seq_len, eos_id, use_flash)
-    model = LlamaForCausalLM(config)
+    model = PackedLlama(llama_config(cfg, vocab_size, seq_len, eos_id, attention))
     model.config.use_cache = False
     return model
 
 
-def model_from_config_dict(d: dict, use_flash: bool = False) -> LlamaForCausalLM:
+def model_from_config_dict(d: dict, attention: str = "sdpa") -> PackedLlama:
     """The model described by a checkpoint's model_config.json (weights uninitialised until loaded)."""
     config = LlamaConfig.from_dict(d)
-    config._attn_implementation = "flash_attention_2" if use_flash else "sdpa"
-    model = LlamaForCausalLM(config)
+    config._attn_implementation = ATTN_IMPLEMENTATION[attention]
+    model = PackedLlama(config)
     model.config.use_cache = False
     return model
 
@@ -108,24 +155,24 @@ def set_up_torch(train, cuda: bool) -> None:
 
 
 def build(cfg: ModelConfig, tokenizer: dict, seq_len: int, cuda: bool, checkpoint: Path | None = None
-          ) -> tuple[LlamaForCausalLM, bool]:
-    """(the model, whether it uses flash-attention): freshly initialised from torch's current RNG (seed
+          ) -> tuple[PackedLlama, str]:
+    """(the model, its attention: sdpa, flex or flash): freshly initialised from torch's current RNG (seed
     before calling), or the one a checkpoint folder describes with its weights loaded."""
     from . import checkpoint as ck
-    use_flash = cfg.flash_attention
-    if use_flash is None:
-        use_flash = cuda and flash_attn_available()
-    elif use_flash and not (cuda and flash_attn_available()):
-        raise ConfigError("model.flash_attention is on but flash_attn is not installed or CUDA is not available")
+    attention = resolve_attention(cfg, cuda)
     if checkpoint is not None:
-        model = model_from_config_dict(ck.read_json(checkpoint, "model_config.json"), use_flash)
+        model = model_from_config_dict(ck.read_json(checkpoint, "model_config.json"), attention)
         ck.load_weights(checkpoint, model)
     else:
-        model = build_model(cfg, int(tokenizer["vocab_size"]), seq_len, int(tokenizer["eos_id"]), use_flash)
+        model = build_model(cfg, int(tokenizer["vocab_size"]), seq_len, int(tokenizer["eos_id"]), attention)
     if model.config.vocab_size < int(tokenizer["vocab_size"]):
         raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
                           f"({tokenizer['vocab_size']})")
-    return model, use_flash
+    if cfg.liger_kernels:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
+    return model, attention
 
 
 def checkpoint_activations(model: LlamaForCausalLM) -> None:
@@ -171,23 +218,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, *, use_flash: bool, mixed: str,
-                host_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """The summed next-token loss of one micro-batch [n, L] (target of position t: token t + 1, -100 ignored),
-    with document masking: SDPA builds the block mask from position_ids; flash-attention gets the rows as
-    one sequence with the document boundaries (from `host_pos`, a host copy of pos, to spare a device sync).
-    Training and evaluation both call this, so they compute the same loss."""
-    n, L = ids.shape
+def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, *, attention: str, mixed: str,
+                loss: str = "full", loss_chunk: int = 0, host_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed next-token loss of one micro-batch [n, L] (target of position t: token t + 1, -100 ignored)
+    of a PackedLlama, with document masking: SDPA and flex build their masks from position_ids; flash-attention
+    gets the rows as one sequence with the document boundaries (from `host_pos`, a host copy of pos, to spare a
+    device sync). Training and evaluation both call this, so they compute the same loss."""
+    n = ids.shape[0]
+    # each row's last position has no next token in the row
+    targets = torch.cat([labels[:, 1:], labels.new_full((n, 1), IGNORE)], dim=1)
     kwargs = {}
-    if use_flash:
+    if attention == "flash":
         kwargs = {k: (v.to(ids.device) if torch.is_tensor(v) else v)
                   for k, v in varlen_kwargs(pos if host_pos is None else host_pos).items()}
-        ids, pos = ids.reshape(1, -1), pos.reshape(1, -1)
+        ids, pos, targets = ids.reshape(1, -1), pos.reshape(1, -1), targets.reshape(1, -1)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=mixed == "bf16"):
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).logits
-    logits = logits.view(n, L, logits.shape[-1])  # flash: from [1, n*L, V]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+        return model(input_ids=ids, position_ids=pos, targets=targets, loss=loss, loss_chunk=loss_chunk, **kwargs)
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:

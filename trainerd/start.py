@@ -217,6 +217,23 @@ def resolve_mixed_precision(asked: str, cuda: bool) -> str:
     return mixed
 
 
+def check_kernels_asked(cfg: Config) -> None:
+    """model.attention, model.flash_attention, model.liger_kernels and train.loss can name kernels this machine
+    lacks: checked here, before anything is written (torch and transformers load only when one is named)."""
+    m = cfg.model
+    if m.attention == "auto" and not m.flash_attention and not m.liger_kernels and cfg.train.loss != "liger":
+        return
+    import torch
+
+    from .model import check_kernels, resolve_attention
+    cuda = torch.cuda.is_available()
+    try:
+        resolve_attention(m, cuda)
+        check_kernels(m, cfg.train.loss, cuda)
+    except ConfigError as e:
+        raise TrainError(str(e)) from None
+
+
 def fault_hook() -> tuple[str | None, int | None]:
     """The fault tests' hook, from the environment: TRAINERD_FAULT=kill-at-step:N (SIGKILL itself right
     after step N is logged), kill-in-save:N (SIGKILL in the middle of writing the checkpoint of step N) or
@@ -304,6 +321,7 @@ def prepare(config_file: str | None, overrides: dict, new: str | None, resume: s
         cfg = _resumed_config(start, run_dir, config_file, overrides)
         if not cfg.data.cache_dir:
             raise TrainError(CACHE_REQUIRED)
+    check_kernels_asked(cfg)
     if cache is None or Path(cfg.data.cache_dir) != cache.dir:
         cache = _cache_now(cfg, console)
     if cache is not None:  # else every rank waits for it in the trainer, and rank 0 checks it then

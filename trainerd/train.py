@@ -42,7 +42,7 @@ from .config import Config, load_config
 from .data import DataPlan, Prefetcher
 from .evaluate import Evaluator
 from .follow import PlanSync
-from .model import (build, checkpoint_activations, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, summed_loss,
+from .model import (build, check_kernels, checkpoint_activations, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, summed_loss,
                     weights_digest)
 from .output import Console, JsonlLog, end_line, eval_line, resumed_lines, shown_total, status_line
 from .rundir import RunDir, TrainError
@@ -151,7 +151,7 @@ class Trainer:
         self.sync = PlanSync(self.plan, cfg.data, rank=self.rank, world=self.world, device=self.device,
                              log=self.jsonl, fail=self.fail)
         self.evaluator = Evaluator(cfg, self.cache, rank=self.rank, world=self.world, device=self.device,
-                                   mixed=mixed, use_flash=self.use_flash, fail=self.fail) if cfg.eval.every else None
+                                   mixed=mixed, attention=self.attention, fail=self.fail) if cfg.eval.every else None
         self.val: dict | None = None  # the last evaluation: step, val_loss, val_sequences, val_tokens
         self.prefetch = Prefetcher(self.plan, depth=cfg.data.prefetch, pin_memory=self.device.type == "cuda",
                                    start=self.state.step)
@@ -176,7 +176,8 @@ class Trainer:
         try:
             # every rank loads the full weights before accelerator.prepare; FSDP2's fully_shard then keeps
             # each rank's shards of these values, so one path serves every launch mode
-            self.raw_model, self.use_flash = build(cfg.model, tok, self.cache.seq_len, cuda,
+            check_kernels(cfg.model, cfg.train.loss, cuda)
+            self.raw_model, self.attention = build(cfg.model, tok, self.cache.seq_len, cuda,
                                                    Path(self.start.ckpt) if self.start.ckpt else None)
         except (ck.CheckpointError, ConfigError) as e:
             self.fail(str(e))
@@ -237,7 +238,7 @@ class Trainer:
         self.jsonl.event("started", run=start.run, run_id=start.run_id, mode=start.mode, step=self.state.step,
                          world_size=self.world, device=str(self.device), mixed_precision=self.mixed,
                          params=self.n_params, global_batch=self.global_batch, seq_len=self.cache.seq_len,
-                         flash_attention=bool(self.use_flash), compile=cfg.train.compile, config=cfg.to_dict())
+                         attention=self.attention, loss=cfg.train.loss, compile=cfg.train.compile, config=cfg.to_dict())
         if start.ckpt:
             name, later = Path(start.ckpt).name, self.rd.later(start.run, self.state.step)
             self.jsonl.event("resumed", step=self.state.step, checkpoint=name, tokens=self.state.tokens,
@@ -327,7 +328,8 @@ class Trainer:
             last = micro == accum - 1
             with self.accelerator.no_sync(self.model) if (not last and self.world > 1) else nullcontext():
                 summed = summed_loss(self.model, input_ids[rows], position_ids[rows], labels[rows],
-                                     use_flash=self.use_flash, mixed=self.mixed, host_pos=batch.position_ids[rows])
+                                     attention=self.attention, mixed=self.mixed, loss=self.cfg.train.loss,
+                                     loss_chunk=self.cfg.train.loss_chunk, host_pos=batch.position_ids[rows])
                 self.accelerator.backward(summed * scale)
             loss_sum += summed.detach()
         return loss_sum

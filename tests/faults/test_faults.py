@@ -621,7 +621,7 @@ def _checkpoint_with_code(tmp: Path, small_cache: Path) -> tuple[Path, Path]:
     m = load_manifest(small_cache)
     cfg = load_config(None, {"data.cache_dir": str(small_cache), "model.hidden_size": 32, "model.num_layers": 2,
                              "model.num_heads": 4, "model.num_kv_heads": 2})
-    model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"], False)
+    model = build_model(cfg.model, m.tokenizer["vocab_size"], m.seq_len, m.tokenizer["eos_id"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     d = ck.save_checkpoint(tmp / "runs", "evil-step00000004", model=model, optimizer_state=opt.state_dict(),
                            state={"step": 4}, meta={"run": "evil", "run_id": "x", "step": 4, "time": 1.0},
