@@ -100,7 +100,7 @@ def plain(x):
 
 # -- writing ----------------------------------------------------------------------------------------------
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # Windows flushes only a file open for writing
     try:
         os.fsync(fd)
     finally:

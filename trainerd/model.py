@@ -143,7 +143,16 @@ def model_from_config_dict(d: dict, attention: str = "sdpa") -> PackedLlama:
 
 
 def set_up_torch(train, cuda: bool) -> None:
-    """This process's threads, determinism and matmul precision (train: the [train] config section)."""
+    """This process's threads, determinism, matmul precision and compilation (train: the [train] config
+    section; train.compile is turned off where it cannot work)."""
+    from .rundir import TRITON_CACHE, log
+    # compiled kernels stay with the run folder, not in a per-user temporary folder that runs share and
+    # that Windows cleans up
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(train.run_dir).resolve() / TRITON_CACHE))
+    if train.compile and cuda and importlib.util.find_spec("triton") is None:
+        # torch.compile generates Triton kernels for CUDA (on the CPU it generates C++ and needs no Triton)
+        log.warning("torch.compile off: Triton is not installed (on Windows: pip install triton-windows)")
+        train.compile = False
     if train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)

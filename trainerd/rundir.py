@@ -8,6 +8,7 @@
     RUN_DIR/training_logs/<run>_run_<k>.rank<r>.data.jsonl   the optional data trace of rank r
     RUN_DIR/runs/<run>.json                            the run's record: id, creation time, first config
     RUN_DIR/.locks/<run>.lock                          held by the trainer of that run while it runs
+    RUN_DIR/.triton-cache/                             Triton's compiled kernels (TRITON_CACHE_DIR, unless set)
 
 Each trainer process of a run is a line k, one more than any line the folder shows. A checkpoint takes the
 plain name of its step; a line resumed from an older step that reaches a step already saved by the line it
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 LOGS = "training_logs"
 RUNS = "runs"
 LOCKS = ".locks"
+TRITON_CACHE = ".triton-cache"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
 FORMAT = 1   # meta.json's format
