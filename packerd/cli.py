@@ -215,7 +215,8 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
                         _shard(cfg, manifest, held and held[1]))
     except SourceError as e:
         raise _fail(str(e))
-    for m in [manifest] + ([held[1]] if held else []):
+    manifests = [manifest] + ([held[1]] if held else [])
+    for m in manifests:
         m.shard = source.shard.record() if source.shard else None
     if cfg.mode == "forward" and manifest.finished and (held is None or held[1].finished):
         click.echo(f"cache {cache_dir} is finished: {manifest.total_sequences:,} sequences; nothing to do "
@@ -231,7 +232,7 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
     except OSError as e:
         raise _fail(str(e))
     if publisher:
-        for m in [manifest] + ([held[1]] if held else []):  # saved with the next commit
+        for m in manifests:  # saved with the next commit
             m.endpoint = connect_address(cfg.endpoint)
     progress = Progress()
     packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
@@ -256,9 +257,11 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
 
 def connect_address(endpoint: str) -> str:
     """The address a subscriber connects to for the bind address `endpoint`: a wildcard host (tcp://*:5557,
-    tcp://0.0.0.0:5557, tcp://[::]:5557) becomes this machine's name; any other endpoint is kept as given.
-    The fully qualified name where the resolver knows one (SLURM nodes, a pod in a headless service),
-    else the plain host name."""
+    tcp://0.0.0.0:5557, tcp://[::]:5557) becomes this machine's name, the fully qualified one where the
+    resolver knows one (SLURM nodes, a pod in a headless service), else the plain host name; a relative ipc://
+    path becomes absolute (a subscriber runs in another folder); any other endpoint is kept as given."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith(("ipc:///", "ipc://@")):  # @: abstract socket
+        return "ipc://" + os.path.abspath(endpoint[len("ipc://"):])
     if not endpoint.startswith("tcp://"):
         return endpoint
     host, _, port = endpoint[len("tcp://"):].rpartition(":")

@@ -19,6 +19,7 @@ import pytest
 import xxhash
 
 from conftest import ROOT, free_endpoint, free_port, run_packerd, write_jsonl
+from packerd.cli import connect_address
 from packerd.shard import DOCUMENTS, FILE_HASH, SHARD_SEED, WHOLE, Shard
 from packerd.source import Source
 from shared.cache import open_cache
@@ -197,6 +198,16 @@ def test_the_launch_script_packs_each_document_once(tmp_path, tree, corpus_texts
     for i, cache in enumerate(caches):
         m = load_manifest(cache)
         assert m.shard["spec"] == f"{i}/{n}" and m.endpoint.endswith(f":{ports[i]}") and "*" not in m.endpoint
+
+
+@pytest.mark.parametrize("bind,connect", [
+    ("tcp://127.0.0.1:5557", "tcp://127.0.0.1:5557"), ("tcp://10.1.2.3:6000", "tcp://10.1.2.3:6000"),
+    ("tcp://*:5557", "tcp://HOST:5557"), ("tcp://0.0.0.0:5557", "tcp://HOST:5557"), ("tcp://[::]:7", "tcp://HOST:7"),
+    ("ipc:///run/p.sock", "ipc:///run/p.sock"), ("ipc://p.sock", "ipc://CWD/p.sock"), ("ipc://@p", "ipc://@p")])
+def test_the_recorded_endpoint_is_where_a_subscriber_connects(bind, connect):
+    host = connect_address("tcp://*:1")[len("tcp://"):-len(":1")]
+    assert host in (socket.getfqdn(), socket.gethostname()) and host not in ("*", "")
+    assert connect_address(bind) == connect.replace("HOST", host).replace("CWD", os.getcwd())
 
 
 def test_manifest_shard_and_endpoint_are_optional(tmp_path, make_cache):
