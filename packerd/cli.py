@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import uuid
@@ -25,6 +26,7 @@ from shared.tokenizer import TokenizerError, load_tokenizer
 
 from .holdout import HOLDOUT_HASH, MAX_FRACTION, holdout_record
 from .pack import Packer, PackError, Progress
+from .shard import FILE_HASH, Shard, ShardError
 from .source import DEFAULT_HF, Source, SourceError, keep_torch_out
 
 log = logging.getLogger("packerd")
@@ -52,6 +54,8 @@ class PackerConfig:
     curve_dir: str | None = opt(None, "Folder of CURVE keys (`packerd keys`): encrypt and authenticate the endpoint.")
     holdout: float | None = opt(None, f"Share of documents (0 < F <= {MAX_FRACTION}) packed into the held-out cache "
                                       f"CACHE_DIR/{HOLDOUT_DIR}/ instead, chosen by a hash of each document's index.")
+    shard: str | None = opt(None, "I/N: pack shard I of N (0 <= I < N) of the sources into this cache, for N packers "
+                                  "on N machines that together pack every document once (packerd/shard.py).")
 
     def validate(self) -> None:
         if not self.cache_dir:
@@ -72,6 +76,11 @@ class PackerConfig:
             raise ConfigError(f"endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
         if self.holdout is not None and not 0 < self.holdout <= MAX_FRACTION:
             raise ConfigError(f"holdout must be in (0, {MAX_FRACTION}] (got {self.holdout})")
+        if self.shard is not None:
+            try:
+                Shard.parse(self.shard)
+            except ShardError as e:
+                raise ConfigError(str(e)) from None
         if self.curve_dir and not (Path(self.curve_dir) / "server.key_secret").exists():
             raise ConfigError(f"curve_dir {self.curve_dir} has no server.key_secret (create one with `packerd keys DIR`)")
 
@@ -108,6 +117,8 @@ def main(verbose: bool) -> None:
 @click.option("--curve-dir", type=click.Path(file_okay=False), help="CURVE key folder from `packerd keys`: encrypt and authenticate subscribers.")
 @click.option("--holdout", type=float, help=f"Share of documents (0 < F <= {MAX_FRACTION}) packed into CACHE_DIR/{HOLDOUT_DIR}/ "
               "instead, for held-out loss; chosen for the life of the cache.")
+@click.option("--shard", help="I/N: pack shard I of N (counted from 0) of the sources, one of N packers that together "
+              "pack every document once; fixed for the life of the cache.")
 @click.option("--force-rebuild", is_flag=True, help="Delete the cache and pack from scratch.")
 @click.option("--yes", is_flag=True, help="Do not ask before --force-rebuild.")
 def run(config_file, force_rebuild, yes, **flags) -> None:
@@ -124,7 +135,8 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
         if existing is not None:  # settings of an existing cache are the defaults of a restart
             data = merge({"seq_len": existing.seq_len, "chunk_sequences": existing.chunk_sequences,
                           "source": existing.sources, "tokenizer": existing.tokenizer["name"],
-                          "text_field": existing.text_field, "lz4_level": existing.lz4_level}, data)
+                          "text_field": existing.text_field, "lz4_level": existing.lz4_level,
+                          "shard": (existing.shard or {}).get("spec")}, data)
         cfg = build(PackerConfig, merge(data, flags))
     except ConfigError as e:
         raise _fail(str(e))
@@ -155,7 +167,7 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
         raise _fail(str(e))
     known = [] if force_rebuild else [_existing_manifest(cache_dir), _existing_manifest(cache_dir / HOLDOUT_DIR)]
     try:
-        Source(cfg.source, cfg.text_field, _known_files(*known))
+        Source(cfg.source, cfg.text_field, _known_files(*known), _shard(cfg, *known))
     except SourceError as e:
         raise _fail(str(e))
     created = not cache_dir.exists()
@@ -183,6 +195,15 @@ def _known_files(*manifests: Manifest | None) -> list[dict] | None:
     return max(lists, key=len) if lists else None
 
 
+def _shard(cfg: PackerConfig, *manifests: Manifest | None) -> Shard | None:
+    """cfg's shard, with how the cache splits local files as its manifests recorded (None on a first run:
+    Source decides)."""
+    if cfg.shard is None:
+        return None
+    recorded = next((m.shard for m in manifests if m is not None and m.shard), {})
+    return Shard.parse(cfg.shard, recorded.get("files"))
+
+
 def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, yes: bool) -> None:
     if force_rebuild:
         _clear(cache_dir, yes)
@@ -190,9 +211,13 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
     _clean_uncommitted(cache_dir, manifest)
     held = _holdout(cfg, cache_dir, tok)
     try:
-        source = Source(cfg.source, cfg.text_field, _known_files(manifest, held and held[1]))
+        source = Source(cfg.source, cfg.text_field, _known_files(manifest, held and held[1]),
+                        _shard(cfg, manifest, held and held[1]))
     except SourceError as e:
         raise _fail(str(e))
+    manifests = [manifest] + ([held[1]] if held else [])
+    for m in manifests:
+        m.shard = source.shard.record() if source.shard else None
     if cfg.mode == "forward" and manifest.finished and (held is None or held[1].finished):
         click.echo(f"cache {cache_dir} is finished: {manifest.total_sequences:,} sequences; nothing to do "
                    f"(--force-rebuild packs it again)", err=True)
@@ -206,6 +231,9 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
                      if cfg.mode == "forward" else None)
     except OSError as e:
         raise _fail(str(e))
+    if publisher:
+        for m in manifests:  # saved with the next commit
+            m.endpoint = connect_address(cfg.endpoint)
     progress = Progress()
     packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
                     cfg.estimate_tokens, progress, holdout=held, max_tokens_per_s=cfg.max_tokens_per_s)
@@ -225,6 +253,24 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
         if publisher:
             publisher.close()
     _summary(packer)
+
+
+def connect_address(endpoint: str) -> str:
+    """The address a subscriber connects to for the bind address `endpoint`: a wildcard host (tcp://*:5557,
+    tcp://0.0.0.0:5557, tcp://[::]:5557) becomes this machine's name, the fully qualified one where the
+    resolver knows one (SLURM nodes, a pod in a headless service), else the plain host name; a relative ipc://
+    path becomes absolute (a subscriber runs in another folder); any other endpoint is kept as given."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith(("ipc:///", "ipc://@")):  # @: abstract socket
+        return "ipc://" + os.path.abspath(endpoint[len("ipc://"):])
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if host not in ("*", "0.0.0.0", "::", "[::]"):
+        return endpoint
+    name = socket.getfqdn()
+    if "." not in name or name.startswith("localhost"):
+        name = socket.gethostname()
+    return f"tcp://{name}:{port}"
 
 
 def _holdout(cfg: PackerConfig, cache_dir: Path, tok) -> tuple[Path, Manifest] | None:
@@ -320,6 +366,8 @@ def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok, folder: 
                              ("tokenizer vocabulary", manifest.tokenizer["vocab_hash"], tok.vocab_hash),
                              ("eos", manifest.tokenizer["eos_id"], tok.eos_id),
                              ("holdout", held.get("fraction"), cfg.holdout),
+                             ("shard", (manifest.shard or {}).get("spec"), cfg.shard and str(Shard.parse(cfg.shard))),
+                             ("shard hash", (manifest.shard or {}).get("hash", FILE_HASH), FILE_HASH),
                              ("holdout hash", held.get("hash") if both else None, HOLDOUT_HASH if both else None)]:
         if have != want:
             mismatches.append(f"{name} {have!r} (now {want!r})")
@@ -376,6 +424,10 @@ def status(cache_dir, as_json) -> None:
         info["holdout"] = held
     if m.holdout_of:
         info["holdout_of"] = m.holdout_of
+    if m.shard:
+        info["shard"] = m.shard
+    if m.endpoint:
+        info["endpoint"] = m.endpoint
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -389,6 +441,10 @@ def status(cache_dir, as_json) -> None:
     click.echo("estimate     " + (f"{est:,} tokens ({m.estimate.get('method')})" if est else "unknown"))
     click.echo(f"tokenizer    {m.tokenizer['name']} (vocab {m.tokenizer['vocab_size']:,}, eos {m.tokenizer['eos_id']})")
     click.echo(f"finished     {'yes' if m.finished else 'no'}")
+    if m.shard:
+        click.echo(f"shard        {m.shard['spec']} of the sources (local files split: {m.shard['files']})")
+    if m.endpoint:
+        click.echo(f"endpoint     {m.endpoint}")
     if held is not None:
         click.echo(f"held out     {held['chunks']:,} chunks, {held['sequences']:,} sequences, {held['tokens']:,} tokens "
                    f"({held['fraction']} of the documents, in {held['cache_dir']}; finished "

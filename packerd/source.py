@@ -3,7 +3,8 @@
 A source spec is `hf:NAME[:CONFIG[:SPLIT]]`, `builtin:pydoc`, `builtin:stdlib`, or a local file, folder or glob of
 .jsonl/.json/.parquet/.txt files. Local files are read through datasets' own loaders (streaming), in
 the order: the files the manifest already lists, then new ones sorted by path. A `.txt` file is one
-document. Records are numbered across all specs; the packer's restart point is such a number.
+document. Records are numbered across all specs; the packer's restart point is such a number. With a shard
+(`--shard I/N`, packerd/shard.py) only the shard's own files and records are read and numbered.
 
 Bad input policy (documented in the README):
 - a missing or unreadable source, invalid JSON, non-UTF-8 bytes, a missing text field: SourceError,
@@ -18,10 +19,13 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 from shared.builtin import BUILTIN_SOURCES
+
+from .shard import WHOLE, Shard
 
 log = logging.getLogger("packerd")
 
@@ -77,7 +81,8 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
     return name, config, split
 
 
-def expand_local(spec: str, must_exist: bool = True) -> list[str]:
+def expand_local(spec: str, must_exist: bool = True) -> list[tuple[str, str]]:
+    """The spec's files, sorted: each as (resolved path, path relative to the spec's root folder)."""
     p = Path(spec)
     if any(ch in spec for ch in "*?["):
         files = sorted(glob.glob(spec, recursive=True))
@@ -95,7 +100,18 @@ def expand_local(spec: str, must_exist: bool = True) -> list[str]:
     for f in files:
         if not os.access(f, os.R_OK):
             raise SourceError(f"source file {f} is not readable")
-    return [str(Path(f).resolve()) for f in files]
+    root = os.path.abspath(_root(spec))
+    return [(str(Path(f).resolve()), Path(os.path.relpath(os.path.abspath(f), root)).as_posix()) for f in files]
+
+
+def _root(spec: str) -> str:
+    """The folder a spec's paths are taken relative to (the shard hash reads them): the folder itself, a
+    glob's leading folders before its first wildcard, or a single file's folder. Unresolved, so a data
+    folder that is a link on one machine and not on another gives the same relative paths."""
+    wild = next((i for i, ch in enumerate(spec) if ch in "*?["), None)
+    if wild is not None:
+        return os.path.dirname(spec[:wild]) or "."
+    return spec if Path(spec).is_dir() else (os.path.dirname(spec) or ".")
 
 
 def _size_units(path: str) -> tuple[int, float]:
@@ -112,23 +128,45 @@ def _size_units(path: str) -> tuple[int, float]:
 class Source:
     """All documents of the given specs, in order; knows its files and how to estimate its size."""
 
-    def __init__(self, specs: list[str], text_field: str = "text", known_files: list[dict] | None = None):
+    def __init__(self, specs: list[str], text_field: str = "text", known_files: list[dict] | None = None,
+                 shard: Shard | None = None):
         if not specs:
             raise SourceError("no source given (use --source)")
         self.specs = list(specs)
         self.text_field = text_field
+        self.shard = shard
         self.files: list[SourceFile] = [SourceFile(**f) for f in (known_files or [])]
         self.hf_rows: dict[str, int | None] = {}
         self.builtin_units: dict[str, int] = {}
         for spec in self.specs:
             if spec.startswith("hf:"):
                 parse_hf(spec)
-            elif spec not in BUILTIN_SOURCES:
-                for f in expand_local(spec):
-                    self._add_file(f)
+        local = self._local_files(must_exist=True)
+        if shard is not None:
+            shard.decide(len(local))  # a cache's first run decides; later runs bring the manifest's choice
+        for path, rel in local:
+            if self._mine(rel):
+                self._add_file(path)
+        if shard is not None and shard.files == WHOLE and local and not self.files:
+            log.warning("shard %s packs none of the %d local files: whole files go to shards by a hash of "
+                        "their path, and none of these falls in this shard", shard, len(local))
         for f in self.files:
             if not os.path.exists(f.path):
                 raise SourceError(f"source file {f.path} was packed before and is now missing")
+
+    def _local_files(self, must_exist: bool) -> list[tuple[str, str]]:
+        """(path, relative path) of every local file of the specs, each once: a file two specs match keeps
+        the relative path of the first, so every shard hashes the same path for it."""
+        seen: dict[str, str] = {}
+        for spec in self.specs:
+            if not spec.startswith("hf:") and spec not in BUILTIN_SOURCES:
+                for path, rel in expand_local(spec, must_exist):
+                    seen.setdefault(path, rel)
+        return list(seen.items())
+
+    def _mine(self, rel: str) -> bool:
+        """Whether this packer reads the local file at `rel`: always, unless whole files are sharded."""
+        return self.shard is None or self.shard.files != WHOLE or self.shard.owns_file(rel)
 
     def _add_file(self, path: str) -> bool:
         if any(f.path == path for f in self.files):
@@ -139,12 +177,12 @@ class Source:
 
     def rescan(self) -> int:
         """Pick up files that appeared in source folders (follow mode); returns how many are new."""
-        new = 0
-        for spec in self.specs:
-            if not spec.startswith(("hf:", "builtin:")):
-                for f in expand_local(spec, must_exist=False):
-                    new += self._add_file(f)
-        return new
+        return sum(self._add_file(path) for path, rel in self._local_files(must_exist=False) if self._mine(rel))
+
+    def _every_nth(self, records: Iterator) -> Iterator:
+        """The shard's share of a stream whose records are split one by one: record j goes to shard j mod N.
+        The records of other shards are still read (and checked): that is the cost of having too few files."""
+        return islice(records, self.shard.index, None, self.shard.count) if self.shard else records
 
     @property
     def has_hf(self) -> bool:
@@ -161,7 +199,7 @@ class Source:
                 it = self._hf_records(spec)
                 index = yield from self._numbered(it, index, start, lambda text: 1.0)
             elif spec in BUILTIN_SOURCES:
-                it = iter(BUILTIN_SOURCES[spec]())
+                it = self._every_nth(iter(BUILTIN_SOURCES[spec]()))
                 index = yield from self._numbered(it, index, start, lambda text: float(len(text.encode())))
         i = 0
         while i < len(self.files):
@@ -171,7 +209,10 @@ class Source:
             else:
                 first = index
                 unit = (lambda text: 1.0) if f.path.endswith(".parquet") else (lambda text: float(len(text.encode())) if text else 0.0)
-                index = yield from self._numbered(self._file_records(f.path), index, start, unit)
+                records = self._file_records(f.path)
+                if self.shard and self.shard.files != WHOLE:
+                    records = self._every_nth(records)
+                index = yield from self._numbered(records, index, start, unit)
                 f.docs = index - first
             i += 1
 
@@ -218,32 +259,54 @@ class Source:
         name, config, split = parse_hf(spec)
         try:
             ds = datasets.load_dataset(name, config, split=split, streaming=True)
-            for batch in ds.iter(batch_size=READ_BATCH):
-                if self.text_field not in batch:
-                    raise SourceError(f"source {spec}: record has no field {self.text_field!r} (fields: {', '.join(sorted(batch))}); use --text-field")
-                for text in batch[self.text_field]:
-                    yield self._check(text, f"source {spec}")
+            ds, by_record = self._hf_shard(ds, spec)
+            texts = self._hf_texts(ds, spec)
+            yield from self._every_nth(texts) if by_record else texts
         except SourceError:
             raise
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SourceError(f"source {spec} cannot be loaded: {msg}") from None
 
+    def _hf_shard(self, ds, spec: str):
+        """(dataset, split by record): the shard's part of a streaming dataset. Its own shards (blocks of
+        its files, each read by one packer only) when it has at least N; otherwise all of it, to be split
+        record by record."""
+        if self.shard is None:
+            return ds, False
+        n = ds.num_shards
+        if n < self.shard.count:
+            log.info("shard %s of %s: split record by record (the dataset has %d file shard(s), fewer than %d)",
+                     self.shard, spec, n, self.shard.count)
+            return ds, True
+        log.info("shard %s of %s: the dataset's own shards (%d files in all)", self.shard, spec, n)
+        return ds.shard(num_shards=self.shard.count, index=self.shard.index), False
+
+    def _hf_texts(self, ds, spec: str) -> Iterator[str | None]:
+        for batch in ds.iter(batch_size=READ_BATCH):
+            if self.text_field not in batch:
+                raise SourceError(f"source {spec}: record has no field {self.text_field!r} (fields: {', '.join(sorted(batch))}); use --text-field")
+            for text in batch[self.text_field]:
+                yield self._check(text, f"source {spec}")
+
     # -- size estimate -------------------------------------------------------------------------
     def total_units(self) -> tuple[float | None, str]:
-        """The whole source's size in progress units, and where that figure came from."""
+        """The whole source's size in progress units (the shard's share of it), and where that came from."""
+        # a shard reads about 1/N of every source it splits by record or by the dataset's shards
+        share = 1.0 / self.shard.count if self.shard else 1.0
         total = 0.0
         for spec in self.specs:
             if spec.startswith("hf:"):
                 rows = self._hf_num_rows(spec)
                 if rows is None:
                     return None, "unknown"
-                total += rows
+                total += rows * share
             elif spec in BUILTIN_SOURCES:
                 if spec not in self.builtin_units:  # read once: the estimate is asked at every commit
                     self.builtin_units[spec] = sum(len(t.encode()) for t in BUILTIN_SOURCES[spec]())
-                total += self.builtin_units[spec]
-        total += sum(f.units for f in self.files)
+                total += self.builtin_units[spec] * share
+        whole = self.shard is None or self.shard.files == WHOLE  # files listed are then read in full
+        total += sum(f.units for f in self.files) * (1.0 if whole else share)
         method = "dataset-metadata" if self.has_hf else "file-sizes"
         return total, method
 

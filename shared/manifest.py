@@ -64,6 +64,11 @@ class Manifest:
     # Absent (None) in caches without a holdout, and then left out of the JSON.
     holdout: dict | None = None
     holdout_of: str | None = None
+    # `packerd run --shard I/N`: {"spec": "I/N", "files": "whole" | "documents", "hash": ...} (packerd/shard.py)
+    shard: dict | None = None
+    # where the packer announces this cache's chunks, as a subscriber connects to it (a wildcard bind such as
+    # tcp://*:5557 recorded with the packer's host name); rewritten by each run that announces
+    endpoint: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
@@ -108,7 +113,7 @@ class Manifest:
     # a list of objects, which matters once a cache holds tens of thousands of chunks (the packer writes
     # the manifest on every commit, the trainer re-reads it on every notification)
     _COLUMNS = ("id", "sequences", "tokens", "bytes", "checksum", "documents", "committed_at")
-    _OPTIONAL = ("holdout", "holdout_of")  # written only when set
+    _OPTIONAL = ("holdout", "holdout_of", "shard", "endpoint")  # written only when set
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunks"

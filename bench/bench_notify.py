@@ -1,0 +1,128 @@
+"""Notification latency with several packers announcing at once (`packerd run --shard I/N`, N packers).
+
+    python bench/bench_notify.py [--packers 4] [--rounds 3] [--max-tokens-per-s 10000] [--work-dir DIR]
+
+Starts N real packer processes on the shards 0/N .. N-1/N of one source (default builtin:pydoc with the
+builtin:bpe tokenizer, small chunks of 4 x 64 tokens, so each packer commits a chunk every few tens of ms),
+each announcing on its own TCP port, and one real ZeroMQ subscriber per endpoint (shared.protocol.Subscriber,
+as trainerd's CacheFollower uses), all polled by one thread of this process. The latency of a chunk is the
+time it is received here minus its `committed_at` (the time the packer took for the commit, before the
+manifest is written and fsynced): what the trainer logs as `latency_ms`. Packers and subscriber run on this
+machine, so both clocks are the same one. Prints p50, p90, p99 and max over every chunk message of every
+round, and how many of the committed chunks were heard (a subscriber connects while its packer starts, so
+the first chunks may commit before it listens). The latency includes the durable manifest write (fsync of the
+file and of the folder); `--work-dir /dev/shm` puts the caches on tmpfs, where fsync costs nothing, to show
+the rest on its own, and the bench first times that write alone (200 atomic writes of an 8 KB file, as
+shared.fsutil.atomic_write_bytes does them for the manifest) in the same folder.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.fsutil import atomic_write_bytes  # noqa: E402
+from shared.manifest import load_manifest  # noqa: E402
+from shared.protocol import Subscriber  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_round(args, work: Path) -> tuple[list[float], int]:
+    """(latencies in ms of the chunk messages heard, chunks committed) of N packers started together."""
+    n = args.packers
+    ports = [free_port() for _ in range(n)]
+    subs = [Subscriber(f"tcp://127.0.0.1:{p}") for p in ports]  # subscribed first: it connects once they bind
+    poller = zmq.Poller()
+    for s in subs:
+        poller.register(s.sock, zmq.POLLIN)
+    procs = [subprocess.Popen([sys.executable, "-m", "packerd", "run", "--cache-dir", str(work / f"cache-{i}"),
+                               "--source", args.source, "--tokenizer", args.tokenizer, "--seq-len", "64",
+                               "--chunk-sequences", "4", "--workers", "1", "--shard", f"{i}/{n}",
+                               "--max-tokens-per-s", str(args.max_tokens_per_s), "--endpoint", f"tcp://127.0.0.1:{ports[i]}"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(n)]
+    latencies = []
+    while any(p.poll() is None for p in procs) or poller.poll(200):
+        for sock, _ in poller.poll(100):
+            sub = next(s for s in subs if s.sock is sock)
+            for msg in sub.poll(0):
+                now = time.time()
+                if msg["type"] == "chunk":
+                    latencies.append((now - msg["committed_at"]) * 1000)
+    for i, p in enumerate(procs):
+        err = p.stderr.read()
+        if p.wait() != 0:
+            sys.exit(f"packer {i}/{n} exited {p.returncode}:\n{err}")
+    for s in subs:
+        s.close()
+    committed = sum(len(load_manifest(work / f"cache-{i}").chunks) for i in range(n))
+    return latencies, committed
+
+
+def atomic_write_ms(folder: str | None) -> list[float]:
+    """Milliseconds of each of 200 atomic writes (temporary file, fsync, rename, fsync folder) of 8 KB."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench_notify_", dir=folder) as tmp:
+        for _ in range(200):
+            t0 = time.perf_counter()
+            atomic_write_bytes(Path(tmp) / "manifest.json", b"x" * 8192)
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def summary(ms: list[float]) -> str:
+    return (f"p50 {percentile(ms, 50):.2f}  p90 {percentile(ms, 90):.2f}  p99 {percentile(ms, 99):.2f}  "
+            f"max {max(ms):.2f}  mean {statistics.fmean(ms):.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--packers", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--source", default="builtin:pydoc")
+    ap.add_argument("--tokenizer", default="builtin:bpe")
+    ap.add_argument("--max-tokens-per-s", type=int, default=10000,
+                    help="per packer: spreads the commits over a few seconds, as a streamed source does")
+    ap.add_argument("--work-dir", default=None, help="folder for the caches (default: the system's temporary folder)")
+    args = ap.parse_args()
+    # the figures depend on what else runs: say how busy the machine was
+    print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; caches in "
+          f"{args.work_dir or tempfile.gettempdir()}")
+    print(f"atomic write of 8 KB alone (ms): {summary(atomic_write_ms(args.work_dir))}")
+    all_ms, heard, committed = [], 0, 0
+    for r in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="bench_notify_", dir=args.work_dir) as tmp:
+            ms, c = one_round(args, Path(tmp))
+        all_ms += ms
+        heard += len(ms)
+        committed += c
+        print(f"round {r + 1}: {len(ms)} of {c} chunk messages heard, p99 {percentile(ms, 99):.2f} ms")
+    print(f"{args.packers} packers at once, {args.rounds} rounds: {heard} of {committed} chunk messages heard")
+    print(f"latency commit -> received (ms): {summary(all_ms)}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, nearest rank."""
+    s = sorted(values)
+    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
+
+
+if __name__ == "__main__":
+    main()
