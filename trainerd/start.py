@@ -26,10 +26,10 @@ import click
 
 from shared.cache import Cache, CacheError, open_cache
 from shared.config import ConfigError
-from shared.manifest import Manifest
+from shared.manifest import Manifest, ManifestError, load_manifest
 
 from . import checkpoint as ck
-from .config import Config, load_config
+from .config import LEGACY_WINDOW_CHUNKS, Config, load_config
 from .evaluate import check_validation_cache
 from .output import Console
 from .rundir import Checkpoint, RunDir, TrainError, check_run_name
@@ -252,7 +252,23 @@ def _resumed_config(start: Start, run_dir: str, config_file: str | None, overrid
     if not isinstance(saved.get("train", {}), dict):
         raise TrainError(f"checkpoint {folder.name}: config.json's train is not a table")
     saved.setdefault("train", {})["run_dir"] = run_dir
+    if isinstance(saved.get("data"), dict) and "shuffle_window" not in saved["data"]:
+        saved["data"]["shuffle_window"] = _legacy_window(folder, saved["data"].get("cache_dir", ""))
     return _config(config_file, overrides, base=saved, where=f"checkpoint {folder.name}: ")
+
+
+def _legacy_window(folder: Path, cache_dir: str) -> int:
+    """The shuffle window, in sequences, of a checkpoint saved before data.shuffle_window existed: it shuffled
+    within LEGACY_WINDOW_CHUNKS chunks, and a resume keeps its order (the data state checks it)."""
+    try:
+        manifest = load_manifest(cache_dir) if cache_dir else None
+    except ManifestError:
+        manifest = None
+    if manifest is None:
+        raise TrainError(f"checkpoint {folder.name} was saved before data.shuffle_window existed: it shuffled within "
+                         f"{LEGACY_WINDOW_CHUNKS} chunks; give --shuffle-window {LEGACY_WINDOW_CHUNKS} x the cache's "
+                         f"chunk_sequences to resume it while its cache {cache_dir or '(none)'} has no manifest")
+    return LEGACY_WINDOW_CHUNKS * manifest.chunk_sequences
 
 
 def check_against_cache(start: Start, cfg: Config, manifest: Manifest) -> None:

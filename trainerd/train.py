@@ -204,7 +204,8 @@ class Trainer:
         try:
             self.plan = DataPlan(self.cache, seed=cfg.train.seed, global_batch=self.global_batch, rank=self.rank,
                                  world_size=self.world, target_epochs=cfg.data.target_epochs,
-                                 epoch_fraction=cfg.data.epoch_fraction, known_chunks=0, finished=False)
+                                 epoch_fraction=cfg.data.epoch_fraction, shuffle_window=cfg.data.shuffle_window,
+                                 known_chunks=0, finished=False)
         except ValueError as e:
             self.fail(str(e))
         self.sched = LRSchedule(cfg.schedule, cfg.train.lr, cfg.train.max_steps,
