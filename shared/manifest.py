@@ -64,6 +64,9 @@ class Manifest:
     # Absent (None) in caches without a holdout, and then left out of the JSON.
     holdout: dict | None = None
     holdout_of: str | None = None
+    # the ZeroMQ address this cache's packer announces its chunks on, so that a trainer given only the folder
+    # subscribes to it; absent (None) when not recorded, and then left out of the JSON
+    endpoint: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
@@ -108,7 +111,7 @@ class Manifest:
     # a list of objects, which matters once a cache holds tens of thousands of chunks (the packer writes
     # the manifest on every commit, the trainer re-reads it on every notification)
     _COLUMNS = ("id", "sequences", "tokens", "bytes", "checksum", "documents", "committed_at")
-    _OPTIONAL = ("holdout", "holdout_of")  # written only when set
+    _OPTIONAL = ("holdout", "holdout_of", "endpoint")  # written only when set
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunks"

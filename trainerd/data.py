@@ -125,9 +125,10 @@ class Batch:
     position_ids: torch.Tensor     # [n, seq_len] int32, restart at 0 at every document start
     labels: torch.Tensor           # [n, seq_len] int32, = input_ids with -100 on padding positions only
     num_tokens: int                # real (non-padding) tokens in this rank's batch
-    seq_ids: list[tuple[int, int]]  # (chunk_id, index in chunk) of each row; (-1, -1): a corrupt chunk's row
+    seq_ids: list[tuple]           # (chunk_id, index in chunk) of each row, (-1, -1): a corrupt chunk's row;
+                                   # several caches: (cache, chunk_id, index)
     empty_rows: int = 0            # rows without a real token (a corrupt chunk's rows)
-    sources: list[int] | None = None  # several caches: the index of each row's cache (seq_ids are per cache)
+    sources: list[int] | None = None  # several caches: the index of each row's cache in data.cache_dir
 
     @property
     def num_targets(self) -> int:
@@ -748,6 +749,9 @@ class DataPlan:
         differ).
         target_epochs may differ (the totals follow this plan's value) as long as neither is below 1 (then
         it sets which rows epoch 0 takes). Reads the manifest, no chunk."""
+        if d.get("kind") == "mixture":
+            raise ValueError(f"the data state was saved by a run on {len(d['sources'])} caches, this run has one: "
+                             f"the caches of a run cannot change")
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"data state format {d.get('format')!r} is not {STATE_FORMAT}")
         # the stream of positions depends on the global batch only: another number of ranks (with the

@@ -172,11 +172,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, *, use_flash: bool, mixed: str,
-                host_pos: torch.Tensor | None = None) -> torch.Tensor:
+                host_pos: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
     """The summed next-token loss of one micro-batch [n, L] (target of position t: token t + 1, -100 ignored),
     with document masking: SDPA builds the block mask from position_ids; flash-attention gets the rows as
     one sequence with the document boundaries (from `host_pos`, a host copy of pos, to spare a device sync).
-    Training and evaluation both call this, so they compute the same loss."""
+    Training and evaluation both call this, so they compute the same loss. per_row: the [n] summed loss of
+    each row instead (several caches: the loss per cache)."""
     n, L = ids.shape
     kwargs = {}
     if use_flash:
@@ -186,8 +187,9 @@ def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tenso
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=mixed == "bf16"):
         logits = model(input_ids=ids, position_ids=pos, use_cache=False, **kwargs).logits
     logits = logits.view(n, L, logits.shape[-1])  # flash: from [1, n*L, V]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="none" if per_row else "sum")
+    return loss.view(n, L - 1).sum(1) if per_row else loss
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:
