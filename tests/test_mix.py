@@ -348,3 +348,54 @@ def test_two_ranks_follow_two_growing_caches_by_the_endpoints_their_manifests_re
                                          for i in (0, 1)] for r in steps)
     fin = next(r for r in recs if r.get("event") == "finished")
     assert fin["weights_xxh64"][0] == fin["weights_xxh64"][1]
+
+
+def test_a_resume_after_a_cache_grew_while_stopped_is_the_same_every_time(tmp_path, caches, corpus_texts,
+                                                                           tokenizer_dir):
+    """Cache a is half packed (its packer stopped, not finished) when a run on a and the small cache stops at
+    step 6; then a is packed to its end. Resuming that checkpoint grows the plan with a's new chunks, and
+    doing it twice gives the same steps bitwise (losses, each cache's share and loss, sequences); no
+    sequence of a is drawn twice over both processes."""
+    a, runs = tmp_path / "a", tmp_path / "runs"
+    src = tmp_path / "src"
+    src.mkdir()
+    half = len(corpus_texts) // 2
+    write_jsonl(src / "part-0.jsonl", corpus_texts[:half])
+    endpoint = free_endpoint(tmp_path)
+    (tmp_path / "packer.toml").write_text("poll_seconds = 0.2\n")
+    packer = subprocess.Popen([sys.executable, "-m", "packerd", "run", "--config", str(tmp_path / "packer.toml"),
+                               "--cache-dir", str(a), "--source", str(src), "--tokenizer", str(tokenizer_dir),
+                               "--seq-len", "64", "--chunk-sequences", "16", "--workers", "1", "--endpoint", endpoint,
+                               "--follow"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        from test_trainer_follow import wait_for
+        wait_for(lambda: (load_manifest(a).documents if (a / "manifest.json").exists() else 0) >= half - 1,
+                 "the packer to pack the first half", [packer])
+    finally:
+        packer.terminate()
+        packer.communicate(timeout=60)
+    assert not load_manifest(a).finished
+    both = ["--cache-dir", a, "--cache-dir", caches[1], "--run-dir", runs, "--keep", 0, "--set", "log.data_trace=true"]
+    p = trainerd(tmp_path, *both, "--new", "g", "--max-steps", 6, "--checkpoint-every", 3)
+    assert p.returncode == 0, p.stderr
+    chunks_before = len(load_manifest(a).chunks)
+    write_jsonl(src / "part-1.jsonl", corpus_texts[half:])
+    run_packerd("run", "--cache-dir", a, "--workers", 1, "--endpoint", endpoint)  # packs the rest, finishes
+    assert len(load_manifest(a).chunks) > chunks_before
+    for _ in range(2):
+        p = trainerd(tmp_path, *both, "--resume", "g-step00000006", "--max-steps", 14)
+        assert p.returncode == 0, p.stderr
+    lines = [records(runs, "g", k) for k in (1, 2, 3)]
+    grown = [e for e in lines[1] if e.get("event") in ("plan", "plan_expanded") and e.get("source") == 0]
+    assert grown and grown[-1]["chunks"] > chunks_before and grown[-1]["finished"]
+    keep = ("loss", "source_loss", "source_sequences")
+    per_step = [{r["step"]: tuple(str(r[k]) for k in keep) for r in recs if "event" not in r} for recs in lines[1:]]
+    assert sorted(per_step[0]) == list(range(7, 15)) and per_step[0] == per_step[1]
+    traces = []
+    for k in (1, 2, 3):
+        with open(runs / "training_logs" / f"g_run_{k}.rank0.data.jsonl") as f:
+            traces.append({r["step"]: [tuple(x) for x in r["seq_ids"]] for r in map(json.loads, f)})
+    assert traces[1] == traces[2]
+    drawn_a = [x for t in (traces[0], traces[1]) for ids in t.values() for x in ids if x[0] == 0]
+    # (a's first half was one shuffle window, sealed at the growth: its new chunks come after it)
+    assert len(drawn_a) == len(set(drawn_a))

@@ -76,7 +76,9 @@ class ModelConfig:
 # is memory, per rank: its 1/W share of a window (2^16 x seq_len x 2 bytes / W: 128 MiB at seq_len 1024 on
 # one rank, as uint16) times the windows kept (3), and one window's decompression at a time in the prefetch
 # thread (every chunk is still decoded once per epoch). A growing cache does not wait for a window to fill:
-# a growth seals the window in use as it is (trainerd/data.py, Growth).
+# a growth seals the window in use as it is (trainerd/data.py, Growth) and the chunks that arrived join the
+# windows after it; so while the trainer waits for the packer, a window holds what arrived since the last
+# growth (as before), and once the packer is ahead, whole windows.
 SHUFFLE_WINDOW = 1 << 16
 LEGACY_WINDOW_CHUNKS = 4   # the window, in chunks, of the checkpoints saved before data.shuffle_window existed
 
