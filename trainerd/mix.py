@@ -131,6 +131,7 @@ class MixPlan:
         self._arange = np.arange(self.seq_len, dtype=np.int32)
         self._patterns: dict[tuple[int, ...], Pattern] = {}
         self.segments: list[tuple[int, tuple[int, ...], list[int]]] = []  # (first step, units, draws before it)
+        self._starts: list[int] = []
         self._changes: list[int] = []
         self.total_steps, self.step = 0, 0
 
@@ -142,7 +143,9 @@ class MixPlan:
         return p
 
     def _segment(self, n: int) -> tuple[int, Pattern, np.ndarray]:
-        j = bisect.bisect_right([s * self.global_batch for s, _, _ in self.segments], n) - 1
+        if len(self._starts) != len(self.segments):  # the segments' first positions, kept beside them
+            self._starts = [s * self.global_batch for s, _, _ in self.segments]
+        j = bisect.bisect_right(self._starts, n) - 1
         first, units, base = self.segments[j]
         return first * self.global_batch, self._pattern(units), np.asarray(base, dtype=np.int64)
 
@@ -164,7 +167,8 @@ class MixPlan:
     def step_sources(self, step: int) -> list[int]:
         """Sequences of each source in global step `step` (every rank's rows)."""
         G = self.global_batch
-        return (self.draws((step + 1) * G) - self.draws(step * G)).tolist()
+        with self._lock:
+            return (self.draws((step + 1) * G) - self.draws(step * G)).tolist()
 
     # -- growth --------------------------------------------------------------------------------------
     def grow_sources(self, step: int, views: list[tuple[int, bool, int]]) -> bool:
@@ -205,6 +209,7 @@ class MixPlan:
         if self.segments and self.segments[-1][0] == step:
             self.segments.pop()  # replaced before any position of it was planned
         self.segments.append((step, units, [int(x) for x in at]))
+        self._starts = []
 
     # -- the trainer's interface (as DataPlan's) ---------------------------------------------------------
     @property
@@ -299,6 +304,7 @@ class MixPlan:
             for p, s in zip(self.plans, d["sources"]):
                 p.load_state_dict(s)
             self.segments = [(int(s), tuple(int(x) for x in u), [int(x) for x in b]) for s, u, b in d["segments"]]
+            self._starts = []
             self.total_steps, self.step = int(d["total_steps"]), int(d["step"])
             self._changes.append(0)
 
