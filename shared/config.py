@@ -108,6 +108,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list (got {value!r})")
+        if item in (int, float):  # a flag's "0.75,0.25": numbers split on commas
+            value = [x for v in value for x in (v.split(",") if isinstance(v, str) else [v])]
         return [_coerce(v, item, name) for v in value]
     if tp is bool:
         if isinstance(value, bool):
@@ -255,7 +257,13 @@ def _click_option(flag: Flag):
             raise TypeError(f"{flag.key}: no command-line type for {tp}")
         tp = args[0]
     decls, kw = list(flag.decls), {}
-    if tp is bool:
+    if typing.get_origin(tp) is list:
+        # repeatable (--cache-dir A --cache-dir B); numbers also as one "0.75,0.25", split by _coerce
+        (item,) = typing.get_args(tp)
+        if item not in (int, float, str):
+            raise TypeError(f"{flag.key}: no command-line type for {tp}")
+        kw["multiple"] = True
+    elif tp is bool:
         decls = [f"{d}/--no-{d[2:]}" for d in decls]
     elif "choices" in meta:
         kw["type"] = click.Choice(meta["choices"])
@@ -267,7 +275,7 @@ def _click_option(flag: Flag):
         raise TypeError(f"{flag.key}: no command-line type for {tp}")
     default = _default(flag.field)
     shown = (f"--{'' if default else 'no-'}{flag.decls[0][2:]}" if isinstance(default, bool) else default)
-    help = meta.get("help", "") + (f"  [default: {shown}]" if default not in (None, "") else "")
+    help = meta.get("help", "") + (f"  [default: {shown}]" if default not in (None, "", []) else "")
     return click.option(*decls, flag.param, default=None, help=help, **kw)
 
 
@@ -286,4 +294,4 @@ def flag_overrides(cls, values: dict) -> dict:
     """The dotted overrides ({"model.preset": "124m", ...}) of the values click passed for `cls`'s flags;
     a flag that was not given (None) is left out."""
     keys = {f.param: f.key for f in flags(cls)}
-    return {keys[name]: v for name, v in values.items() if v is not None}
+    return {keys[name]: v for name, v in values.items() if v is not None and v != ()}  # (): a repeatable flag not given

@@ -67,7 +67,8 @@ class Manifest:
     # `packerd run --shard I/N`: {"spec": "I/N", "files": "whole" | "documents", "hash": ...} (packerd/shard.py)
     shard: dict | None = None
     # where the packer announces this cache's chunks, as a subscriber connects to it (a wildcard bind such as
-    # tcp://*:5557 recorded with the packer's host name); rewritten by each run that announces
+    # tcp://*:5557 recorded with the packer's host name); rewritten by each run that announces, so that a trainer given only the folder
+    # subscribes to it
     endpoint: str | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)

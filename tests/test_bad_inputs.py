@@ -169,6 +169,10 @@ def T(*args):   # trainerd with the workspace's run folder and endpoint
     return lambda w: ["--run-dir", str(w.runs), "--endpoint", w.endpoint, *[a(w) if callable(a) else a for a in args]]
 
 
+def TM(*args):  # trainerd on several caches: the run folder, each cache's endpoint from its manifest
+    return lambda w: ["--run-dir", str(w.runs), *[a(w) if callable(a) else a for a in args]]
+
+
 def C(*args):   # ckpt
     return lambda w: [a(w) if callable(a) else a for a in args]
 
@@ -324,6 +328,20 @@ CASES = [
          T("--cache-dir", REAL_CACHE, "--new", "x", "--eval-every", "5", "--val-cache", R("valbpe")),
          "another tokenizer", setup=_other_cache("valbpe", "--tokenizer", "builtin:bpe", "--seq-len", "64")),
     Case("trainerd-new-on-a-run-with-checkpoints", "trainerd", T("--cache-dir", REAL_CACHE, "--new", "good"), "already has checkpoints"),
+    # several caches: weights, their count, caches that cannot be mixed
+    *[Case(f"trainerd-mix-{name}", "trainerd", TM("--cache-dir", REAL_CACHE, "--cache-dir", R("val32"), "--new", "x", *args),
+           expect) for name, args, expect in [
+        ("weight-negative", ("--weights", "0.5,-1"), "data.weights must be 0 or more"),
+        ("weight-not-a-number", ("--weights", "0.5,half"), "data.weights must be a finite number"),
+        ("weights-all-zero", ("--weights", "0,0"), "data.weights are all zero"),
+        ("weights-count", ("--weights", "1"), "data.weights: 1 given for 2 cache(s)"),
+        ("endpoints-count", ("--endpoint", "tcp://127.0.0.1:1"), "data.endpoint: 1 given for 2 cache(s)"),
+        ("same-cache-twice", ("--cache-dir", REAL_CACHE), "names a cache twice")]],
+    Case("trainerd-mix-other-seq-len", "trainerd", TM("--cache-dir", REAL_CACHE, "--cache-dir", R("val32"), "--new", "x"),
+         "val32 has seq_len 32", setup=_other_cache("val32", "--tokenizer", TOK, "--seq-len", "32")),
+    Case("trainerd-mix-other-tokenizer", "trainerd", TM("--cache-dir", REAL_CACHE, "--cache-dir", R("valbpe"), "--new", "x"),
+         "valbpe was packed with another tokenizer",
+         setup=_other_cache("valbpe", "--tokenizer", "builtin:bpe", "--seq-len", "64")),
     # ckpt: run folders, names, options
     Case("ckpt-list-missing-run-dir", "ckpt", C("list", "--run-dir", R("missing")), "does not exist"),
     Case("ckpt-list-not-a-run-dir", "ckpt", C("list", "--run-dir", R("not_a_run_dir")), "is not a run folder"),

@@ -16,7 +16,17 @@ import torch
 from conftest import free_endpoint, run_packerd
 from shared.cache import CacheError, open_cache
 import trainerd.data as data_mod
-from trainerd.data import DataPlan, Prefetcher, _positions
+from trainerd.config import SHUFFLE_WINDOW
+from trainerd.data import Prefetcher, _positions
+
+OLD_WINDOW = 4 * 16  # the window before data.shuffle_window (4 chunks of this module's 16 sequences)
+
+
+def DataPlan(*args, **kw):
+    """The tests below were written for the 4-chunk window: they keep it (the new default makes one window
+    of this whole small cache, which would leave their window and sealing cases untested)."""
+    kw.setdefault("shuffle_window", OLD_WINDOW)
+    return data_mod.DataPlan(*args, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -531,3 +541,58 @@ def test_a_chunk_quarantined_by_another_rank_reports_where_it_went(tmp_path, cac
     where = rank0.quarantine(3)
     assert where is not None and where.parent.name == "quarantine" and where.exists()
     assert rank1.quarantine(3) == where
+
+
+def test_the_shuffle_window_is_a_number_of_sequences_in_whole_chunks(cache):
+    """data.shuffle_window counts sequences; an epoch's order is cut into windows of whole chunks holding at
+    least that many, so a batch draws from about that many sequences' chunks."""
+    G = 32
+    n = sum(e.sequences for e in cache.chunks)
+    for window, chunks in ((1, 1), (16, 1), (17, 2), (40, 3), (OLD_WINDOW, 4)):
+        plan = DataPlan(cache, seed=2, global_batch=G, rank=0, world_size=1, shuffle_window=window)
+        assert plan.window_chunks == chunks
+        per_step = [{c for c, _ in plan.get_batch(s).seq_ids} for s in range(plan.total_steps)]
+        spans = -(-G // (16 * chunks)) + 1  # the windows a batch can span
+        assert max(len(x) for x in per_step) <= spans * chunks
+    # the default: this whole small cache is one window; a batch of 32 draws from many chunks, every
+    # sequence still once and every chunk still decoded once in the epoch
+    plan = data_mod.DataPlan(cache, seed=2, global_batch=G, rank=0, world_size=1)
+    assert plan.shuffle_window == SHUFFLE_WINDOW and plan.window_chunks == SHUFFLE_WINDOW // 16
+    batches = [plan.get_batch(s).seq_ids for s in range(plan.total_steps)]
+    stream = [x for b in batches for x in b]
+    assert len(stream) == len(set(stream)) == n - n % G
+    assert min(len({c for c, _ in b}) for b in batches) >= 16
+    assert plan.chunks_decoded == len(cache.chunks)
+    with pytest.raises(ValueError, match="shuffle_window"):
+        DataPlan(cache, seed=2, global_batch=G, rank=0, world_size=1, shuffle_window=0)
+
+
+def test_a_window_larger_than_the_cache_still_trains_while_the_cache_grows(cache):
+    """The default window is far larger than the first chunks: training starts on what exists (the window
+    in use is sealed as it is at each growth), every sequence of epoch 0 once, in step with 2 ranks."""
+    G = 16
+    plan = data_mod.DataPlan(cache, seed=21, global_batch=G, rank=0, world_size=1, known_chunks=3)
+    assert plan.ready(0) and plan.window_chunks > len(cache.chunks)
+    steps, grows = simulate(plan, list(range(5, len(cache.chunks), 7)), seed=4)
+    stream = [x for b in steps for x in b]
+    n = sum(e.sequences for e in cache.chunks)
+    assert len(stream) == len(set(stream)) == n - n % G
+    ranks = [data_mod.DataPlan(cache, seed=21, global_batch=G, rank=r, world_size=2, known_chunks=3) for r in (0, 1)]
+    per_rank = [replay(p, grows, 0, len(steps)) for p in ranks]
+    for s, ids in enumerate(steps):
+        assert per_rank[0][s].seq_ids == ids[0::2] and per_rank[1][s].seq_ids == ids[1::2]
+
+
+def test_resume_keeps_the_shuffle_window(cache):
+    """The window decides the order of the epoch in progress: a resume with another one is refused, naming
+    the flag and the value to give; a value that makes the same whole chunks is the same order."""
+    a = DataPlan(cache, seed=3, global_batch=8, rank=0, world_size=1, known_chunks=9)
+    a.grow(20, False, 5)
+    state = a.state_dict()
+    assert state["shuffle_window"] == OLD_WINDOW and state["window_chunks"] == 4
+    with pytest.raises(ValueError, match=f"--shuffle-window {OLD_WINDOW} "):
+        data_mod.DataPlan(cache, seed=3, global_batch=8, rank=0, world_size=1).load_state_dict(state)
+    same = DataPlan(cache, seed=3, global_batch=8, rank=0, world_size=1, shuffle_window=OLD_WINDOW - 5)
+    same.load_state_dict(state)
+    for s in range(5, 12):
+        assert same.get_batch(s).seq_ids == a.get_batch(s).seq_ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,7 +189,7 @@ def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cac
     shutil.copytree(cache, bad_cache)
     c = open_cache(bad_cache)
     seed = load_config(None, {}).train.seed
-    window = DataPlan(c, seed=seed, global_batch=8, rank=0, world_size=1)._layout0.chunks_of(0)
+    window = DataPlan(c, seed=seed, global_batch=8, rank=0, world_size=1, shuffle_window=64)._layout0.chunks_of(0)
     assert sum(c.chunks[i].sequences for i in window) == 64
     for i in window:
         p = bad_cache / c.chunks[i].file
@@ -196,7 +197,8 @@ def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cac
         data[-1] ^= 0x01
         p.write_bytes(bytes(data))
     runs = tmp_path / "runs"
-    p = run_trainer(bad_cache, runs, tmp_path, "--new", "e", "--max-steps", 10, "--checkpoint-every", 8)
+    p = run_trainer(bad_cache, runs, tmp_path, "--new", "e", "--max-steps", 10, "--checkpoint-every", 8,
+                    "--shuffle-window", 64)
     assert p.returncode == 0, p.stderr
     recs = records(runs, "e", 1)
     per_step = steps(recs)
@@ -209,6 +211,44 @@ def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cac
     assert optim["state"] == {}, "an optimizer step was taken on padding alone"
     optim = torch.load(runs / "checkpoints" / "e-step00000010" / "optimizer.pt", weights_only=True)
     assert optim["state"]
+
+
+def _drop_shuffle_window(folder: Path) -> None:
+    """Make a checkpoint look saved before data.shuffle_window existed (config and data state without it)."""
+    import torch
+    for name, load, dump in (("config.json", lambda p: json.loads(p.read_text()), lambda d, p: p.write_text(json.dumps(d))),
+                             ("state.pt", lambda p: torch.load(p, weights_only=True), lambda d, p: torch.save(d, p))):
+        d = load(folder / name)
+        (d["data"]).pop("shuffle_window")
+        dump(d, folder / name)
+    meta = json.loads((folder / "meta.json").read_text())
+    for name in ("config.json", "state.pt"):
+        meta["files"][name]["bytes"] = (folder / name).stat().st_size
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_resume_keeps_the_shuffle_window_and_reads_checkpoints_older_than_it(tmp_path, cache):
+    """--shuffle-window is part of the run: a resume with another window is one Error line naming the value
+    to give, nothing written; a checkpoint saved before the setting existed resumes with its 4-chunk window
+    (4 x 16 sequences here), the same losses as a run that never stopped."""
+    runs = tmp_path / "runs"
+    p = run_trainer(cache, runs, tmp_path, "--new", "w", "--max-steps", 8, "--checkpoint-every", 4,
+                    "--shuffle-window", 64)
+    assert p.returncode == 0, p.stderr
+    ref = steps(records(runs, "w", 1))
+    p = run_trainer(cache, runs, tmp_path, "--resume", "w", "--max-steps", 10, "--shuffle-window", 1000)
+    assert p.returncode == 1
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("Error: ") and "--shuffle-window 64" in err[0], p.stderr
+    assert not (runs / "training_logs" / "w_run_2.jsonl").exists()
+    shutil.rmtree(runs / "checkpoints" / "w-step00000008")
+    _drop_shuffle_window(runs / "checkpoints" / "w-step00000004")
+    p = run_trainer(cache, runs, tmp_path, "--resume", "w", "--max-steps", 8)
+    assert p.returncode == 0, p.stderr
+    got = steps(records(runs, "w", 2))
+    assert sorted(got) == [5, 6, 7, 8] and all(got[s]["loss"] == ref[s]["loss"] for s in got)
+    config = json.loads((runs / "checkpoints" / "w-step00000008" / "config.json").read_text())
+    assert config["data"]["shuffle_window"] == 64
 
 
 def test_signal_saves_and_exits_0_and_a_second_trainer_refuses(tmp_path, cache):

@@ -136,6 +136,6 @@ def test_only_the_main_process_decides_the_run(tmp_path, monkeypatch, make_cache
     start, lock = prepare(None, overrides, "r", None, quiet)
     try:
         assert (start.mode, start.run, start.line, start.ckpt) == ("new", "r", 1, None)
-        assert start.config["data"]["cache_dir"] == str(cache) and start.config["train"]["run_dir"] == str(tmp_path)
+        assert start.config["data"]["cache_dir"] == [str(cache)] and start.config["train"]["run_dir"] == str(tmp_path)
     finally:
         lock.release()

@@ -10,8 +10,9 @@ Order
     chunk), so the sample does not depend on when the chunk arrived. (Taking the first M of an order over a
     growing cache would not do: each arrival would reshuffle a pool that holds mostly older chunks, and the
     last chunks to arrive would be sampled least.) An epoch's order is a permutation of its chunks cut into windows of
-    `window_chunks` chunks (default 4); the sequences of one window are permuted among themselves (local
-    shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
+    window_chunks = ceil(shuffle_window / chunk_sequences) chunks (data.shuffle_window, in sequences; its
+    default is explained at trainerd.config.SHUFFLE_WINDOW); the sequences of one window are permuted among
+    themselves (local shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
     rank into one token array holding that rank's rows in the order it reads them, and kept while in use
     (an LRU of 3 windows): every chunk is decompressed once per epoch, not once per sample, and a batch
     is one slice per window it spans (a cast to int32 and a copy), with no gather.
@@ -82,10 +83,11 @@ import torch
 
 from shared.cache import Cache, CacheError, CorruptChunk
 
+from .config import SHUFFLE_WINDOW
+
 log = logging.getLogger("trainerd.data")
 
 STATE_FORMAT = 1
-WINDOW_CHUNKS = 4
 IGNORE_INDEX = -100
 MANIFEST_WAIT_SECONDS = 10.0   # a rank whose manifest lags the broadcast count waits this long for it
 FEW_DOCUMENTS = 128            # up to this many document starts, positions restart with one slice assignment
@@ -123,8 +125,10 @@ class Batch:
     position_ids: torch.Tensor     # [n, seq_len] int32, restart at 0 at every document start
     labels: torch.Tensor           # [n, seq_len] int32, = input_ids with -100 on padding positions only
     num_tokens: int                # real (non-padding) tokens in this rank's batch
-    seq_ids: list[tuple[int, int]]  # (chunk_id, index in chunk) of each row; (-1, -1): a corrupt chunk's row
+    seq_ids: list[tuple]           # (chunk_id, index in chunk) of each row, (-1, -1): a corrupt chunk's row;
+                                   # several caches: (cache, chunk_id, index)
     empty_rows: int = 0            # rows without a real token (a corrupt chunk's rows)
+    sources: list[int] | None = None  # several caches: the index of each row's cache in data.cache_dir
 
     @property
     def num_targets(self) -> int:
@@ -134,7 +138,8 @@ class Batch:
     def pin_memory(self) -> "Batch":
         ids = self.input_ids.pin_memory()
         labels = ids if self.labels is self.input_ids else self.labels.pin_memory()
-        return Batch(ids, self.position_ids.pin_memory(), labels, self.num_tokens, self.seq_ids, self.empty_rows)
+        return Batch(ids, self.position_ids.pin_memory(), labels, self.num_tokens, self.seq_ids, self.empty_rows,
+                     self.sources)
 
     def to(self, device, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, position_ids, labels) on `device` as int64 (what embedding and cross-entropy take):
@@ -323,6 +328,34 @@ class _Layout:
         return out
 
 
+def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.ndarray) -> Batch:
+    """A batch of the rows (window, first row, count) of `parts` in that order, in buf ([2, n, L] int32: ids,
+    positions, from a pool)."""
+    n, L = buf.shape[1], buf.shape[2]
+    ids, pos = buf[0], buf[1]
+    r0, seq_ids, short, empty = 0, [], [], 0
+    for win, q0, k in parts:
+        r1 = r0 + k
+        ids[r0:r1] = win.tokens[q0:q0 + k]        # one copy that casts to int32
+        win.positions(pos[r0:r1], q0, arange)
+        if win.lengths is not None:
+            lengths = win.lengths[q0:q0 + k]
+            short += [(r0 + r, int(lengths[r])) for r in np.flatnonzero(lengths < L).tolist()]
+            empty += int((lengths == 0).sum())
+        seq_ids += win.seq_ids[q0:q0 + k]
+        r0 = r1
+    input_ids = torch.from_numpy(ids)
+    if not short:
+        labels = input_ids                        # no padding: the labels ARE the ids (a third less to write)
+    else:
+        labels_np = ids.copy()                    # rare (a short final sequence): not pooled
+        for r, length in short:
+            labels_np[r, length:] = IGNORE_INDEX  # padding by real length, never by token id (EOS may equal pad)
+        labels = torch.from_numpy(labels_np)
+    num_tokens = n * L - sum(L - length for _, length in short)
+    return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids, empty)
+
+
 class _BufferPool:
     """Recycled arrays (batches: [2, rows, seq_len] int32; windows: [rows, seq_len] tokens): a buffer is
     reused only once nothing refers to it.
@@ -352,13 +385,14 @@ class _BufferPool:
 class DataPlan:
     """Which sequences rank `rank` trains on at each global step, over a cache that may still grow.
 
-    Extra keyword arguments beyond the contract: `window_chunks` (local shuffle window), `known_chunks`
+    Extra keyword arguments beyond the contract: `shuffle_window` (local shuffle window, in sequences: whole
+    chunks of at least that many sequences together), `known_chunks`
     and `finished` (start from this chunk count instead of what the cache lists now), `cache_windows`
     (decoded windows kept: the one being read, the next, one spare for a prefetcher).
     """
 
     def __init__(self, cache: Cache, *, seed: int, global_batch: int, rank: int, world_size: int,
-                 target_epochs: float = 1.0, epoch_fraction: float = 1.0, window_chunks: int = WINDOW_CHUNKS,
+                 target_epochs: float = 1.0, epoch_fraction: float = 1.0, shuffle_window: int = SHUFFLE_WINDOW,
                  known_chunks: int | None = None, finished: bool | None = None, cache_windows: int = 3):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -368,14 +402,15 @@ class DataPlan:
             raise ValueError(f"target_epochs must be positive (got {target_epochs})")
         if not 0 < epoch_fraction <= 1:
             raise ValueError(f"epoch_fraction must be in (0, 1] (got {epoch_fraction})")
-        if window_chunks < 1:
-            raise ValueError(f"window_chunks must be at least 1 (got {window_chunks})")
+        if int(shuffle_window) != shuffle_window or shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be a positive number of sequences (got {shuffle_window})")
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed must be a non-negative integer (got {seed})")
         self.cache = cache
         self.seed, self.global_batch, self.rank, self.world_size = int(seed), global_batch, rank, world_size
         self.target_epochs, self.epoch_fraction = float(target_epochs), float(epoch_fraction)
-        self.window_chunks = window_chunks
+        self.shuffle_window = int(shuffle_window)
+        self.window_chunks = -(-self.shuffle_window // cache.manifest.chunk_sequences)  # whole chunks, rounded up
         self.rows = global_batch // world_size       # this rank's rows per step
         self.seq_len, self.pad_id = cache.seq_len, cache.pad_id
         self._lock = threading.RLock()
@@ -384,9 +419,13 @@ class DataPlan:
         self._cache_windows = self._keep_windows = cache_windows
         self._decoded = 0
         self._buffers = _BufferPool((2, self.rows, self.seq_len), np.int32)
-        # window token arrays: the windows kept plus those being built or read by another thread
-        # (more rows than chunk_sequences per chunk is not expected; such a window gets fresh arrays)
-        shape = (window_chunks * cache.manifest.chunk_sequences, self.seq_len)
+        # window token arrays: the windows kept plus those being built or read by another thread, each this
+        # rank's share of a window's rows (more rows than chunk_sequences per chunk is not expected; such a
+        # window gets fresh arrays)
+        # (a cache smaller than the window, by its estimate, needs no buffer of the whole window)
+        rows = min(self.window_chunks * cache.manifest.chunk_sequences,
+                   max(cache.manifest.estimated_total_sequences(), cache.manifest.chunk_sequences))
+        shape = (-(-rows // world_size), self.seq_len)
         self._window_tokens = _BufferPool(shape, cache.manifest.dtype, keep=8)
         self._arange = np.arange(self.seq_len, dtype=np.int32)
         self._events: list[dict] = []                 # data problems for the loop to log (take_events)
@@ -567,31 +606,30 @@ class DataPlan:
             pos += W * k
         return out
 
+    def rows_at(self, positions: list[int]) -> list[tuple[_Window, int, int]]:
+        """(window, row, 1) of each position of this plan's stream (a plan of one rank: a source of a mixture,
+        which reads its positions at random). The caller checks that they are planned."""
+        if self.world_size != 1:
+            raise ValueError("rows_at reads every row of a window: a plan of one rank only")
+        with self._lock:
+            where = []
+            for p in positions:
+                epoch, offset = divmod(p, self._m)
+                lay = self._layout(epoch)
+                w = bisect.bisect_right(lay.win_pos, offset) - 1
+                where.append((lay, w, offset - lay.win_pos[w]))
+        self._keep_windows = max(self._cache_windows, 2 * len({(lay.epoch, w) for lay, w, _ in where}) + 1)
+        built: dict[tuple[int, int], _Window] = {}
+        out = []
+        for lay, w, q in where:
+            win = built.get((lay.epoch, w))
+            if win is None:
+                win = built[(lay.epoch, w)] = self._window(lay, w, 0)
+            out.append((win, q, 1))
+        return out
+
     def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
-        n, L = self.rows, self.seq_len
-        buf = self._buffers.take()                    # [2, n, L] int32: ids, positions
-        ids, pos = buf[0], buf[1]
-        r0, seq_ids, short, empty = 0, [], [], 0
-        for win, q0, k in parts:
-            r1 = r0 + k
-            ids[r0:r1] = win.tokens[q0:q0 + k]        # one copy that casts to int32
-            win.positions(pos[r0:r1], q0, self._arange)
-            if win.lengths is not None:
-                lengths = win.lengths[q0:q0 + k]
-                short += [(r0 + r, int(lengths[r])) for r in np.flatnonzero(lengths < L).tolist()]
-                empty += int((lengths == 0).sum())
-            seq_ids += win.seq_ids[q0:q0 + k]
-            r0 = r1
-        input_ids = torch.from_numpy(ids)
-        if not short:
-            labels = input_ids                        # no padding: the labels ARE the ids (a third less to write)
-        else:
-            labels_np = ids.copy()                    # rare (a short final sequence): not pooled
-            for r, length in short:
-                labels_np[r, length:] = IGNORE_INDEX  # padding by real length, never by token id (EOS may equal pad)
-            labels = torch.from_numpy(labels_np)
-        num_tokens = n * L - sum(L - length for _, length in short)
-        return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids, empty)
+        return assemble(parts, self._buffers.take(), self._arange)
 
     def _window(self, lay: _Layout, w: int, j0: int) -> _Window:
         """This rank's rows j0, j0+W, ... of window w of an epoch, decoded (each is built once while it is
@@ -691,6 +729,7 @@ class DataPlan:
         with self._lock:
             return {"format": STATE_FORMAT, "seed": self.seed, "global_batch": self.global_batch,
                     "world_size": self.world_size, "window_chunks": self.window_chunks,
+                    "shuffle_window": self.shuffle_window,
                     "target_epochs": self.target_epochs, "epoch_fraction": self.epoch_fraction,
                     "sample_format": SAMPLE_FORMAT,
                     "known_chunks": self.known_chunks, "known_sequences": self._known_seqs,
@@ -710,6 +749,9 @@ class DataPlan:
         differ).
         target_epochs may differ (the totals follow this plan's value) as long as neither is below 1 (then
         it sets which rows epoch 0 takes). Reads the manifest, no chunk."""
+        if d.get("kind") == "mixture":
+            raise ValueError(f"the data state was saved by a run on {len(d['sources'])} caches, this run has one: "
+                             f"the caches of a run cannot change")
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"data state format {d.get('format')!r} is not {STATE_FORMAT}")
         # the stream of positions depends on the global batch only: another number of ranks (with the
@@ -718,10 +760,18 @@ class DataPlan:
             raise ValueError(f"the data state was saved with global batch {d['global_batch']} sequences "
                              f"({d['world_size']} process(es)), this run has {self.global_batch} ({self.world_size}): "
                              f"keep the global batch (micro-batch x gradient accumulation x processes) or start a new run")
-        for key, mine in (("seed", self.seed), ("window_chunks", self.window_chunks),
-                          ("epoch_fraction", self.epoch_fraction)):
+        for key, mine in (("seed", self.seed), ("epoch_fraction", self.epoch_fraction)):
             if d[key] != mine:
                 raise ValueError(f"the data state was saved with {key} {d[key]!r}, this run has {mine!r}")
+        # the window decides the order of the epoch in progress (and of epoch 0's sealed windows): a resume
+        # keeps it. Compared in chunks, what the order depends on (a state older than the setting has no
+        # shuffle_window; its run's config is given the legacy window, see start._resumed_config)
+        if d["window_chunks"] != self.window_chunks:
+            saved = f"{d['shuffle_window']} sequences, " if "shuffle_window" in d else ""
+            raise ValueError(f"the data state was saved with a shuffle window of {saved}{d['window_chunks']} chunks; this "
+                             f"run has {self.shuffle_window} sequences, {self.window_chunks} chunks: resume with "
+                             f"--shuffle-window {d.get('shuffle_window', d['window_chunks'] * self.cache.manifest.chunk_sequences)} "
+                             f"or start a new run")
         if min(float(d["target_epochs"]), 1.0) != min(self.target_epochs, 1.0):
             raise ValueError(f"the data state was saved with target_epochs {d['target_epochs']!r}, this run has "
                              f"{self.target_epochs!r}: below 1 it decides which sequences epoch 0 takes, so it "

@@ -24,14 +24,15 @@ from .model import summed_loss
 from .rundir import TrainError
 
 def validation_dir(cache_dir: str, val_cache: str) -> Path:
+    """--val-cache, else the held-out cache of the (first) training cache."""
     return Path(val_cache) if val_cache else Path(cache_dir) / HOLDOUT_DIR
 
 
 def check_validation_cache(cfg, train: Manifest) -> None:
     """A validation cache that cannot serve this run is one error at start: the training cache itself, one of
     another seq_len or tokenizer, or (without data.wait) a --val-cache with no manifest."""
-    vdir = validation_dir(cfg.data.cache_dir, cfg.eval.cache_dir)
-    if vdir.resolve() == Path(cfg.data.cache_dir).resolve():
+    vdir = validation_dir(cfg.data.cache_dir[0], cfg.eval.cache_dir)
+    if any(vdir.resolve() == Path(d).resolve() for d in cfg.data.cache_dir):
         raise TrainError(f"the validation cache {vdir} is the training cache itself: give --val-cache another "
                          f"packerd cache (or pack with --holdout)")
     try:
@@ -60,7 +61,7 @@ class Evaluator:
     """One rank's side of the held-out evaluation. Its rows are read once per count of sequences and kept."""
 
     def __init__(self, cfg, train: Cache, *, rank: int, world: int, device, mixed: str, attention: str, fail):
-        self.dir = validation_dir(cfg.data.cache_dir, cfg.eval.cache_dir)
+        self.dir = validation_dir(cfg.data.cache_dir[0], cfg.eval.cache_dir)  # several caches: the first's holdout
         self.k, self.mb = cfg.eval.sequences, cfg.train.micro_batch_size
         self.train, self.rank, self.world, self.device, self.fail = train, rank, world, device, fail
         self.mixed, self.attention = mixed, attention

@@ -149,83 +149,98 @@ class CacheFollower:
 
 
 class PlanSync:
-    """Every rank's data plan grown to rank 0's view of the cache at the same step boundary.
+    """Every rank's data plan grown to rank 0's view of the caches at the same step boundary.
 
-    Rank 0 follows the cache; at each boundary one small collective (a MAX all-reduce) carries its chunk
-    count, whether the cache is finished, its estimate, whether following failed, and from every rank
-    whether it was asked to stop and whether it met corrupt chunks. Rank 0 logs what changed."""
+    Rank 0 follows each cache (`sources`: its folder and endpoint, in data.cache_dir order); at each boundary
+    one small collective (a MAX all-reduce) carries whether some rank was asked to stop, whether following
+    failed, whether some rank met corrupt chunks, and per cache its chunk count, whether it is finished and
+    its estimate. Rank 0 logs what changed (with "source": i when there are several caches)."""
 
-    def __init__(self, plan, cfg_data, *, rank: int, world: int, device, log, fail):
+    def __init__(self, plan, cfg_data, sources: list[tuple[str, str]], *, rank: int, world: int, device, log, fail):
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
         self.log, self.fail = log, fail             # log: rank 0's JsonlLog; fail(msg, alone=False) raises
         self.main = rank == 0
-        self.known, self.finished, self.est_seen = -1, False, -1  # what the plan was last grown with
+        k = len(sources)
+        self.views = [(-1, False, -1)] * k           # (known, finished, estimate) the plan was last grown with
         self.notify_ms = None                        # the slowest notification since the last growth
-        self.corrupt_logged: set[int] = set()        # chunk ids whose corrupt_chunk event is in the log
-        self.follower, self.error = None, None       # rank 0's; its error stops every rank at the next boundary
+        self.corrupt_logged: set[tuple] = set()      # (source, chunk id) whose corrupt_chunk event is in the log
+        self.followers, self.error = [], None        # rank 0's; its error stops every rank at the next boundary
         if self.main:
             try:
-                self.follower = CacheFollower(cfg_data.cache_dir, cfg_data.endpoint, cfg_data.reconcile_seconds,
-                                              curve_dir=cfg_data.curve_dir or None)
+                for cache_dir, endpoint in sources:
+                    self.followers.append(CacheFollower(cache_dir, endpoint, cfg_data.reconcile_seconds,
+                                                        curve_dir=cfg_data.curve_dir or None))
             except CacheError as e:
                 self.error = str(e)
+
+    @property
+    def known(self) -> int:
+        """Chunks the plan knows, all caches together."""
+        return sum(max(v[0], 0) for v in self.views)
 
     def agree(self, step: int, stop: bool, waiting: bool) -> bool:
         """Grow the plan to the agreed view before optimizer step `step`; returns whether some rank stops."""
         import torch
         # corrupt chunks this rank met since the last step (found by its prefetch thread)
         events = [dict(ev, rank=self.rank) for ev in self.plan.take_events()]
-        # chunks, finished, stop, estimate, rank 0 failed, some rank has data events
-        view = [0, 0, int(stop), 0, 0, int(bool(events))]
+        # stop, rank 0 failed, some rank has data events; then per cache: chunks, finished, estimate
+        view = [int(stop), 0, int(bool(events))] + [0, 0, 0] * len(self.views)
         if self.main and self.error is None:
             try:
-                fs = self.follower.poll(200 if waiting else 0)
+                for i, follower in enumerate(self.followers):
+                    fs = follower.poll(200 // len(self.followers) if waiting else 0)
+                    view[3 + 3 * i:6 + 3 * i] = [fs.known_chunks, int(fs.finished), fs.est_total_sequences]
+                    self._log_follow_events(step, fs.events, i)
             except CacheError as e:  # e.g. the cache was rebuilt under the run: every rank stops below
                 self.error = str(e)
-            else:
-                view[0], view[1], view[3] = fs.known_chunks, int(fs.finished), fs.est_total_sequences
-                self._log_follow_events(step, fs.events)
-        view[4] = int(self.error is not None)
+        view[1] = int(self.error is not None)
         if self.world > 1:
             t = torch.tensor(view, dtype=torch.int64, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             view = t.tolist()  # note: a host sync point, once per optimizer step
-        if view[4]:
+        if view[1]:
             self.fail(f"cannot follow the cache: {self.error}")
-        self._grow(step, view[0], bool(view[1]), view[3])
-        if view[5]:
+        self._grow(step, [(view[3 + 3 * i], bool(view[4 + 3 * i]), view[5 + 3 * i]) for i in range(len(self.views))])
+        if view[2]:
             self._log_corrupt_chunks(step, events)
-        return bool(view[2])
+        return bool(view[0])
 
-    def _log_follow_events(self, step: int, events: list[dict]) -> None:
+    def _source(self, i: int) -> dict:
+        return {"source": i} if len(self.views) > 1 else {}
+
+    def _log_follow_events(self, step: int, events: list[dict], i: int) -> None:
         for ev in events:
             if ev.get("latency_ms") is not None:
                 self.notify_ms = max(self.notify_ms or 0.0, ev["latency_ms"])
             kind = ev.pop("event")
-            self.log.event("cache_finished" if kind == "finished" else kind, step=step, **ev)
+            self.log.event("cache_finished" if kind == "finished" else kind, step=step, **ev, **self._source(i))
 
-    def _grow(self, step: int, known: int, finished: bool, est: int) -> None:
-        if (known, finished, est) == (self.known, self.finished, self.est_seen):
+    def _grow(self, step: int, views: list[tuple[int, bool, int]]) -> None:
+        if views == self.views:
             return
         before = self.plan.total_steps
         try:
-            self.plan.grow(known, finished, step, est_total_sequences=est)
+            if len(views) == 1:
+                known, finished, est = views[0]
+                self.plan.grow(known, finished, step, est_total_sequences=est)
+            else:
+                self.plan.grow_sources(step, views)
         except (ValueError, CacheError) as e:
             self.fail(f"cannot follow the cache: {e}", alone=True)
-        self.est_seen = est
-        if self.main and (known, finished) != (self.known, self.finished):
-            self.log.event("plan_expanded" if self.known >= 0 else "plan", step=step, chunks=known,
-                           previous_chunks=max(self.known, 0), finished=finished, total_steps=self.plan.total_steps,
-                           previous_total_steps=before, estimated_total_steps=self.plan.estimated_total_steps,
-                           latency_ms=self._commit_latency_ms(known) if self.known >= 0 else None,
-                           notify_latency_ms=self.notify_ms)
+        for i, ((known, finished, _), (was, was_finished, _)) in enumerate(zip(views, self.views)):
+            if self.main and (known, finished) != (was, was_finished):
+                self.log.event("plan_expanded" if was >= 0 else "plan", step=step, chunks=known,
+                               previous_chunks=max(was, 0), finished=finished, total_steps=self.plan.total_steps,
+                               previous_total_steps=before, estimated_total_steps=self.plan.estimated_total_steps,
+                               latency_ms=self._commit_latency_ms(i, known) if was >= 0 else None,
+                               notify_latency_ms=self.notify_ms, **self._source(i))
         self.notify_ms = None
-        self.known, self.finished = known, finished
+        self.views = list(views)
 
-    def _commit_latency_ms(self, known: int) -> float | None:
-        """From the commit of the newest known chunk (manifest time) to now, when the plan has grown."""
+    def _commit_latency_ms(self, i: int, known: int) -> float | None:
+        """From the commit of the newest known chunk of cache i (manifest time) to now, when the plan has grown."""
         try:
-            entry = self.plan.cache.chunks[known - 1]
+            entry = getattr(self.plan, "caches", [self.plan.cache])[i].chunks[known - 1]
         except (IndexError, AttributeError, TypeError):
             return None
         return round((time.time() - entry.committed_at) * 1000, 2)
@@ -239,10 +254,11 @@ class PlanSync:
             # the rank that quarantined a chunk first: another one may only have found its file gone
             events = sorted((ev for evs in every for ev in evs), key=lambda ev: ev.get("quarantined") is None)
         for ev in events:
-            if self.main and ev["chunk_id"] not in self.corrupt_logged:
-                self.corrupt_logged.add(ev["chunk_id"])
+            key = (ev.get("source", 0), ev["chunk_id"])
+            if self.main and key not in self.corrupt_logged:
+                self.corrupt_logged.add(key)
                 self.log.event(ev.pop("event"), step=step, **ev)
 
     def close(self) -> None:
-        if self.follower is not None:
-            self.follower.close()
+        for follower in self.followers:
+            follower.close()

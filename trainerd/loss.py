@@ -6,7 +6,8 @@ a micro-batch (positions x vocabulary, 16 x 1024 x 50,304 in fp32 is 3.3 GB with
 of the weight in the forward pass (the softmax minus the one-hot target is the gradient of the logits), so
 only one chunk of logits ever exists and the backward pass is two stored tensors scaled by the incoming
 gradient. `liger` is Liger-Kernel's Triton version of the same idea.
-All three return the summed loss over the positions whose target is not -100.
+All three return the summed loss over the positions whose target is not -100; full and chunked can also
+return the loss of each position (detached), which the trainer sums per row for the loss of each cache.
 """
 from __future__ import annotations
 
@@ -28,39 +29,49 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        each = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h, t = hidden[i:i + chunk].to(compute), targets[i:i + chunk]
             logits = (h @ w.t()).float()
             keep = t != IGNORE
             safe = torch.where(keep, t, 0)
             lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * keep).sum()
-            # d loss / d logits = softmax - onehot(target), zero on ignored positions
-            g = torch.softmax(logits, dim=-1)
+            each[i:i + chunk] = (lse - logits.gather(1, safe[:, None]).squeeze(1)) * keep
+            # d loss / d logits = softmax - onehot(target), zero on ignored positions (in place: one chunk of
+            # logits in memory)
+            g = logits.sub_(lse[:, None]).exp_()
             g[torch.arange(len(t), device=g.device), safe] -= 1.0
             g *= keep[:, None]
             g = g.to(compute)
             grad_h[i:i + chunk] = (g @ w).to(hidden.dtype)
             grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total
+        ctx.mark_non_differentiable(each)
+        return each.sum(), each
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_each=None):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, loss: str,
-                         chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of `hidden` [N, D] projected by `weight` [V, D] against `targets` [N]."""
+                         chunk: int, per_position: bool = False):
+    """Summed cross-entropy of `hidden` [N, D] projected by `weight` [V, D] against `targets` [N]; with
+    per_position, (that sum, the [N] loss of each position, detached)."""
     if loss == "full":
-        return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE, reduction="sum")
+        logits = F.linear(hidden, weight).float()
+        if not per_position:
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+        each = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+        return each.sum(), each.detach()
     if loss == "chunked":
         compute = _compute_dtype(hidden.device.type, hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, compute)
+            total, each = _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, compute)
+        return (total, each) if per_position else total
+    if per_position:
+        raise ValueError(f"train.loss = {loss} gives no loss per position")
     if loss == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(weight, hidden, targets)

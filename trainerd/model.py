@@ -58,8 +58,11 @@ def resolve_attention(cfg: ModelConfig, cuda: bool) -> str:
     return choice
 
 
-def check_kernels(cfg: ModelConfig, loss: str, cuda: bool) -> None:
-    """Liger-Kernel's parts, when asked for, need the package and CUDA (its kernels are Triton)."""
+def check_kernels(cfg: ModelConfig, loss: str, cuda: bool, caches: int = 1) -> None:
+    """Liger-Kernel's parts, when asked for, need the package and CUDA (its kernels are Triton); its loss gives
+    no loss per row, which several caches report per cache."""
+    if loss == "liger" and caches > 1:
+        raise ConfigError("train.loss = liger gives no loss per cache: with several caches use full or chunked")
     wanted = [name for name, on in (("model.liger_kernels", cfg.liger_kernels), ("train.loss = liger",
                                                                                 loss == "liger")) if on]
     if wanted and not (cuda and importlib.util.find_spec("liger_kernel") is not None):
@@ -73,12 +76,12 @@ class PackedLlama(LlamaForCausalLM):
     those of LlamaForCausalLM, so checkpoints and exports are a plain Llama."""
 
     def forward(self, input_ids=None, position_ids=None, targets=None, loss: str = "full", loss_chunk: int = 0,
-                **kwargs):
+                per_position: bool = False, **kwargs):
         if targets is None:
             return super().forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
         hidden = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                                    loss=loss, chunk=loss_chunk)
+                                    loss=loss, chunk=loss_chunk, per_position=per_position)
 
 
 def resolve(cfg: ModelConfig) -> Preset:
@@ -228,11 +231,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor, *, attention: str, mixed: str,
-                loss: str = "full", loss_chunk: int = 0, host_pos: torch.Tensor | None = None) -> torch.Tensor:
+                loss: str = "full", loss_chunk: int = 0, host_pos: torch.Tensor | None = None, per_row: bool = False):
     """The summed next-token loss of one micro-batch [n, L] (target of position t: token t + 1, -100 ignored)
     of a PackedLlama, with document masking: SDPA and flex build their masks from position_ids; flash-attention
     gets the rows as one sequence with the document boundaries (from `host_pos`, a host copy of pos, to spare a
-    device sync). Training and evaluation both call this, so they compute the same loss."""
+    device sync). Training and evaluation both call this, so they compute the same loss. per_row: (that loss,
+    the [n] summed loss of each row, detached), for the loss per cache of several caches."""
     n = ids.shape[0]
     # each row's last position has no next token in the row
     targets = torch.cat([labels[:, 1:], labels.new_full((n, 1), IGNORE)], dim=1)
@@ -242,7 +246,9 @@ def summed_loss(model, ids: torch.Tensor, pos: torch.Tensor, labels: torch.Tenso
                   for k, v in varlen_kwargs(pos if host_pos is None else host_pos).items()}
         ids, pos, targets = ids.reshape(1, -1), pos.reshape(1, -1), targets.reshape(1, -1)
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=mixed == "bf16"):
-        return model(input_ids=ids, position_ids=pos, targets=targets, loss=loss, loss_chunk=loss_chunk, **kwargs)
+        out = model(input_ids=ids, position_ids=pos, targets=targets, loss=loss, loss_chunk=loss_chunk,
+                    per_position=per_row, **kwargs)
+    return (out[0], out[1].view(n, -1).sum(1)) if per_row else out
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:

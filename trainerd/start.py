@@ -26,10 +26,10 @@ import click
 
 from shared.cache import Cache, CacheError, open_cache
 from shared.config import ConfigError
-from shared.manifest import Manifest
+from shared.manifest import Manifest, ManifestError, load_manifest
 
 from . import checkpoint as ck
-from .config import Config, load_config
+from .config import LEGACY_WINDOW_CHUNKS, Config, load_config
 from .evaluate import check_validation_cache
 from .output import Console
 from .rundir import Checkpoint, RunDir, TrainError, check_run_name
@@ -168,18 +168,20 @@ def decide_start(run_dir: str, new: str | None, resume: str | None, suggested: s
 
 
 # -- the cache and the precision -------------------------------------------------------------------
-def wait_for_cache(cfg: Config, console: Console, fail=None) -> Cache:
-    """The cache, waiting for its manifest to appear unless data.wait is off. `fail(msg)` raises the error
-    (the trainer's ranks pass their own); by default a TrainError."""
+def wait_for_cache(cfg: Config, console: Console, fail=None, cache_dir: str | None = None) -> Cache:
+    """The cache (`cache_dir`, by default the first of data.cache_dir), waiting for its manifest to appear
+    unless data.wait is off. `fail(msg)` raises the error (the trainer's ranks pass their own); by default a
+    TrainError."""
     def raise_(msg: str):
         raise TrainError(msg)
     fail = fail or raise_
+    cache_dir = cache_dir or cfg.data.cache_dir[0]
     waited_since = time.monotonic()
     while True:
         try:
-            cache = open_cache(cfg.data.cache_dir)
+            cache = open_cache(cache_dir)
             if not cache.chunks and not cfg.data.wait:
-                fail(f"cache {cfg.data.cache_dir} has no chunks yet (without --no-wait the trainer waits)")
+                fail(f"cache {cache_dir} has no chunks yet (without --no-wait the trainer waits)")
             return cache
         except CacheError as e:
             if not cfg.data.wait:
@@ -189,8 +191,32 @@ def wait_for_cache(cfg: Config, console: Console, fail=None) -> Cache:
             if STOP.sig is not None:  # stopped before anything was trained: nothing to save
                 console.message(f"stopped by signal {STOP.sig} while waiting for the cache")
                 raise SystemExit(0)
-            console.waiting(f"waiting for the cache {cfg.data.cache_dir}: {e}")
+            console.waiting(f"waiting for the cache {cache_dir}: {e}")
             time.sleep(0.5)
+
+
+def wait_for_caches(cfg: Config, console: Console, fail=None) -> list[Cache]:
+    """Every cache of data.cache_dir (wait_for_cache each), checked to share the first one's seq_len and
+    tokenizer."""
+    caches = [wait_for_cache(cfg, console, fail, d) for d in cfg.data.cache_dir]
+    for c in caches[1:]:
+        if problem := caches_differ(caches[0].manifest, c.dir, c.manifest):
+            (fail or _raise)(problem)
+    return caches
+
+
+def _raise(msg: str):
+    raise TrainError(msg)
+
+
+def caches_differ(first: Manifest, cache_dir, m: Manifest) -> str | None:
+    """Why the cache `cache_dir` (manifest m) cannot be mixed with the first cache of the run, or None."""
+    if m.seq_len != first.seq_len:
+        return f"cache {cache_dir} has seq_len {m.seq_len}, the first cache {first.seq_len}: the caches of a run share it"
+    if m.tokenizer.get("vocab_hash") != first.tokenizer.get("vocab_hash"):
+        return (f"cache {cache_dir} was packed with another tokenizer ({m.tokenizer.get('name')}) than the first "
+                f"cache ({first.tokenizer.get('name')}): the caches of a run share it")
+    return None
 
 
 def mixed_precision_asked(asked: str) -> str:
@@ -229,7 +255,7 @@ def check_kernels_asked(cfg: Config) -> None:
     cuda = torch.cuda.is_available()
     try:
         resolve_attention(m, cuda)
-        check_kernels(m, cfg.train.loss, cuda)
+        check_kernels(m, cfg.train.loss, cuda, len(cfg.data.cache_dir))
     except ConfigError as e:
         raise TrainError(str(e)) from None
 
@@ -269,7 +295,24 @@ def _resumed_config(start: Start, run_dir: str, config_file: str | None, overrid
     if not isinstance(saved.get("train", {}), dict):
         raise TrainError(f"checkpoint {folder.name}: config.json's train is not a table")
     saved.setdefault("train", {})["run_dir"] = run_dir
+    if isinstance(saved.get("data"), dict) and "shuffle_window" not in saved["data"]:
+        first = saved["data"].get("cache_dir") or [""]
+        saved["data"]["shuffle_window"] = _legacy_window(folder, first if isinstance(first, str) else first[0])
     return _config(config_file, overrides, base=saved, where=f"checkpoint {folder.name}: ")
+
+
+def _legacy_window(folder: Path, cache_dir: str) -> int:
+    """The shuffle window, in sequences, of a checkpoint saved before data.shuffle_window existed: it shuffled
+    within LEGACY_WINDOW_CHUNKS chunks, and a resume keeps its order (the data state checks it)."""
+    try:
+        manifest = load_manifest(cache_dir) if cache_dir else None
+    except ManifestError:
+        manifest = None
+    if manifest is None:
+        raise TrainError(f"checkpoint {folder.name} was saved before data.shuffle_window existed: it shuffled within "
+                         f"{LEGACY_WINDOW_CHUNKS} chunks; give --shuffle-window {LEGACY_WINDOW_CHUNKS} x the cache's "
+                         f"chunk_sequences to resume it while its cache {cache_dir or '(none)'} has no manifest")
+    return LEGACY_WINDOW_CHUNKS * manifest.chunk_sequences
 
 
 def check_against_cache(start: Start, cfg: Config, manifest: Manifest) -> None:
@@ -281,6 +324,13 @@ def check_against_cache(start: Start, cfg: Config, manifest: Manifest) -> None:
             problem = str(e)
         if problem:
             raise TrainError(problem)
+    for d in cfg.data.cache_dir[1:]:  # the other caches, those that exist now (the trainer checks the rest)
+        try:
+            m = load_manifest(d)
+        except ManifestError as e:
+            raise TrainError(f"cache {d}: {e}") from None
+        if m is not None and (problem := caches_differ(manifest, d, m)):
+            raise TrainError(problem)
     if cfg.eval.every:
         check_validation_cache(cfg, manifest)
 
@@ -291,7 +341,7 @@ def _cache_now(cfg: Config, console: Console) -> Cache | None:
     if not cfg.data.wait:
         return wait_for_cache(cfg, console)  # fails at once
     try:
-        return open_cache(cfg.data.cache_dir)
+        return open_cache(cfg.data.cache_dir[0])
     except CacheError:
         return None
 
@@ -322,7 +372,7 @@ def prepare(config_file: str | None, overrides: dict, new: str | None, resume: s
         if not cfg.data.cache_dir:
             raise TrainError(CACHE_REQUIRED)
     check_kernels_asked(cfg)
-    if cache is None or Path(cfg.data.cache_dir) != cache.dir:
+    if cache is None or Path(cfg.data.cache_dir[0]) != cache.dir:
         cache = _cache_now(cfg, console)
     if cache is not None:  # else every rank waits for it in the trainer, and rank 0 checks it then
         check_against_cache(start, cfg, cache.manifest)

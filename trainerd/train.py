@@ -13,8 +13,7 @@ packer, evaluates and saves every N steps, saves on SIGINT/SIGTERM (then exits 0
 ends when the cache is finished and the plan done, or at --max-steps.
 
 - The loss is the mean over all real target tokens of the optimizer step, across micro-batches and ranks
-  (each rank's summed loss is divided by the global target count), so accumulation and world size do
-  not change its meaning.
+  (each rank's summed loss is divided by the global target count): accumulation and world size keep it.
 - The fault tests' hooks (TRAINERD_FAULT, see start.fault_hook) kill the process at a step or in a save,
   or fail one rank's batch read.
 """
@@ -39,15 +38,16 @@ from shared.config import ConfigError
 
 from . import checkpoint as ck
 from .config import Config, load_config
-from .data import DataPlan, Prefetcher
+from .data import Prefetcher
 from .evaluate import Evaluator
 from .follow import PlanSync
-from .model import (build, check_kernels, checkpoint_activations, flops_per_token, num_params, param_groups, peak_flops, set_up_torch, summed_loss,
-                    weights_digest)
+from .mix import SourceLosses, make_plan, resolve_endpoints
+from .model import (build, checkpoint_activations, flops_per_token, num_params, param_groups, peak_flops, set_up_torch,
+                    summed_loss, weights_digest)
 from .output import Console, JsonlLog, end_line, eval_line, resumed_lines, shown_total, status_line
 from .rundir import RunDir, TrainError
 from .schedule import LRSchedule
-from .start import STOP, Start, check_against_cache, fault_hook, resolve_mixed_precision, wait_for_cache
+from .start import STOP, Start, check_against_cache, fault_hook, resolve_mixed_precision, wait_for_caches
 
 
 @dataclass
@@ -139,7 +139,8 @@ class Trainer:
         self.rd = RunDir(cfg.train.run_dir)
         self.console = Console(self.main, cfg.log.every)
         self.fault = fault_hook()
-        self.cache = wait_for_cache(cfg, self.console, self.fail)
+        self.caches = wait_for_caches(cfg, self.console, self.fail)
+        self.cache = self.caches[0]  # the model's tokenizer and seq_len (every cache shares them)
         if self.main and not start.checked:  # the cache appeared only now
             check_against_cache(start, cfg, self.cache.manifest)
         self.state = TrainState()
@@ -148,8 +149,8 @@ class Trainer:
         if start.ckpt:
             self.load(Path(start.ckpt))
         self.open_records()
-        self.sync = PlanSync(self.plan, cfg.data, rank=self.rank, world=self.world, device=self.device,
-                             log=self.jsonl, fail=self.fail)
+        self.sync = PlanSync(self.plan, cfg.data, resolve_endpoints(cfg.data, self.caches),
+                             rank=self.rank, world=self.world, device=self.device, log=self.jsonl, fail=self.fail)
         self.evaluator = Evaluator(cfg, self.cache, rank=self.rank, world=self.world, device=self.device,
                                    mixed=mixed, attention=self.attention, fail=self.fail) if cfg.eval.every else None
         self.val: dict | None = None  # the last evaluation: step, val_loss, val_sequences, val_tokens
@@ -176,7 +177,6 @@ class Trainer:
         try:
             # every rank loads the full weights before accelerator.prepare; FSDP2's fully_shard then keeps
             # each rank's shards of these values, so one path serves every launch mode
-            check_kernels(cfg.model, cfg.train.loss, cuda)
             self.raw_model, self.attention = build(cfg.model, tok, self.cache.seq_len, cuda,
                                                    Path(self.start.ckpt) if self.start.ckpt else None)
         except (ck.CheckpointError, ConfigError) as e:
@@ -200,14 +200,11 @@ class Trainer:
     def build_data(self) -> None:
         cfg = self.cfg
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
-        # every rank starts from no chunks and grows to rank 0's count at the first step boundary, so ranks
-        # that opened the cache at different moments agree
         try:
-            self.plan = DataPlan(self.cache, seed=cfg.train.seed, global_batch=self.global_batch, rank=self.rank,
-                                 world_size=self.world, target_epochs=cfg.data.target_epochs,
-                                 epoch_fraction=cfg.data.epoch_fraction, known_chunks=0, finished=False)
+            self.plan = make_plan(self.caches, cfg, global_batch=self.global_batch, rank=self.rank, world_size=self.world)
         except ValueError as e:
             self.fail(str(e))
+        self.mix = SourceLosses(self.plan, self.device) if len(self.caches) > 1 else None  # each cache's share, loss
         self.sched = LRSchedule(cfg.schedule, cfg.train.lr, cfg.train.max_steps,
                                 tokens_per_step=self.global_batch * self.cache.seq_len)
 
@@ -272,8 +269,9 @@ class Trainer:
             if self.main:
                 self.jsonl.event("waiting", step=step, chunks=self.sync.known, total_steps=self.plan.total_steps)
         if self.main:
-            self.console.waiting(f"Step {step:,}/{self.plan.total_steps:,} | waiting for data ({self.sync.known:,} chunks "
-                                 f"in the cache, {time.monotonic() - self.waiting_since:.0f} s)")
+            which = (f" of {', '.join(str(self.caches[i].dir) for i in self.plan.waiting_for(step))}" if self.mix else "")
+            self.console.waiting(f"Step {step:,}/{self.plan.total_steps:,} | waiting for data{which} ({self.sync.known:,} "
+                                 f"chunks known, {time.monotonic() - self.waiting_since:.0f} s)")
         self.t_prev = None
 
     def waited(self) -> None:
@@ -293,6 +291,8 @@ class Trainer:
         except CacheError as e:  # a chunk read found the cache rebuilt (or every chunk corrupt)
             self.fail(f"cannot follow the cache: {e}", alone=True)
         self.trace.write({"step": step, "seq_ids": batch.seq_ids})
+        if self.mix:
+            self.mix.begin(batch)
         counts = torch.tensor([batch.num_targets, batch.num_tokens], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(counts)
@@ -315,21 +315,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if world > 1:
             torch.distributed.all_reduce(loss_sum)
+        self.by_source = self.mix.record(step, world) if self.mix else {}
         return (loss_sum / n_targets).item(), int(counts[1].item())  # note: a host sync point
 
     def forward_backward(self, batch, scale: torch.Tensor) -> torch.Tensor:
         """The summed loss of this rank's micro-batches; each one's gradient is scaled by world / global
         targets, so DDP's mean over ranks makes it the gradient of the global mean."""
-        mb, accum = self.cfg.train.micro_batch_size, self.cfg.train.grad_accum
+        t = self.cfg.train
         input_ids, position_ids, labels = batch.to(self.device, non_blocking=True)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for micro in range(accum):
-            rows = slice(micro * mb, (micro + 1) * mb)
-            last = micro == accum - 1
+        for micro in range(t.grad_accum):
+            rows = slice(micro * t.micro_batch_size, (micro + 1) * t.micro_batch_size)
+            last = micro == t.grad_accum - 1
             with self.accelerator.no_sync(self.model) if (not last and self.world > 1) else nullcontext():
-                summed = summed_loss(self.model, input_ids[rows], position_ids[rows], labels[rows],
-                                     attention=self.attention, mixed=self.mixed, loss=self.cfg.train.loss,
-                                     loss_chunk=self.cfg.train.loss_chunk, host_pos=batch.position_ids[rows])
+                out = summed_loss(self.model, input_ids[rows], position_ids[rows], labels[rows], attention=self.attention,
+                                  mixed=self.mixed, loss=t.loss, loss_chunk=t.loss_chunk,
+                                  host_pos=batch.position_ids[rows], per_row=bool(self.mix))
+                summed = self.mix.add(rows, *out) if self.mix else out  # several caches: the loss per cache too
                 self.accelerator.backward(summed * scale)
             loss_sum += summed.detach()
         return loss_sum
@@ -354,7 +356,8 @@ class Trainer:
         total = shown_total(self.plan, self.cfg.train.max_steps)
         self.jsonl.write({"step": s.step, "loss": loss, "lr": self.lr, "tokens": s.tokens, "step_tokens": step_tokens,
                           "tokens_per_s": round(tps, 1) if tps else None, "step_s": round(dt, 6) if dt else None,
-                          "total_steps": total, "plan_steps": self.plan.total_steps})
+                          "total_steps": total, "plan_steps": self.plan.total_steps,
+                          **(self.by_source if loss is not None else {})})
         peak = peak_flops(self.device)
         mfu = self.flops_tok * tps / (peak * self.world) if peak and tps else None
         eta = (total - s.step) / self.rate_ema if self.rate_ema else None

@@ -1,0 +1,359 @@
+"""Several caches in one run: a weighted, deterministic interleave of their streams (data.cache_dir lists them).
+
+Interleave
+    Position n of the run's stream (step s trains on positions [s*G, (s+1)*G); rank r of W takes s*G + r,
+    s*G + r + W, ... as with one cache) belongs to one source. The weights are quantized to integer units
+    u_i out of P = 2^16 (largest remainders; shares exact to 1/65536) and reduced by their common divisor; one
+    period of P positions holds u_i of source i, placed at the ideal times (2c + 1) / (2 u_i) of its c-th
+    draw, sorted (ties to the lower source index). So after n positions of a period source i has
+    n * w_i +- (number of sources) draws: over any 1,000 consecutive positions its share is within a few
+    sequences of its weight (tests/test_mix.py checks 1%). Source i's k-th draw is position k of its own
+    stream, a DataPlan of one rank over its cache (its own epoch orders and shuffle windows): a source drawn
+    more often than its size allows starts its next epoch, one drawn less is subsampled, and no source
+    depends on another. Nothing is random here: the allocation is a function of the weights and n.
+
+Weights
+    data.weights, or each cache's size: its epoch's sequences over the full-dataset estimate (its known
+    sequences once finished), so several caches act as one dataset. Size weights change as the estimates
+    do; a change takes effect at the step every rank grows at (a new segment: from there on, the periodic
+    pattern of the new units, counted from the draws made so far), so the allocation stays a function of
+    (segments, n), and the segments are the state.
+
+Growth and waiting
+    grow(step, views) takes rank 0's (known chunks, finished, estimate) of each cache, agreed at a step
+    boundary; each source plan seals the window holding its own position at that step. A step is ready when
+    every source holds the positions it draws there: a source whose packer is behind makes the run wait
+    (never shifting its share to others, which would make the mix depend on packing speed).
+
+Totals
+    T = floor(target_epochs * sum of the sources' epoch sizes) positions, total_steps = T // G (the last
+    partial batch dropped), growing with the caches and never shrinking; estimated_total_steps the same over
+    their estimates (warmup, cosine).
+
+State
+    state_dict(): the layout (seed, global batch, weights, segments) and each source plan's state; the
+    position is the trainer's step.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+
+import numpy as np
+import torch
+
+from shared.cache import Cache
+from shared.protocol import DEFAULT_ENDPOINT
+
+from .data import DataPlan, _BufferPool, _floor, assemble
+
+MIX_FORMAT = 1
+PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
+
+
+def source_seed(seed: int, i: int) -> int:
+    """Source 0 keeps the run's seed (one cache: today's order); the others get independent streams."""
+    if i == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), i]).generate_state(1, dtype=np.uint32)[0])
+
+
+def quantize(weights: list[float], period: int = PERIOD) -> tuple[int, ...]:
+    """Integer units summing to `period` in proportion to `weights` (largest remainders, ties to the lower
+    index), reduced by their greatest common divisor."""
+    total = math.fsum(weights)
+    if not total > 0:
+        raise ValueError("the weights sum to zero")
+    exact = [period * w / total for w in weights]
+    units = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - units[i]), i))
+    for i in by_remainder[:period - sum(units)]:
+        units[i] += 1
+    g = math.gcd(*units)
+    return tuple(u // g for u in units)
+
+
+class Pattern:
+    """One period of the interleave for integer units: which source each position takes, and how many
+    draws each source has had before each position of the period."""
+
+    def __init__(self, units: tuple[int, ...]):
+        self.units = np.asarray(units, dtype=np.int64)
+        self.period = int(self.units.sum())
+        times = np.concatenate([(2 * np.arange(u) + 1) / (2 * u) for u in units if u])
+        owner = np.concatenate([np.full(u, i, dtype=np.int64) for i, u in enumerate(units) if u])
+        self.source = owner[np.lexsort((owner, times))]        # by ideal time, ties to the lower source
+        self.before = np.zeros((len(units), self.period + 1), dtype=np.int64)
+        for i in range(len(units)):
+            np.cumsum(self.source == i, out=self.before[i, 1:])
+
+    def counts(self, t: int) -> np.ndarray:
+        """Draws of each source among the first t positions."""
+        q, r = divmod(int(t), self.period)
+        return q * self.units + self.before[:, r]
+
+
+def allocate(weights: list[float], n: int) -> np.ndarray:
+    """The source of each of the first n positions for fixed weights (for tests and tools)."""
+    p = Pattern(quantize(weights))
+    return np.resize(p.source, n)
+
+
+class MixPlan:
+    """The step plan over several caches: DataPlan's interface (grow through grow_sources)."""
+
+    def __init__(self, caches: list[Cache], *, seed: int, global_batch: int, rank: int, world_size: int,
+                 weights: list[float] | None = None, target_epochs: float = 1.0, epoch_fraction: float = 1.0,
+                 shuffle_window: int | None = None, cache_windows: int = 3):
+        if global_batch < 1 or global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not a positive multiple of world_size {world_size}")
+        if weights is not None and (len(weights) != len(caches) or any(not w >= 0 for w in weights)
+                                    or not math.fsum(weights) > 0):
+            raise ValueError(f"weights {weights} do not fit {len(caches)} caches")
+        if not target_epochs > 0:
+            raise ValueError(f"target_epochs must be positive (got {target_epochs})")
+        self.caches = caches
+        self.cache = caches[0]   # the first cache: the model's tokenizer and seq_len, the held-out default
+        self.seq_len, self.pad_id = caches[0].seq_len, caches[0].pad_id
+        self.seed, self.global_batch, self.rank, self.world_size = int(seed), global_batch, rank, world_size
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.target_epochs = float(target_epochs)
+        self.rows = global_batch // world_size
+        kw = {} if shuffle_window is None else {"shuffle_window": shuffle_window}
+        # every source plan reads its positions at random (rows_at): one rank's plan, target_epochs 1 (the
+        # run's length is the mixture's; a source only needs its epochs' orders)
+        self.plans = [DataPlan(c, seed=source_seed(seed, i), global_batch=1, rank=0, world_size=1,
+                               epoch_fraction=epoch_fraction, known_chunks=0, finished=False,
+                               cache_windows=cache_windows, **kw) for i, c in enumerate(caches)]
+        self._lock = threading.RLock()
+        self._buffers = _BufferPool((2, self.rows, self.seq_len), np.int32)
+        self._arange = np.arange(self.seq_len, dtype=np.int32)
+        self._patterns: dict[tuple[int, ...], Pattern] = {}
+        self.segments: list[tuple[int, tuple[int, ...], list[int]]] = []  # (first step, units, draws before it)
+        self._starts: list[int] = []
+        self._changes: list[int] = []
+        self.total_steps, self.step = 0, 0
+
+    # -- the interleave ----------------------------------------------------------------------------
+    def _pattern(self, units: tuple[int, ...]) -> Pattern:
+        p = self._patterns.get(units)
+        if p is None:
+            p = self._patterns[units] = Pattern(units)
+        return p
+
+    def _segment(self, n: int) -> tuple[int, Pattern, np.ndarray]:
+        if len(self._starts) != len(self.segments):  # the segments' first positions, kept beside them
+            self._starts = [s * self.global_batch for s, _, _ in self.segments]
+        j = bisect.bisect_right(self._starts, n) - 1
+        first, units, base = self.segments[j]
+        return first * self.global_batch, self._pattern(units), np.asarray(base, dtype=np.int64)
+
+    def draws(self, n: int) -> np.ndarray:
+        """Draws of each source among the run's first n positions."""
+        start, pattern, base = self._segment(n)
+        return base + pattern.counts(n - start)
+
+    def _places(self, positions: list[int]) -> list[tuple[int, int]]:
+        """(source, position in that source's stream) of each run position."""
+        out = []
+        for n in positions:
+            start, pattern, base = self._segment(n)
+            t = n - start
+            i = int(pattern.source[t % pattern.period])
+            out.append((i, int(base[i] + pattern.counts(t)[i])))
+        return out
+
+    def step_sources(self, step: int) -> list[int]:
+        """Sequences of each source in global step `step` (every rank's rows)."""
+        G = self.global_batch
+        with self._lock:
+            return (self.draws((step + 1) * G) - self.draws(step * G)).tolist()
+
+    # -- growth --------------------------------------------------------------------------------------
+    def grow_sources(self, step: int, views: list[tuple[int, bool, int]]) -> bool:
+        """Take in rank 0's (known chunks, finished, estimate) of every cache from global step `step` on
+        (every rank, the same step and values); True when the plan or its totals changed."""
+        with self._lock:
+            before = (self.total_steps, self.estimated_total_steps, self.finished,
+                      [p.known_chunks for p in self.plans])
+            at = self.draws(step * self.global_batch) if self.segments else np.zeros(len(self.plans), np.int64)
+            for i, (p, (known, finished, est), pos) in enumerate(zip(self.plans, views, at.tolist())):
+                p.grow(known, finished, pos, est_total_sequences=est)
+                if p.finished and not p._m and (self.weights is None or self.weights[i] > 0):
+                    raise ValueError(f"the cache {p.cache.dir} is finished without a sequence: it cannot be drawn")
+            self._reweigh(step, at)
+            self.step = step
+            self.total_steps = max(self.total_steps, self._total(self._sizes(estimate=False)))
+            changed = before != (self.total_steps, self.estimated_total_steps, self.finished,
+                                 [p.known_chunks for p in self.plans])
+            if changed:
+                self._changes.append(step)  # batches prepared for this step or later are planned again
+            return changed
+
+    def _sizes(self, estimate: bool) -> list[int]:
+        """Each source's epoch in positions: of what it holds, or of its full-dataset estimate."""
+        return [_floor(p._frac * p._est_seqs) if estimate and not p.finished else p._m for p in self.plans]
+
+    def _total(self, sizes: list[int]) -> int:
+        return _floor(self.target_epochs * sum(sizes)) // self.global_batch
+
+    def _reweigh(self, step: int, at: np.ndarray) -> None:
+        """Start a segment at `step` when the units change (size weights) or when there is none yet."""
+        weights = self.weights if self.weights is not None else self._sizes(estimate=True)
+        if not math.fsum(weights) > 0:
+            return  # no sequence known anywhere yet: nothing to interleave
+        units = quantize(weights)
+        if self.segments and self.segments[-1][1] == units:
+            return
+        if self.segments and self.segments[-1][0] == step:
+            self.segments.pop()  # replaced before any position of it was planned
+        self.segments.append((step, units, [int(x) for x in at]))
+        self._starts = []
+
+    # -- the trainer's interface (as DataPlan's) ---------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return all(p.finished for p in self.plans)
+
+    @property
+    def estimated_total_steps(self) -> int:
+        with self._lock:
+            return max(self.total_steps, self._total(self._sizes(estimate=True)))
+
+    @property
+    def known_sequences(self) -> int:
+        return sum(p.known_sequences for p in self.plans)
+
+    @property
+    def known_chunks(self) -> int:
+        return sum(p.known_chunks for p in self.plans)
+
+    @property
+    def version(self) -> int:
+        return len(self._changes)
+
+    def unchanged_since(self, step: int, version: int) -> bool:
+        with self._lock:
+            return min(self._changes[version:], default=1 << 62) > step
+
+    def waiting_for(self, step: int) -> list[int]:
+        """The sources whose packers step `step` waits for (it draws positions they do not hold yet)."""
+        with self._lock:
+            if not self.segments:
+                return [i for i, p in enumerate(self.plans) if not p.finished]
+            need = self.draws((step + 1) * self.global_batch)
+            return [i for i, (p, k) in enumerate(zip(self.plans, need.tolist()))
+                    if k and (p._m == 0 or (not p.finished and k > p._m))]
+
+    def ready(self, step: int) -> bool:
+        with self._lock:
+            return 0 <= step < self.total_steps and bool(self.segments) and not self.waiting_for(step)
+
+    def take_events(self) -> list[dict]:
+        return [dict(ev, source=i) for i, p in enumerate(self.plans) for ev in p.take_events()]
+
+    @property
+    def chunks_decoded(self) -> int:
+        return sum(p.chunks_decoded for p in self.plans)
+
+    def get_batch(self, step: int):
+        return self.build(step)[0]
+
+    def build(self, step: int):
+        """This rank's rows of global step `step` and the plan version it was planned at."""
+        with self._lock:
+            if not self.ready(step):
+                raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
+            version = len(self._changes)
+            places = self._places(list(range(step * self.global_batch + self.rank, (step + 1) * self.global_batch,
+                                             self.world_size)))
+        rows: list = [None] * len(places)
+        for i, plan in enumerate(self.plans):
+            mine = [j for j, (src, _) in enumerate(places) if src == i]
+            for j, part in zip(mine, plan.rows_at([places[j][1] for j in mine])):
+                rows[j] = part
+        batch = assemble(rows, self._buffers.take(), self._arange)
+        batch.sources = [src for src, _ in places]
+        batch.seq_ids = [(src, *x) for src, x in zip(batch.sources, batch.seq_ids)]  # (cache, chunk, index)
+        return batch, version
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        with self._lock:
+            return {"format": MIX_FORMAT, "kind": "mixture", "seed": self.seed, "global_batch": self.global_batch,
+                    "world_size": self.world_size, "weights": self.weights, "target_epochs": self.target_epochs,
+                    "caches": [str(c.dir) for c in self.caches], "total_steps": self.total_steps, "step": self.step,
+                    "segments": [[s, list(u), list(b)] for s, u, b in self.segments],
+                    "sources": [p.state_dict() for p in self.plans]}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a state_dict: the same caches in the same order, weights, seed and global batch."""
+        if d.get("kind") != "mixture":
+            raise ValueError(f"the data state was saved by a run on one cache; this run has {len(self.caches)}: "
+                             f"the caches of a run cannot change")
+        if d.get("format") != MIX_FORMAT:
+            raise ValueError(f"mixture state format {d.get('format')!r} is not {MIX_FORMAT}")
+        if len(d["sources"]) != len(self.plans):
+            raise ValueError(f"the data state was saved with {len(d['sources'])} caches, this run has "
+                             f"{len(self.plans)}: the caches of a run cannot change")
+        for key, mine in (("seed", self.seed), ("global_batch", self.global_batch), ("weights", self.weights)):
+            if d[key] != mine:
+                raise ValueError(f"the data state was saved with {key} {d[key]!r}, this run has {mine!r}")
+        with self._lock:
+            for p, s in zip(self.plans, d["sources"]):
+                p.load_state_dict(s)
+            self.segments = [(int(s), tuple(int(x) for x in u), [int(x) for x in b]) for s, u, b in d["segments"]]
+            self._starts = []
+            self.total_steps, self.step = int(d["total_steps"]), int(d["step"])
+            self._changes.append(0)
+
+
+def make_plan(caches: list[Cache], cfg, *, global_batch: int, rank: int, world_size: int):
+    """The run's plan: one cache's DataPlan (exactly as without mixtures), or a MixPlan over several. Every
+    rank starts from no chunks and grows to rank 0's count at the first step boundary, so ranks that opened
+    the caches at different moments agree."""
+    d = cfg.data
+    kw = {"seed": cfg.train.seed, "global_batch": global_batch, "rank": rank, "world_size": world_size,
+          "target_epochs": d.target_epochs, "epoch_fraction": d.epoch_fraction, "shuffle_window": d.shuffle_window}
+    if len(caches) == 1:
+        return DataPlan(caches[0], known_chunks=0, finished=False, **kw)
+    return MixPlan(caches, weights=d.weights or None, **kw)
+
+
+class SourceLosses:
+    """Several caches: each one's sequences and mean train loss in every step, for the step records."""
+
+    def __init__(self, plan: MixPlan, device):
+        self.plan, self.device, self.k = plan, device, len(plan.plans)
+
+    def begin(self, batch) -> None:
+        """A new step's batch: its rows' sources and target counts; the sums start at zero."""
+        src = torch.tensor(batch.sources, dtype=torch.int64)
+        labels, L = batch.labels, batch.labels.shape[1]
+        targets = ((labels[:, 1:] != -100).sum(1) if labels is not batch.input_ids
+                   else torch.full((len(src),), L - 1, dtype=torch.int64))
+        self.src = src.to(self.device)
+        self.sums = torch.zeros(2, self.k, dtype=torch.float64, device=self.device)  # losses, targets
+        self.sums[1].index_add_(0, self.src, targets.to(self.device, torch.float64))
+
+    def add(self, rows: slice, total: torch.Tensor, row_losses: torch.Tensor) -> torch.Tensor:
+        """Take in one micro-batch's summed loss and its per-row summed losses (rows of the step's batch);
+        the summed loss, for the backward pass."""
+        self.sums[0].index_add_(0, self.src[rows], row_losses.detach().double())
+        return total
+
+    def record(self, step: int, world: int) -> dict:
+        """The step record's fields: sequences of each cache (every rank's) and each one's mean loss."""
+        if world > 1:
+            torch.distributed.all_reduce(self.sums)
+        loss, targets = self.sums.tolist()
+        return {"source_sequences": self.plan.step_sources(step),
+                "source_loss": [lo / t if t else None for lo, t in zip(loss, targets)]}
+
+
+def resolve_endpoints(cfg_data, caches: list[Cache]) -> list[tuple[str, str]]:
+    """(folder, endpoint) of each cache: data.endpoint's entry when given, else the endpoint its manifest
+    records (its packer wrote it), else packerd's default."""
+    given = cfg_data.endpoint or [""] * len(caches)
+    return [(str(c.dir), e or c.manifest.endpoint or DEFAULT_ENDPOINT) for c, e in zip(caches, given)]
