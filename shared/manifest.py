@@ -64,6 +64,10 @@ class Manifest:
     # Absent (None) in caches without a holdout, and then left out of the JSON.
     holdout: dict | None = None
     holdout_of: str | None = None
+    # the tokenizer engine of each packing session that committed chunks ([{"engine": "tiktoken",
+    # "from_chunk": 0}, ...]): for the record only; every engine packs the same bytes, so it is not part
+    # of the tokenizer identity that trainers compare. Absent in caches packed before engines existed.
+    tokenizer_engines: list | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
@@ -108,7 +112,7 @@ class Manifest:
     # a list of objects, which matters once a cache holds tens of thousands of chunks (the packer writes
     # the manifest on every commit, the trainer re-reads it on every notification)
     _COLUMNS = ("id", "sequences", "tokens", "bytes", "checksum", "documents", "committed_at")
-    _OPTIONAL = ("holdout", "holdout_of")  # written only when set
+    _OPTIONAL = ("holdout", "holdout_of", "tokenizer_engines")  # written only when set
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunks"
