@@ -112,7 +112,7 @@ class Progress:
     """A status line: refreshed in place on a TTY, a plain log line every `every` seconds otherwise."""
 
     def __init__(self, every: float = 10.0, stream=sys.stderr, engine: str = ""):
-        self.engine = engine  # the tokenizer engine, named on the line
+        self.engine = f" ({engine})" if engine else ""  # the tokenizer engine, named after the rate
         self.stream = stream
         self.tty = stream.isatty()
         self.every = 0.5 if self.tty else every
@@ -135,7 +135,7 @@ class Progress:
             eta = f" | est {100 * t['tokens'] / est:5.1f}% ETA {int(left // 3600):02d}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         bpt = f"{t['bytes_per_token']:.2f}" if t["bytes_per_token"] else "-"
         line = (f"chunks {t['chunks']:,} | sequences {t['sequences']:,} | tokens {t['tokens']:,} | "
-                f"{self.tokens / dt:,.0f} tok/s ({self.engine}) | {self.docs / dt:,.0f} docs/s | {bpt} bytes/token{eta}")
+                f"{self.tokens / dt:,.0f} tok/s{self.engine} | {self.docs / dt:,.0f} docs/s | {bpt} bytes/token{eta}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:

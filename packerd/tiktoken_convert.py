@@ -9,8 +9,11 @@ concatenation has the lowest rank, a rank being the token id. `tokenizers` does 
   - the pre-tokenizer is one of the known splits below, without an added prefix space;
   - the added tokens (matched in the text by both: `<|endoftext|>` written in a document becomes the EOS id,
     as packerd has always packed it with `tokenizers`) strip nothing around them and none contains another.
-Anything else raises NotConvertible naming the first rule broken. A conversion is then checked on text
-(packerd/tokenizer.py, the guard): the rules make equality expected, the guard makes a difference visible.
+Anything else raises NotConvertible naming the first rule broken. The rules are necessary, not sufficient:
+tiktoken joins any two adjacent pieces whose concatenation is a token, `tokenizers` only the pairs its merge
+list names, and a merge list can leave out a split that tiktoken would take (tests/test_engines.py builds
+one). Proving the absence of such a case would take the whole merge graph; so a conversion is checked on
+text instead (packerd/tokenizer.py: probe text at start, then the guard on sampled batches).
 """
 from __future__ import annotations
 

@@ -156,3 +156,31 @@ def test_guard_stops_a_divergence_while_packing(tmp_path, tokenizer_dir, corpus_
     assert not (tmp_path / "cache").exists()  # document 7 is in the first batch: nothing was committed
     # the hf engine is not guarded against itself, and the hook only touches tiktoken's ids
     pack(tmp_path, "cache", src, tokenizer_dir, "hf", env=env)
+
+
+def incomplete_merges_tokenizer(folder: Path) -> Path:
+    """A byte-level BPE that passes every conversion rule yet encodes differently: "he" merges before "th",
+    and "the" comes only from "th" + "e". `tokenizers` leaves "t" + "he" apart; tiktoken joins any two
+    pieces whose concatenation is a token, so it makes "the". Only encoding text can tell."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab |= {"he": 256, "th": 257, "the": 258, "<|endoftext|>": 259}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("h", "e"), ("t", "h"), ("th", "e")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(["<|endoftext|>"])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return folder
+
+
+def test_a_conversion_that_encodes_differently_is_refused_at_start(tmp_path, corpus_jsonl):
+    tok = incomplete_merges_tokenizer(tmp_path / "tok")
+    proc = pack(tmp_path, "cache", corpus_jsonl, tok, "tiktoken", check=False)
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: --tokenizer-engine tiktoken: tiktoken and tokenizers encode the probe text"), line
+    assert not (tmp_path / "cache").exists()
+    proc = pack(tmp_path, "cache", corpus_jsonl, tok, "auto")
+    assert "tokenizer engine hf (tiktoken and tokenizers encode the probe text" in proc.stderr
