@@ -1,8 +1,8 @@
 """Source documents in a fixed order, each with a global index.
 
 A source spec is `hf:NAME[:CONFIG[:SPLIT]]`, `builtin:pydoc`, `builtin:stdlib`, or a local file, folder or glob of
-.jsonl/.json/.parquet/.txt files. Local files are read through datasets' own loaders (streaming), in
-the order: the files the manifest already lists, then new ones sorted by path. A `.txt` file is one
+.jsonl/.json/.parquet/.txt files. Local files are read through datasets' own loaders (streaming), .jsonl
+through pyarrow directly (Source._jsonl_records), in the order: the files the manifest already lists, then new ones sorted by path. A `.txt` file is one
 document. Records are numbered across all specs; the packer's restart point is such a number.
 
 Bad input policy (documented in the README):
