@@ -2,8 +2,8 @@
 
 A source spec is `hf:NAME[:CONFIG[:SPLIT]]`, `builtin:pydoc`, `builtin:stdlib`, or a local file, folder or glob of
 .jsonl/.json/.parquet/.txt files. Local files are read through datasets' own loaders (streaming), .jsonl
-through pyarrow directly (Source._jsonl_records), in the order: the files the manifest already lists, then new ones sorted by path. A `.txt` file is one
-document. Records are numbered across all specs; the packer's restart point is such a number.
+through pyarrow directly (Source._jsonl_records), in the order: the files the manifest already lists, then
+new ones sorted by path. A `.txt` file is one document. Records are numbered across all specs; the packer's restart point is such a number.
 
 Bad input policy (documented in the README):
 - a missing or unreadable source, invalid JSON, non-UTF-8 bytes, a missing text field: SourceError,
