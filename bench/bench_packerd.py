@@ -1,18 +1,22 @@
-"""packerd throughput against the raw tokenizer and the usual datasets pipeline, on the same documents.
+"""packerd throughput with each tokenizer engine against the raw tokenizers and the usual datasets pipeline.
 
-    python bench/bench_packerd.py [--copies 64] [--rounds 3] [--workers N] [--lz4-level L]
+    python bench/bench_packerd.py [--copies 64] [--rounds 3] [--workers N] [--lz4-level L] [--no-datasets]
 
 Prints one table: tokens/s and bytes per token on disk for
-  1. the raw tokenizer: tokenizers' encode_batch over all documents (Rust threads on every core),
-  2. packerd end to end: the real CLI, from process start to a finished manifest (all chunks committed);
-     also its steady rate, first to last chunk commit (start-up excluded),
-  3. what users write instead: datasets `map(tokenize)` + `group_texts` (transformers' run_clm.py), saved to disk.
-Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times
-(each copy numbered, so nothing is deduplicated), written as jsonl shards of 8 copies (about 2 MB each, as
-datasets ship shards); falls back to builtin:pydoc + builtin:bpe when absent.
-The machine's speed drifts by 10-20% from minute to minute on shared hosts, so raw and packerd alternate for
---rounds rounds (raw first in odd rounds, packerd first in even ones, after an untimed warm-up) and the table
-gives each one's median; the ratio column is the median of the per-round ratios.
+  1. the raw Hugging Face tokenizer: tokenizers' encode_batch_fast over all documents (Rust threads on every
+     core; encode_batch_fast skips the offsets encode_batch computes, so it is the faster of the two),
+  2. raw tiktoken: tiktoken's own encode_ordinary_batch (its thread pool, one thread per core) with the GPT-2
+     encoding converted from the same tokenizer.json (packerd/tiktoken_convert.py; tiktoken's own "gpt2"
+     would need the network),
+  3. packerd end to end with each engine (--tokenizer-engine tiktoken, then hf): the real CLI, from process
+     start to a finished manifest (all chunks committed); also its steady rate, first to last chunk commit,
+  4. what users write instead: datasets `map(tokenize)` + `group_texts` (transformers' run_clm.py), saved to disk.
+Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl (web-sized documents, about 18 KB each) with the GPT-2
+tokenizer, repeated --copies times (each copy numbered, so nothing is deduplicated), written as jsonl shards
+of 8 copies (about 2 MB each, as datasets ship shards); falls back to builtin:pydoc + builtin:bpe when absent.
+The machine's speed drifts by 10-20% from minute to minute on shared hosts, so the four measurements rotate
+their order every round (after an untimed warm-up) and the table gives medians; the ratio columns are the
+medians of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -56,12 +60,23 @@ def bench_raw(texts: list[str], tok_dir: str) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int | None) -> tuple[float, float, int, float]:
+def bench_tiktoken(texts: list[str], tok_dir: str) -> tuple[float, int]:
+    """tiktoken's encode_ordinary_batch over all documents at once, one thread per core (EOS counted)."""
+    sys.path.insert(0, str(ROOT))
+    from packerd.tiktoken_convert import to_tiktoken
+    enc, _ = to_tiktoken(Path(tok_dir, "tokenizer.json").read_text())
+    t0 = time.perf_counter()
+    n = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1))
+    return n / (time.perf_counter() - t0), n
+
+
+def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int | None,
+                  engine: str) -> tuple[float, float, int, float]:
     """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token) of one packerd run into a new cache."""
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src), "--tokenizer",
-           tok_dir, "--seq-len", "1024", "--endpoint", f"ipc://{work}/bench.sock"]
+           tok_dir, "--seq-len", "1024", "--endpoint", f"ipc://{work}/bench.sock", "--tokenizer-engine", engine]
     if workers:
         cmd += ["--workers", str(workers)]
     if level is not None:
@@ -103,16 +118,67 @@ def bench_datasets(src: Path, tok_dir: str, work: Path, nproc: int) -> tuple[flo
     return n / dt, n, dir_bytes(work / "grouped") / n
 
 
+ENGINES = ("tiktoken", "hf")
+
+
+def rounds(texts: list[str], src: Path, tok_dir: str, work: Path, args) -> dict[str, list]:
+    """Each measurement per round, in an order that rotates every round (a drift within a round favours none)."""
+    runs = {"raw hf": lambda: bench_raw(texts, tok_dir), "raw tiktoken": lambda: bench_tiktoken(texts, tok_dir)}
+    for e in ENGINES:
+        runs[e] = lambda e=e: bench_packerd(src, tok_dir, work, args.workers, args.lz4_level, e)
+    names = list(runs)
+    out: dict[str, list] = {n: [] for n in names}
+    # warm-up, untimed: on this host the first half minute after an idle spell runs faster (burst credit),
+    # which would otherwise favour whichever side runs first
+    bench_raw(texts[: len(texts) // 4], tok_dir)
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            out[n].append(runs[n]())
+        raw = out["raw hf"][-1][0]
+        print(f"round {r + 1}: raw hf {raw:,.0f}, raw tiktoken {out['raw tiktoken'][-1][0]:,.0f}, "
+              + ", ".join(f"packerd {e} {out[e][-1][0]:,.0f} end to end, {out[e][-1][1]:,.0f} steady" for e in ENGINES)
+              + " tok/s", flush=True)
+    counts = {n: v[-1][2] if n in ENGINES else v[-1][1] for n, v in out.items()}
+    assert len(set(counts.values())) == 1, counts  # the same tokens everywhere, EOS included
+    return out
+
+
+def report(out: dict[str, list], ds: tuple | None, name: str, ntexts: int, args) -> None:
+    med = statistics.median
+    raw_hf = [r[0] for r in out["raw hf"]]
+    raw_tt = [r[0] for r in out["raw tiktoken"]]
+
+    def row(label: str, rates: list[float], bpt) -> None:
+        vs_hf = med(x / h for x, h in zip(rates, raw_hf))
+        vs_tt = med(x / t for x, t in zip(rates, raw_tt))
+        bpt = f"{bpt:.2f}" if isinstance(bpt, float) else bpt
+        print(f"{label:58s} {med(rates):12,.0f} {vs_hf:7.2f} {vs_tt:8.2f} {bpt:>12s}")
+    print(f"\ncorpus: {name} x {args.copies} copies, {ntexts:,} documents, {out['raw hf'][0][1]:,} tokens; "
+          f"{os.cpu_count()} cores; python {sys.version.split()[0]}; medians of {args.rounds} rotating rounds")
+    print(f"{'pipeline':58s} {'tokens/s':>12s} {'vs hf':>7s} {'vs tt':>8s} {'bytes/token':>12s}")
+    row("raw tokenizers encode_batch_fast (no disk)", raw_hf, "-")
+    row("raw tiktoken encode_ordinary_batch (no disk)", raw_tt, "-")
+    for e in ENGINES:
+        row(f"packerd --tokenizer-engine {e} (process start to finished)", [r[0] for r in out[e]], out[e][-1][3])
+        row(f"packerd --tokenizer-engine {e} (steady: first to last commit)", [r[1] for r in out[e]], out[e][-1][3])
+    if ds is not None:
+        row("datasets map + group_texts + save_to_disk", [ds[0]] * len(raw_hf), ds[2])
+    print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"
+          + (f" --workers {args.workers}" if args.workers else "")
+          + (f" --lz4-level {args.lz4_level}" if args.lz4_level is not None else "")
+          + (" --no-datasets" if args.no_datasets else ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--copies", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="packerd --workers (0: one per core)")
     ap.add_argument("--lz4-level", type=int, help="packerd --lz4-level (default: packerd's)")
+    ap.add_argument("--no-datasets", action="store_true", help="leave out the datasets pipeline (its row is slow)")
     args = ap.parse_args()
     base, tok_dir, name = corpus()
     texts = [f"{k} {t}" for k in range(args.copies) for t in base]
-    cores = os.cpu_count()
     per_file = 8 * len(base)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -120,38 +186,13 @@ def main() -> None:
         src.mkdir()
         for k in range(0, len(texts), per_file):
             with open(src / f"part{k // per_file:03d}.jsonl", "w") as f:
-                for t in texts[k:k + per_file]:
-                    f.write(json.dumps({"text": t}) + "\n")
-        raws, packs, steadies, ratios = [], [], [], []
-        # warm-up, untimed: on this host the first half minute after an idle spell runs faster (burst
-        # credit), which would otherwise favour whichever side runs first
-        bench_raw(texts[: len(texts) // 4], tok_dir)
-        for r in range(args.rounds):
-            if r % 2 == 0:  # the order alternates too (ABBA), so a drift within a round favours neither
-                raw, n_raw = bench_raw(texts, tok_dir)
-                pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level)
-            else:
-                pk, steady, n_pk, bpt_pk = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level)
-                raw, n_raw = bench_raw(texts, tok_dir)
-            raws.append(raw), packs.append(pk), steadies.append(steady), ratios.append(pk / raw)
-            print(f"round {r + 1}: raw {raw:,.0f} tok/s, packerd {pk:,.0f} tok/s end to end ({pk / raw:.2f}), "
-                  f"steady {steady:,.0f} tok/s ({steady / raw:.2f})", flush=True)
-        assert n_pk == n_raw, (n_pk, n_raw)  # the same tokens, EOS included
-        (work / "p").mkdir()
-        ds, n_ds, bpt_ds = bench_datasets(src, tok_dir, work / "p", cores)
-    med = statistics.median
-    raw = med(raws)
-    print(f"\ncorpus: {name} x {args.copies} copies, {len(texts):,} documents, {n_raw:,} tokens; {cores} cores; "
-          f"python {sys.version.split()[0]}; medians of {args.rounds} alternating rounds")
-    print(f"{'pipeline':48s} {'tokens/s':>12s} {'vs raw':>7s} {'bytes/token':>12s}")
-    print(f"{'raw tokenizer (encode_batch_fast, no disk)':48s} {raw:12,.0f} {1.0:7.2f} {'-':>12s}")
-    print(f"{'packerd run (process start to finished)':48s} {med(packs):12,.0f} {med(ratios):7.2f} {bpt_pk:12.2f}")
-    print(f"{'packerd run (steady: first to last commit)':48s} {med(steadies):12,.0f} "
-          f"{med(s / r for s, r in zip(steadies, raws)):7.2f} {bpt_pk:12.2f}")
-    print(f"{'datasets map + group_texts + save_to_disk':48s} {ds:12,.0f} {ds / raw:7.2f} {bpt_ds:12.2f}")
-    print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"
-          + (f" --workers {args.workers}" if args.workers else "")
-          + (f" --lz4-level {args.lz4_level}" if args.lz4_level is not None else ""))
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[k:k + per_file])
+        out = rounds(texts, src, tok_dir, work, args)
+        ds = None
+        if not args.no_datasets:
+            (work / "p").mkdir()
+            ds = bench_datasets(src, tok_dir, work / "p", os.cpu_count())
+    report(out, ds, name, len(texts), args)
 
 
 if __name__ == "__main__":

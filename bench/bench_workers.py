@@ -3,7 +3,7 @@
     python bench/bench_workers.py [--copies 16] [--rounds 5] [--workers N]
 
 Both sides encode the same batches of about 256 KB of text (packerd's batch size) with packerd's encoder
-(`BatchEncoder`: encode_batch_fast, EOS appended, ids into one numpy array), `--workers` at a time:
+(`BatchEncoder` with the hf engine: encode_batch_fast, EOS appended, ids into one numpy array), `--workers` at a time:
   - threads: one tokenizer shared by a thread pool in this process (what packerd does; `tokenizers`
     releases the GIL while it encodes),
   - processes: a spawn pool of worker processes, each with its own copy of the tokenizer (packerd's first
@@ -32,10 +32,10 @@ _proc_encoder = None
 
 def _init_process(tok_spec: str, dtype: str) -> None:
     global _proc_encoder
-    from packerd.tokenizer import BatchEncoder
+    from packerd.tokenizer import BatchEncoder, Engine
     from shared.tokenizer import load_tokenizer
     tok = load_tokenizer(tok_spec)
-    _proc_encoder = BatchEncoder(tok.backend, tok.eos_id, dtype)
+    _proc_encoder = BatchEncoder(Engine("hf", tok), tok.eos_id, dtype)
 
 
 def _encode_in_process(texts: list[str]):
@@ -64,14 +64,14 @@ def main() -> None:
 
     from bench_packerd import corpus
     from packerd.pack import BATCH_CHARS
-    from packerd.tokenizer import BatchEncoder
+    from packerd.tokenizer import BatchEncoder, Engine
     from shared.tokenizer import load_tokenizer
     texts, tok_spec, label = corpus()
     texts = [f"[{c}] {t}" for c in range(args.copies) for t in texts]
     batches = batches_of(texts, BATCH_CHARS)
     tok = load_tokenizer(tok_spec)
     dtype = "<u2" if tok.vocab_size <= 65536 else "<u4"
-    encoder = BatchEncoder(tok.backend, tok.eos_id, dtype)
+    encoder = BatchEncoder(Engine("hf", tok), tok.eos_id, dtype)
     threads = ThreadPoolExecutor(args.workers)
     procs = mp.get_context("spawn").Pool(args.workers, _init_process, (tok_spec, dtype))
     procs.map(abs, range(args.workers))  # started and initialised before timing

@@ -28,6 +28,7 @@ from .holdout import HOLDOUT_HASH, MAX_FRACTION, holdout_record
 from .pack import Packer, PackError, Progress
 from .shard import FILE_HASH, Shard, ShardError
 from .source import DEFAULT_HF, Source, SourceError, keep_torch_out
+from .tokenizer import ENGINES, EngineError, choose_engine
 
 log = logging.getLogger("packerd")
 
@@ -38,6 +39,9 @@ class PackerConfig:
     source: list[str] = opt([], "Sources: hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, builtin:stdlib, or local files/folders/globs "
                                 "(none: FineWeb-Edu sample-10BT, or builtin:pydoc with the builtin:bpe tokenizer).")
     tokenizer: str = opt("", "Hugging Face tokenizer: hub name, local folder, tokenizer.json, or builtin:bpe.")
+    tokenizer_engine: str = opt("auto", "What encodes: tiktoken (the tokenizer converted, where that is exact), hf "
+                                        "(tokenizers), or auto (tiktoken where exact, else hf). The same ids either way.",
+                                choices=ENGINES)
     eos: str | None = opt(None, "EOS token to append after each document when the tokenizer names none.")
     text_field: str = opt("text", "Field of each record that holds the document text.")
     seq_len: int = opt(512, "Tokens per packed sequence.")
@@ -103,6 +107,8 @@ def main(verbose: bool) -> None:
 @click.option("--source", multiple=True, help="hf:NAME[:CONFIG[:SPLIT]], builtin:pydoc, builtin:stdlib, or a local file/folder/glob. "
               f"Repeatable. Default: {DEFAULT_HF} (builtin:pydoc with --tokenizer builtin:bpe).")
 @click.option("--tokenizer", help="Hub name, local folder, tokenizer.json, or builtin:bpe.")
+@click.option("--tokenizer-engine", type=click.Choice(ENGINES), help="auto (default): tiktoken where it encodes exactly "
+              "like the tokenizer, else hf (tokenizers); or force one. The cache is the same bytes either way.")
 @click.option("--eos", help="EOS token, for tokenizers that name none.")
 @click.option("--text-field", help="Record field holding the text (default text).")
 @click.option("--seq-len", type=int, help="Tokens per sequence (default 512).")
@@ -165,6 +171,11 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
         tok = load_tokenizer(cfg.tokenizer, cfg.eos)
     except TokenizerError as e:
         raise _fail(str(e))
+    try:
+        engine, why = choose_engine(tok, cfg.tokenizer_engine)
+    except EngineError as e:
+        raise _fail(str(e))
+    log.info("tokenizer engine %s (%s)", engine.name, why)
     known = [] if force_rebuild else [_existing_manifest(cache_dir), _existing_manifest(cache_dir / HOLDOUT_DIR)]
     try:
         Source(cfg.source, cfg.text_field, _known_files(*known), _shard(cfg, *known))
@@ -181,7 +192,7 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
     except LockHeld as e:
         raise _fail(f"another packer is running on this cache: {e}")
     try:
-        _pack_locked(cfg, cache_dir, tok, force_rebuild, yes)
+        _pack_locked(cfg, cache_dir, tok, engine, force_rebuild, yes)
     finally:
         lock.release()
         if created and not any((d / MANIFEST_NAME).exists() for d in (cache_dir, cache_dir / HOLDOUT_DIR)):
@@ -204,7 +215,7 @@ def _shard(cfg: PackerConfig, *manifests: Manifest | None) -> Shard | None:
     return Shard.parse(cfg.shard, recorded.get("files"))
 
 
-def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, yes: bool) -> None:
+def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, engine, force_rebuild: bool, yes: bool) -> None:
     if force_rebuild:
         _clear(cache_dir, yes)
     manifest = _check_or_create(load_manifest(cache_dir), cfg, tok, cache_dir)
@@ -231,12 +242,14 @@ def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, force_rebuild: bool, y
                      if cfg.mode == "forward" else None)
     except OSError as e:
         raise _fail(str(e))
-    if publisher:
-        for m in manifests:  # saved with the next commit
+    for m in manifests:
+        if publisher:  # saved with the next commit
             m.endpoint = connect_address(cfg.endpoint)
-    progress = Progress()
+        _record_engine(m, engine.name)
+    progress = Progress(engine=engine.name)
     packer = Packer(cache_dir, manifest, source, tok, workers, manifest.lz4_level, publisher, stop,
-                    cfg.estimate_tokens, progress, holdout=held, max_tokens_per_s=cfg.max_tokens_per_s)
+                    cfg.estimate_tokens, progress, holdout=held, max_tokens_per_s=cfg.max_tokens_per_s,
+                    engine=engine)
     try:
         if cfg.mode == "inverse":
             _regenerate(packer)
@@ -271,6 +284,14 @@ def connect_address(endpoint: str) -> str:
     if "." not in name or name.startswith("localhost"):
         name = socket.gethostname()
     return f"tcp://{name}:{port}"
+
+
+def _record_engine(m: Manifest, engine: str) -> None:
+    """Note this session's engine in the manifest (saved with its next commit) from the next chunk on."""
+    sessions = [s for s in m.tokenizer_engines or [] if s["from_chunk"] < m.next_chunk_id()]
+    if not sessions or sessions[-1]["engine"] != engine:
+        sessions.append({"engine": engine, "from_chunk": m.next_chunk_id()})
+    m.tokenizer_engines = sessions
 
 
 def _holdout(cfg: PackerConfig, cache_dir: Path, tok) -> tuple[Path, Manifest] | None:
@@ -418,7 +439,7 @@ def status(cache_dir, as_json) -> None:
     t = m.totals()
     info = {**t, "seq_len": m.seq_len, "dtype": m.dtype, "tokenizer": m.tokenizer["name"],
             "documents": m.documents, "skipped": m.skipped, "estimate": m.estimate, "finished": m.finished,
-            "sources": m.sources}
+            "sources": m.sources, "tokenizer_engines": m.tokenizer_engines}
     held = _holdout_status(Path(cache_dir), m)
     if held is not None:
         info["holdout"] = held
@@ -440,6 +461,8 @@ def status(cache_dir, as_json) -> None:
     click.echo(f"bytes/token  {t['bytes_per_token'] or 0:.3f} ({t['bytes']:,} bytes)")
     click.echo("estimate     " + (f"{est:,} tokens ({m.estimate.get('method')})" if est else "unknown"))
     click.echo(f"tokenizer    {m.tokenizer['name']} (vocab {m.tokenizer['vocab_size']:,}, eos {m.tokenizer['eos_id']})")
+    if m.tokenizer_engines:
+        click.echo("engines      " + ", ".join(f"{s['engine']} from chunk {s['from_chunk']}" for s in m.tokenizer_engines))
     click.echo(f"finished     {'yes' if m.finished else 'no'}")
     if m.shard:
         click.echo(f"shard        {m.shard['spec']} of the sources (local files split: {m.shard['files']})")

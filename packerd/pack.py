@@ -35,7 +35,7 @@ from shared.tokenizer import TokenizerInfo
 
 from .holdout import held_out
 from .source import Source, SourceError
-from .tokenizer import BatchEncoder
+from .tokenizer import GUARD_EVERY, BatchEncoder, Diverged, Engine
 
 log = logging.getLogger("packerd")
 
@@ -111,7 +111,8 @@ class TokenStream:
 class Progress:
     """A status line: refreshed in place on a TTY, a plain log line every `every` seconds otherwise."""
 
-    def __init__(self, every: float = 10.0, stream=sys.stderr):
+    def __init__(self, every: float = 10.0, stream=sys.stderr, engine: str = ""):
+        self.engine = f" ({engine})" if engine else ""  # the tokenizer engine, named after the rate
         self.stream = stream
         self.tty = stream.isatty()
         self.every = 0.5 if self.tty else every
@@ -134,7 +135,7 @@ class Progress:
             eta = f" | est {100 * t['tokens'] / est:5.1f}% ETA {int(left // 3600):02d}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         bpt = f"{t['bytes_per_token']:.2f}" if t["bytes_per_token"] else "-"
         line = (f"chunks {t['chunks']:,} | sequences {t['sequences']:,} | tokens {t['tokens']:,} | "
-                f"{self.tokens / dt:,.0f} tok/s | {self.docs / dt:,.0f} docs/s | {bpt} bytes/token{eta}")
+                f"{self.tokens / dt:,.0f} tok/s{self.engine} | {self.docs / dt:,.0f} docs/s | {bpt} bytes/token{eta}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:
@@ -291,8 +292,10 @@ class Packer:
     def __init__(self, cache_dir: Path, manifest: Manifest, source: Source, tok: TokenizerInfo,
                  workers: int, level: int, publisher=None, stop: threading.Event | None = None,
                  estimate_tokens: int | None = None, progress: Progress | None = None,
-                 holdout: tuple[Path, Manifest] | None = None, max_tokens_per_s: int = 0):
+                 holdout: tuple[Path, Manifest] | None = None, max_tokens_per_s: int = 0,
+                 engine: Engine | None = None):
         self.source = source
+        self.engine = engine or Engine("hf", tok)
         self.max_rate = max_tokens_per_s
         self._paced: tuple[float, int] | None = None  # (when pacing began, tokens handed over since)
         self.tok = tok
@@ -342,17 +345,21 @@ class Packer:
             yield batch()
 
     def _tokenized(self, batches: Iterator[Batch]):
-        """(batch, tokens, lengths) in source order; at most IN_FLIGHT batches per worker in flight."""
+        """(batch, tokens, lengths) in source order; at most IN_FLIGHT batches per worker in flight.
+
+        Every GUARD_EVERY-th batch of the session, the first included, is also encoded by `tokenizers` and
+        compared (packerd/tokenizer.py): a difference is a PackError before the batch reaches a cache."""
         self.start_workers()
+        numbered = ((b, n % GUARD_EVERY == 0) for n, b in enumerate(batches))
         if self._pool is None:
-            for b in batches:
-                yield (b, *self._encode(b.texts))
+            for b, guard in numbered:
+                yield (b, *self._encode_checked(b, guard))
             return
         pending: deque = deque()
         error = None
         try:
-            for b in batches:
-                pending.append((b, self._pool.submit(self._encode, b.texts)))
+            for b, guard in numbered:
+                pending.append((b, self._pool.submit(self._encode_checked, b, guard)))
                 if len(pending) >= IN_FLIGHT * self.workers:
                     b, r = pending.popleft()
                     yield (b, *r.result())
@@ -364,13 +371,22 @@ class Packer:
         if error is not None:
             raise error
 
+    def _encode_checked(self, b: Batch, guard: bool) -> tuple[np.ndarray, np.ndarray]:
+        first = int(b.idx[0]) if len(b.idx) else None
+        try:
+            return self._encode(b.texts, first, guard)
+        except Diverged as e:
+            raise PackError(f"tokenizer engines differ: {self.engine.name} and tokenizers encode document "
+                            f"{int(b.idx[e.position])} differently; nothing of its batch was committed "
+                            f"(pack with --tokenizer-engine hf, and report the document)") from None
+
     def start_workers(self) -> None:
         """Load the tokenizer and start the tokenizer threads (none with workers=0: encode inline).
 
         Threads, not processes: `tokenizers` and LZ4 release the GIL for the work itself, and threads
         share one tokenizer in memory (measured faster per token; README, Packer throughput)."""
         if self._encode is None:
-            self._encode = BatchEncoder(self.tok.backend, self.tok.eos_id, self.dtype.str)
+            self._encode = BatchEncoder(self.engine, self.tok.eos_id, self.dtype.str)
         if self._pool is None and self.workers > 0:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tokenize")
 

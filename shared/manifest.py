@@ -70,6 +70,10 @@ class Manifest:
     # tcp://*:5557 recorded with the packer's host name); rewritten by each run that announces, so that a trainer given only the folder
     # subscribes to it
     endpoint: str | None = None
+    # the tokenizer engine of each packing session that committed chunks ([{"engine": "tiktoken",
+    # "from_chunk": 0}, ...]): for the record only; every engine packs the same bytes, so it is not part
+    # of the tokenizer identity that trainers compare. Absent in caches packed before engines existed.
+    tokenizer_engines: list | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
@@ -114,7 +118,7 @@ class Manifest:
     # a list of objects, which matters once a cache holds tens of thousands of chunks (the packer writes
     # the manifest on every commit, the trainer re-reads it on every notification)
     _COLUMNS = ("id", "sequences", "tokens", "bytes", "checksum", "documents", "committed_at")
-    _OPTIONAL = ("holdout", "holdout_of", "shard", "endpoint")  # written only when set
+    _OPTIONAL = ("holdout", "holdout_of", "shard", "endpoint", "tokenizer_engines")  # written only when set
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "chunks"
