@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from packerd.pack import build_chunk
 from shared.chunk import ChunkError, decode_chunk, encode_chunk, read_header
 from shared.manifest import ChunkEntry, Manifest, load_manifest
-from packerd.pack import build_chunk
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])

@@ -7,8 +7,15 @@ import pytest
 import shared.manifest as manifest_mod
 from shared.cache import CacheError, CacheReplaced, open_cache
 from shared.commitlog import LOG_HEADER_SIZE, parse_records
-from shared.manifest import (LOG_NAME, MANIFEST_NAME, ChunkEntry, Manifest, ManifestWriter, load_manifest,
-                             read_manifest)
+from shared.manifest import (
+    LOG_NAME,
+    MANIFEST_NAME,
+    ChunkEntry,
+    Manifest,
+    ManifestWriter,
+    load_manifest,
+    read_manifest,
+)
 
 
 def new_manifest() -> Manifest:
@@ -52,7 +59,7 @@ def test_every_commit_is_read_back_whole(tmp_path):
         assert same(back, m), k
     assert back.total_sequences == 4 * 29
     snap = json.loads((tmp_path / MANIFEST_NAME).read_bytes())
-    assert snap["version"] == 2 and list(snap)[0] == "log"
+    assert snap["version"] == 2 and next(iter(snap)) == "log"
     assert len(snap["chunks"]["id"]) == 29 and snap["finished"]  # finished: manifest.json complete on its own
     assert snap["totals"]["chunks"] == 29
 
@@ -108,7 +115,7 @@ def test_a_torn_last_record_is_ignored_and_cut_off_by_the_next_writer(tmp_path, 
     w.commit(again)
     assert same(load_manifest(tmp_path), again)
     assert cache.refresh() and len(cache.chunks) == 6
-    payloads, end = parse_records(read_manifest(tmp_path)[1].id, log.read_bytes()[LOG_HEADER_SIZE:], LOG_HEADER_SIZE)
+    _, end = parse_records(read_manifest(tmp_path)[1].id, log.read_bytes()[LOG_HEADER_SIZE:], LOG_HEADER_SIZE)
     assert end == log.stat().st_size                       # nothing invalid left in the log
 
 
@@ -128,8 +135,7 @@ def test_refresh_reads_only_new_records_into_the_same_manifest(tmp_path, monkeyp
 
 
 def test_a_rebuilt_cache_is_named_and_a_deleted_one_is_gone(tmp_path):
-    m, w = commit_n(tmp_path, 4)
-    w.close()
+    commit_n(tmp_path, 4)[1].close()
     cache = open_cache(tmp_path)
     (tmp_path / MANIFEST_NAME).unlink()                    # packerd --force-rebuild: snapshot, then log
     (tmp_path / LOG_NAME).unlink()
