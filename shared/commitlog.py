@@ -126,11 +126,18 @@ class LogWriter:
         if self.appends == self._tear_at:
             os.pwrite(self.fd, rec[:len(rec) // 2], self.end)
             os.kill(os.getpid(), signal.SIGKILL)
-        n = os.pwrite(self.fd, rec, self.end)
-        if n != len(rec):  # a short write (disk full): cut it off so the log stays whole, then fail
-            os.ftruncate(self.fd, self.end)
-            raise OSError(f"short write to {self.path} ({n} of {len(rec)} bytes)")
-        os.fdatasync(self.fd)
+        try:
+            n = os.pwrite(self.fd, rec, self.end)
+            if n != len(rec):
+                raise OSError(f"short write to {self.path} ({n} of {len(rec)} bytes)")
+            os.fdatasync(self.fd)
+        except BaseException:
+            # (disk full, say) cut off what part of it got written, so a later append follows a valid record
+            try:
+                os.ftruncate(self.fd, self.end)
+            except OSError:
+                pass  # the next writer cuts it off when it opens the log
+            raise
         self.end += n
         return self.end
 

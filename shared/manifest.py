@@ -319,7 +319,11 @@ class ManifestWriter:
         if disk is None or pos is None:
             log_id = create_log(self.dir / LOG_NAME)  # replaces an older log no snapshot names
             self.log = LogWriter(self.dir / LOG_NAME, log_id, LOG_HEADER_SIZE)
-            self._snapshot(m)
+            try:
+                self._snapshot(m)
+            except BaseException:
+                self.close()  # no snapshot names this log yet: the next commit starts over
+                raise
             return False
         k = len(disk.chunks)
         if k > len(m.chunks) or (k and m.chunks[k - 1].checksum != disk.chunks[-1].checksum):
