@@ -130,15 +130,17 @@ class LogWriter:
             n = os.pwrite(self.fd, rec, self.end)
             if n != len(rec):
                 raise OSError(f"short write to {self.path} ({n} of {len(rec)} bytes)")
-            os.fdatasync(self.fd)
         except BaseException:
-            # (disk full, say) cut off what part of it got written, so a later append follows a valid record
+            # (disk full, say) cut off what part of it got written, so a later append follows a valid record;
+            # no reader has taken a part of a record. A whole record stays even when the fsync below fails:
+            # a reader may have taken it already.
             try:
                 os.ftruncate(self.fd, self.end)
             except OSError:
                 pass  # the next writer cuts it off when it opens the log
             raise
         self.end += n
+        os.fdatasync(self.fd)
         return self.end
 
     def close(self) -> None:
