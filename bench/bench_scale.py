@@ -4,10 +4,12 @@ trainer's plan growth, and the checkpoint's data state. Old full-rewrite figures
     python bench/bench_scale.py [--sizes 1000,10000,100000,1000000] [--commits 30] [--folder /tmp]
 
 The caches are synthetic: manifests of N entries with no chunk files (nothing here reads a chunk).
-Per size it prints medians over --commits commits (the old figures over fewer repetitions at 10^5 and up,
-where each takes seconds):
+All sizes are built first, then take turns commit by commit (so the drift of the disk's fsync time falls on
+all alike); per size it prints medians over --commits commits, then the old figures (fewer repetitions at 10^5
+and up, where each takes seconds):
 
-  commit ms       new: ManifestWriter.commit of one chunk (one log record appended, fdatasync);
+  commit ms       new: ManifestWriter.commit of one chunk (one log record appended, fdatasync), wall and
+                  the CPU time of this process (fsync waits excluded);
                   old: Manifest.save, the whole manifest.json rewritten (temporary, fsync, rename), as every
                   commit did before the commit log
   snapshot ms     one snapshot rewrite, and that cost spread over the commits between two rewrites
@@ -73,40 +75,46 @@ def grow_figures(cache) -> tuple:
     return plan, len(buf.getbuffer())
 
 
-def one_size(n: int, commits: int, folder: Path) -> dict:
-    new, old = folder / f"new-{n}", folder / f"old-{n}"
-    new.mkdir()
-    old.mkdir()
-    m = synthetic(n)
-    w = ManifestWriter(new)
-    w.commit(m)                                      # the log and its first snapshot: O(n), once
-    snap_ms = ms(lambda: w._snapshot(m))
-    snap_bytes = (new / "manifest.json").stat().st_size
-    cache = open_cache(new)
-    plan, state_bytes = grow_figures(cache)
-    step = plan.total_steps // 2
-    commit_ms, refresh_ms, grow_ms = [], [], []
-    for _ in range(commits):
-        m.chunks.append(entry(len(m.chunks)))
-        commit_ms.append(ms(lambda: w.commit(m)))
-        refresh_ms.append(ms(cache.refresh))
-        assert len(cache.chunks) == len(m.chunks)
-        grow_ms.append(ms(lambda: plan.grow(len(cache.chunks), False, step)))
-    w.close()
-    record = len((new / "manifest.log").read_bytes()) / (commits + 1)  # about: the log holds the commits above
-    per = max(SNAPSHOT_MIN_BYTES, snap_bytes) / record  # commits between two snapshot rewrites
-    reps = commits if n <= 10_000 else (5 if n <= 100_000 else 2)
-    old_commit, old_refresh = [], []
-    m.save(old)
-    prev = load_manifest(old)
-    for _ in range(reps):
-        m.chunks.append(entry(len(m.chunks)))
-        old_commit.append(ms(lambda: m.save(old)))
-        old_refresh.append(ms(lambda: replaced_reason(prev, load_manifest(old))))
-    med = statistics.median
-    return {"n": n, "commit": med(commit_ms), "commit_max": max(commit_ms), "old_commit": med(old_commit),
-            "snapshot": snap_ms, "snapshot_per_commit": snap_ms / per, "refresh": med(refresh_ms),
-            "old_refresh": med(old_refresh), "grow": med(grow_ms), "state_bytes": state_bytes}
+class Size:
+    """One synthetic cache of n chunks: its writer, a follower's Cache on it, and a DataPlan over that."""
+
+    def __init__(self, n: int, folder: Path):
+        self.n, self.new, self.old = n, folder / f"new-{n}", folder / f"old-{n}"
+        self.new.mkdir()
+        self.old.mkdir()
+        self.m = synthetic(n)
+        self.w = ManifestWriter(self.new)
+        self.w.commit(self.m)                        # the log and its first snapshot: O(n), once
+        self.snap_ms = ms(lambda: self.w._snapshot(self.m))
+        self.snap_bytes = (self.new / "manifest.json").stat().st_size
+        self.cache = open_cache(self.new)
+        self.plan, self.state_bytes = grow_figures(self.cache)
+        self.step = self.plan.total_steps // 2
+        self.commit_ms, self.commit_cpu, self.refresh_ms, self.grow_ms = [], [], [], []
+
+    def one_commit(self) -> None:
+        self.m.chunks.append(entry(len(self.m.chunks)))
+        cpu = time.process_time()
+        self.commit_ms.append(ms(lambda: self.w.commit(self.m)))
+        self.commit_cpu.append((time.process_time() - cpu) * 1000)
+        self.refresh_ms.append(ms(self.cache.refresh))
+        assert len(self.cache.chunks) == len(self.m.chunks)
+        self.grow_ms.append(ms(lambda: self.plan.grow(len(self.cache.chunks), False, self.step)))
+
+    def old_figures(self, reps: int) -> tuple[float, float]:
+        """The whole manifest.json rewritten per commit, and read whole and compared per refresh."""
+        self.m.save(self.old)
+        prev = load_manifest(self.old)
+        commit, refresh = [], []
+        for _ in range(reps):
+            self.m.chunks.append(entry(len(self.m.chunks)))
+            commit.append(ms(lambda: self.m.save(self.old)))
+            refresh.append(ms(lambda: replaced_reason(prev, load_manifest(self.old))))
+        return statistics.median(commit), statistics.median(refresh)
+
+    def release(self) -> None:
+        self.w.close()
+        self.m = self.cache = self.plan = None
 
 
 def main() -> None:
@@ -115,14 +123,23 @@ def main() -> None:
     ap.add_argument("--commits", type=int, default=30)
     ap.add_argument("--folder", default=None, help="where the synthetic caches go (default: a temporary folder)")
     a = ap.parse_args()
-    print("chunks     | commit ms: new (max)   old | snapshot ms (per commit) | refresh ms: new    old | "
-          "grow ms | state bytes")
+    med = statistics.median
     with tempfile.TemporaryDirectory(dir=a.folder) as tmp:
-        for n in (int(x) for x in a.sizes.split(",")):
-            r = one_size(n, a.commits, Path(tmp))
-            print(f"{r['n']:>10,} | {r['commit']:8.3f} ({r['commit_max']:6.3f}) {r['old_commit']:9.1f} | "
-                  f"{r['snapshot']:9.1f} ({r['snapshot_per_commit']:7.4f})    | {r['refresh']:8.3f} {r['old_refresh']:9.1f} | "
-                  f"{r['grow']:7.2f} | {r['state_bytes']:,}", flush=True)
+        sizes = [Size(int(x), Path(tmp)) for x in a.sizes.split(",")]
+        # the sizes take turns commit by commit: the disk's fsync time drifts, and so it drifts for all alike
+        for _ in range(a.commits):
+            for z in sizes:
+                z.one_commit()
+        print("chunks     | commit ms: new (max) CPU   old | snapshot ms (per commit) | refresh ms: new    old | "
+              "grow ms | state bytes")
+        for z in sizes:
+            record = (z.new / "manifest.log").stat().st_size / (a.commits + 1)
+            per = max(SNAPSHOT_MIN_BYTES, z.snap_bytes) / record  # commits between two snapshot rewrites
+            old_commit, old_refresh = z.old_figures(a.commits if z.n <= 10_000 else (5 if z.n <= 100_000 else 2))
+            print(f"{z.n:>10,} | {med(z.commit_ms):8.3f} ({max(z.commit_ms):6.3f}) {med(z.commit_cpu):5.2f} "
+                  f"{old_commit:9.1f} | {z.snap_ms:9.1f} ({z.snap_ms / per:7.4f})    | {med(z.refresh_ms):8.3f} "
+                  f"{old_refresh:9.1f} | {med(z.grow_ms):7.2f} | {z.state_bytes:,}", flush=True)
+            z.release()
 
 
 if __name__ == "__main__":
