@@ -35,6 +35,7 @@ ITEMS = {
     "5": "a flipped byte in N chunks",
     "6": "disk full while checkpointing",
     "7": "a second packer / trainer on the same cache / run",
+    "8": "packerd SIGKILL mid-append to the manifest's commit log (a torn record)",
 }
 
 

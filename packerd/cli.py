@@ -20,7 +20,7 @@ from shared.cache import Cache, CorruptChunk, open_cache, QUARANTINE_DIR
 from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
 from shared.fsutil import FolderLock, LockHeld, fsync_dir, remove_temporaries
-from shared.manifest import HOLDOUT_DIR, MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from shared.manifest import HOLDOUT_DIR, LOG_NAME, MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, Publisher
 from shared.tokenizer import TokenizerError, load_tokenizer
 
@@ -359,9 +359,11 @@ def _ranges(ids: list[int]) -> str:
 def _clear(cache_dir: Path, yes: bool) -> None:
     if not yes and sys.stdin.isatty():
         click.confirm(f"Delete every chunk and the manifest in {cache_dir}?", abort=True)
-    # the manifests go first: from then on no reader trusts the chunk files that follow them
-    (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    (cache_dir / HOLDOUT_DIR / MANIFEST_NAME).unlink(missing_ok=True)
+    # the manifests go first: from then on no reader trusts the chunk files that follow them; each snapshot
+    # before its commit log, so no reader finds a snapshot whose log is gone (it would wait for it)
+    for d in (cache_dir, cache_dir / HOLDOUT_DIR):
+        (d / MANIFEST_NAME).unlink(missing_ok=True)
+        (d / LOG_NAME).unlink(missing_ok=True)
     shutil.rmtree(cache_dir / HOLDOUT_DIR, ignore_errors=True)  # a rebuild chooses its holdout anew
     for p in cache_dir.glob("chunk-*.lz4"):
         p.unlink()

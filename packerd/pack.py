@@ -10,8 +10,8 @@ its index (packerd/holdout.py), to the main cache or to the held-out one in CACH
 token stream, chunks, manifest and restart point (a CacheWriter); a restart reads from the earlier of the
 two points and gives a document to a cache only at or after that cache's own.
 
-Commit order for each chunk: chunk file (temporary name, fsync, rename, fsync folder) -> manifest
-(the same way) -> notification.
+Commit order for each chunk: chunk file (temporary name, fsync, rename, fsync folder) -> manifest (one
+record appended to its commit log and fsynced, shared/manifest.py ManifestWriter) -> notification.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from shared.chunk import Chunk, encode_chunk, file_checksum
 from shared.fsutil import atomic_write_bytes
-from shared.manifest import HOLDOUT_DIR, ChunkEntry, Manifest, chunk_filename
+from shared.manifest import HOLDOUT_DIR, ChunkEntry, Manifest, ManifestWriter, chunk_filename
 from shared.tokenizer import TokenizerInfo
 
 from .holdout import held_out
@@ -168,6 +168,7 @@ class CacheWriter:
         self.packer = packer
         self.dir = Path(cache_dir)
         self.m = manifest
+        self.writer = ManifestWriter(cache_dir)  # appends one commit-log record per commit
         self.held_out = held_out  # True: takes the documents the hash selects; False: all the others
         self.tag = {"cache": HOLDOUT_DIR} if held_out else {}  # the optional field of its notifications
         self.stream = TokenStream(manifest.total_tokens, packer.dtype)
@@ -261,7 +262,7 @@ class CacheWriter:
     def save_manifest(self) -> None:
         self.m.source_files = [f.to_json() for f in self.packer.source.files]
         self.m.estimate = self.packer.estimate(self)
-        self.m.save(self.dir)
+        self.writer.commit(self.m, snapshot=self.m.finished)  # a finished cache's manifest.json is complete
 
     def finish(self) -> None:
         """Mark the cache finished (its last chunk is committed) and announce it."""
@@ -404,6 +405,8 @@ class Packer:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        for w in self.writers:
+            w.writer.close()
 
     def _feed(self, writers: list[CacheWriter], start_doc: int):
         """Yield after each tokenized batch, read from record `start_doc` on, is handed to `writers`: each

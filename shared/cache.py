@@ -14,7 +14,18 @@ from typing import Iterator
 import numpy as np
 
 from .chunk import Chunk, ChunkError, decode_chunk, file_checksum
-from .manifest import ChunkEntry, Manifest, ManifestError, load_manifest
+from .commitlog import LogError, read_from
+from .manifest import (
+    LOG_NAME,
+    MANIFEST_NAME,
+    ChunkEntry,
+    LogPosition,
+    Manifest,
+    ManifestError,
+    apply_records,
+    read_manifest,
+    snapshot_log_id,
+)
 
 QUARANTINE_DIR = "quarantine"
 
@@ -85,33 +96,73 @@ class CorruptChunk(CacheError):
 
 
 class Cache:
-    def __init__(self, cache_dir: str | os.PathLike, manifest: Manifest):
+    def __init__(self, cache_dir: str | os.PathLike, manifest: Manifest, log: LogPosition | None = None):
         self.dir = Path(cache_dir)
         self.manifest = manifest
+        self.log = log  # where the commit log was read up to; None for a cache of manifest.json alone
 
     # -- manifest ------------------------------------------------------------------------------
     def refresh(self) -> bool:
-        """Re-read the manifest; True when it changed (more chunks, or finished). Raises CacheReplaced when
-        the folder holds another cache now, CacheError when its manifest is gone."""
-        m = self._read_same()
+        """Read what is new in the manifest; True when it changed (more chunks, or finished). Raises
+        CacheReplaced when the folder holds another cache now, CacheError when its manifest is gone.
+
+        With a commit log this reads only the records appended since the last read and applies them to
+        self.manifest in place (entries are only appended, so other threads' reads stay valid): its cost
+        does not depend on the number of chunks. A new log (a rebuilt cache, or one of version 1 continued
+        by a newer packer) means reading the whole manifest and comparing it, as for a version-1 cache."""
+        if self._same_log():
+            try:
+                payloads, end, _ = read_from(self.dir / LOG_NAME, self.log.id, self.log.offset)
+            except (FileNotFoundError, LogError):
+                payloads = None  # replaced between the check and the read: the whole way below
+            if payloads is not None:
+                try:
+                    apply_records(self.manifest, payloads)
+                except ManifestError as e:
+                    raise CacheError(f"{self.dir}: {e}") from None
+                self.log.offset = end
+                return bool(payloads)
+        m, log = self._read_same()
         changed = (len(m.chunks), m.finished, m.updated_at) != (
             len(self.manifest.chunks), self.manifest.finished, self.manifest.updated_at)
-        self.manifest = m
+        self.manifest, self.log = m, log
         return changed
 
     def check_unchanged(self) -> None:
-        """refresh()'s checks without taking the new manifest (other threads use self.manifest)."""
-        self._read_same()
+        """refresh()'s checks without taking anything new (other threads use self.manifest)."""
+        if not self._same_log():
+            self._read_same()
 
-    def _read_same(self) -> Manifest:
+    def _same_log(self) -> bool:
+        """True when the folder still holds the snapshot this reader read, or a newer one naming the same
+        commit log (a log id is random, new for every log created). CacheError when the manifest is gone."""
+        path = self.dir / MANIFEST_NAME
         try:
-            m = load_manifest(self.dir)
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise CacheError(f"{self.dir}: the manifest disappeared (the cache is being rebuilt or was deleted)") from None
+        if self.log is None:
+            return False
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key == self.log.snapshot_stat:
+            return True
+        try:
+            if snapshot_log_id(path) != self.log.id:
+                return False
+        except FileNotFoundError:
+            return False
+        self.log.snapshot_stat = key
+        return True
+
+    def _read_same(self) -> tuple[Manifest, LogPosition | None]:
+        try:
+            m, log = read_manifest(self.dir)
         except ManifestError as e:
             raise CacheError(str(e)) from None
         if m is None:
             raise CacheError(f"{self.dir}: the manifest disappeared (the cache is being rebuilt or was deleted)")
         check_same_cache(self.dir, self.manifest, m)
-        return m
+        return m, log
 
     @property
     def chunks(self) -> list[ChunkEntry]:
@@ -221,11 +272,11 @@ def open_cache(cache_dir: str | os.PathLike, wait: float = 0.0) -> Cache:
     deadline = time.monotonic() + wait
     while True:
         try:
-            manifest = load_manifest(cache_dir)
+            manifest, log = read_manifest(cache_dir)
         except ManifestError as e:
             raise CacheError(str(e)) from None
         if manifest is not None:
-            return Cache(cache_dir, manifest)
+            return Cache(cache_dir, manifest, log)
         if time.monotonic() >= deadline:
             if not Path(cache_dir).is_dir():
                 raise CacheError(f"cache folder {cache_dir} does not exist")

@@ -1,22 +1,40 @@
 """The manifest: the single source of truth of a cache folder.
 
 A chunk exists for readers only once the manifest lists it. The packer writes the chunk file first, then
-replaces `manifest.json` atomically (temporary file, fsync, rename), then announces the chunk. Readers
-never scan the folder for chunk files.
+commits it to the manifest, then announces the chunk. Readers never scan the folder for chunk files.
+
+The manifest is two files (version 2, written by ManifestWriter):
+
+    manifest.json   a snapshot: the whole manifest as of offset `log.offset` of the log it names, replaced
+                    atomically (temporary file, fsync, rename) now and then
+    manifest.log    the commit log (shared/commitlog.py): one checksummed record per commit, appended and
+                    fsynced, holding the new chunk entries and the top-level fields that changed
+
+so a commit costs the same at 10 and at 1,000,000 chunks. The manifest is the snapshot with the log's valid
+records from its offset on applied; a torn last record is not part of it. A cache of version 1 is
+manifest.json alone (no "log" key) and is still read; Manifest.save writes that form.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .commitlog import LOG_HEADER_SIZE, LogError, LogWriter, create_log, read_from
 from .fsutil import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
+LOG_NAME = "manifest.log"
 HOLDOUT_DIR = "holdout"  # CACHE/holdout/: the held-out cache (`packerd run --holdout`), a cache of its own
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 1     # manifest.json alone
+SNAPSHOT_VERSION = 2     # manifest.json naming a commit log (older readers refuse it rather than miss the log)
+SNAPSHOT_MIN_BYTES = 1 << 20  # the log grows at least this much before a new snapshot (about 7,000 commits)
+# a snapshot starts with its log's name, so a reader that sees a new snapshot tells a periodic rewrite (the
+# same log) from another cache by reading its first bytes instead of parsing all of it
+_SNAPSHOT_HEAD = re.compile(rb'\{"log":\{"id":"([0-9a-f]{16})","offset":(\d+)\}')
 
 
 class ManifestError(ValueError):
@@ -78,18 +96,33 @@ class Manifest:
     updated_at: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
 
-    # totals are derived, never stored separately from the chunk list they summarise
+    # totals are derived from the chunk list, never stored beside it; they are summed once per chunk and
+    # kept (the packer reads them on every commit): entries are only ever appended, never edited in place,
+    # and a list replaced or cut short is summed again
+    def _sums(self) -> tuple[int, int, int]:
+        c = self.__dict__.get("_sums_cache")
+        chunks, n = self.chunks, len(self.chunks)
+        if c is None or c[0] is not chunks or c[1] > n or (c[1] and chunks[c[1] - 1] is not c[2]):
+            c = self.__dict__["_sums_cache"] = [chunks, 0, None, 0, 0, 0]
+        if c[1] < n:
+            for e in chunks[c[1]:]:
+                c[3] += e.sequences
+                c[4] += e.tokens
+                c[5] += e.bytes
+            c[1], c[2] = n, chunks[n - 1]
+        return c[3], c[4], c[5]
+
     @property
     def total_sequences(self) -> int:
-        return sum(c.sequences for c in self.chunks)
+        return self._sums()[0]
 
     @property
     def total_tokens(self) -> int:
-        return sum(c.tokens for c in self.chunks)
+        return self._sums()[1]
 
     @property
     def total_bytes(self) -> int:
-        return sum(c.bytes for c in self.chunks)
+        return self._sums()[2]
 
     def totals(self) -> dict:
         seqs, toks, nbytes = self.total_sequences, self.total_tokens, self.total_bytes
@@ -134,10 +167,12 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
-        if d.get("version") != MANIFEST_VERSION:
+        if d.get("version") not in (MANIFEST_VERSION, SNAPSHOT_VERSION):
             raise ManifestError(f"manifest version {d.get('version')} is not supported")
         d = dict(d)
         d.pop("totals", None)
+        d.pop("log", None)
+        d["version"] = MANIFEST_VERSION  # the same Manifest either way: version 2 is only how it is stored
         cols = d.pop("chunks", None) or {}
         try:
             n = len(cols.get("id", []))
@@ -155,19 +190,177 @@ class Manifest:
             raise ManifestError(f"manifest has unexpected content: {e}") from None
 
     def save(self, cache_dir: str | os.PathLike) -> None:
+        """Write the whole manifest as a version-1 manifest.json (no commit log); packerd commits through
+        ManifestWriter instead."""
         self.updated_at = time.time()
-        data = json.dumps(self.to_json(), separators=(",", ":")).encode()
+        d = self.to_json()
+        d["version"] = MANIFEST_VERSION
+        data = json.dumps(d, separators=(",", ":")).encode()
         atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, data)
 
 
+# -- the commit log ---------------------------------------------------------------------------------
+_FIELDS = tuple(f.name for f in fields(Manifest) if f.name != "chunks")
+
+
+def _row(e: ChunkEntry) -> list:
+    return [e.id, e.sequences, e.tokens, e.bytes, e.checksum, e.documents, e.committed_at, *e.start, *e.end]
+
+
+def _entry(r: list) -> ChunkEntry:
+    i, s, t, b, c, doc, at, sd, so, ed, eo = r
+    return ChunkEntry(id=i, sequences=s, tokens=t, bytes=b, checksum=c, start=[sd, so], end=[ed, eo],
+                      documents=doc, committed_at=at)
+
+
+def apply_records(m: Manifest, payloads: list[bytes]) -> None:
+    """Apply commit-log records to `m` in place: all of them, or (ManifestError) none."""
+    entries, sets, n = [], {}, len(m.chunks)
+    try:
+        for p in payloads:
+            rec = json.loads(p)
+            for r in rec.get("chunks", ()):
+                e = _entry(r)
+                if e.id != n + len(entries):  # ids are contiguous from 0: the id is also the index
+                    raise ManifestError(f"commit log record for chunk {e.id} where chunk {n + len(entries)} is next")
+                entries.append(e)
+            unknown = set(rec.get("set", {})) - set(_FIELDS)
+            if unknown:
+                raise ManifestError(f"commit log record sets unknown fields {sorted(unknown)}")
+            sets.update(rec.get("set", {}))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, ManifestError):
+            raise
+        raise ManifestError(f"commit log record has unexpected content: {e}") from None
+    m.chunks.extend(entries)
+    for name, value in sets.items():
+        setattr(m, name, value)
+
+
+@dataclass
+class LogPosition:
+    """Where a reader stands in a cache's commit log, and which snapshot it read (to notice a new one)."""
+    id: str
+    offset: int                # after the last record applied
+    snapshot_offset: int       # the log offset the snapshot covers
+    snapshot_bytes: int
+    snapshot_stat: tuple       # (inode, mtime ns, size) of the manifest.json read
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def snapshot_log_id(path: Path) -> str | None:
+    """The log id a snapshot names, from its first bytes; None for a manifest.json of version 1."""
+    with open(path, "rb") as f:
+        m = _SNAPSHOT_HEAD.match(f.read(96))
+    return m.group(1).decode() if m else None
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> tuple[Manifest | None, LogPosition | None]:
+    """The manifest of `cache_dir` and where its commit log was read up to (None for a version-1 cache);
+    (None, None) when there is no manifest yet."""
+    path, log_path = Path(cache_dir) / MANIFEST_NAME, Path(cache_dir) / LOG_NAME
+    for _ in range(5):
+        try:
+            with open(path, "rb") as f:
+                st, raw = os.fstat(f.fileno()), f.read()
+        except FileNotFoundError:
+            return None, None
+        try:
+            d = json.loads(raw)
+            m = Manifest.from_json(d)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+            raise ManifestError(f"{path} is not a valid manifest: {e}") from None
+        log = d.get("log")
+        if log is None:
+            return m, None
+        try:
+            payloads, end, _ = read_from(log_path, log["id"], int(log["offset"]))
+        except (FileNotFoundError, LogError):
+            # rebuilt between the two reads (--force-rebuild deletes the snapshot first): read both again
+            time.sleep(0.01)
+            continue
+        apply_records(m, payloads)
+        return m, LogPosition(log["id"], end, int(log["offset"]), len(raw), _stat_key(st))
+    raise ManifestError(f"{path} names commit log {log['id']}, which {log_path} is not (missing or another)")
+
+
 def load_manifest(cache_dir: str | os.PathLike) -> Manifest | None:
-    """The manifest of `cache_dir`, or None when there is none yet."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    try:
-        return Manifest.from_json(json.loads(raw))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
-        raise ManifestError(f"{path} is not a valid manifest: {e}") from None
+    """The manifest of `cache_dir` (snapshot and commit log), or None when there is none yet."""
+    return read_manifest(cache_dir)[0]
+
+
+class ManifestWriter:
+    """Commits a cache's manifest: one commit-log record per commit, a new snapshot now and then.
+
+    Only the process holding the cache folder's lock writes. The first commit reads the folder: a cache with
+    a log continues it (a torn last record cut off); a new cache, or one of version 1, gets a new log and a
+    snapshot. A new snapshot is written when the log has grown by more than the last snapshot's size since
+    it (at least SNAPSHOT_MIN_BYTES), so snapshots cost O(1) per commit on average and a reader starting up
+    parses at most about twice the snapshot; and on request (a finished cache: manifest.json complete).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.dir = Path(cache_dir)
+        self.log: LogWriter | None = None
+        self.logged_chunks = 0
+        self.logged: dict = {}     # the top-level fields as of the last record or snapshot
+        self.snapshot_offset = self.snapshot_bytes = 0
+
+    def commit(self, m: Manifest, snapshot: bool = False) -> None:
+        """Make `m` durable: its chunks beyond those committed before, and any field that changed."""
+        m.updated_at = time.time()
+        if self.log is None and not self._open(m):
+            return  # a new log: the snapshot just written holds everything
+        self._append(m)
+        if snapshot or self.log.end - self.snapshot_offset > max(SNAPSHOT_MIN_BYTES, self.snapshot_bytes):
+            self._snapshot(m)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def _open(self, m: Manifest) -> bool:
+        """Continue the folder's log (True), or start a new one with a full snapshot (False)."""
+        disk, pos = read_manifest(self.dir)
+        if disk is None or pos is None:
+            log_id = create_log(self.dir / LOG_NAME)  # replaces an older log no snapshot names
+            self.log = LogWriter(self.dir / LOG_NAME, log_id, LOG_HEADER_SIZE)
+            try:
+                self._snapshot(m)
+            except BaseException:
+                self.close()  # no snapshot names this log yet: the next commit starts over
+                raise
+            return False
+        k = len(disk.chunks)
+        if k > len(m.chunks) or (k and m.chunks[k - 1].checksum != disk.chunks[-1].checksum):
+            raise ManifestError(f"the manifest in {self.dir} changed under the packer ({k} chunks there)")
+        self.log = LogWriter(self.dir / LOG_NAME, pos.id, pos.offset)
+        self.logged_chunks, self.logged = k, _copy_fields(disk)
+        self.snapshot_offset, self.snapshot_bytes = pos.snapshot_offset, pos.snapshot_bytes
+        return True
+
+    def _append(self, m: Manifest) -> None:
+        rec: dict = {}
+        if len(m.chunks) > self.logged_chunks:
+            rec["chunks"] = [_row(e) for e in m.chunks[self.logged_chunks:]]
+        changed = {name: getattr(m, name) for name in _FIELDS if getattr(m, name) != self.logged.get(name)}
+        if changed:
+            rec["set"] = changed
+        self.log.append(json.dumps(rec, separators=(",", ":")).encode())
+        self.logged_chunks = len(m.chunks)
+        self.logged.update(json.loads(json.dumps(changed)))  # a copy: the packer edits its dicts in place
+
+    def _snapshot(self, m: Manifest) -> None:
+        d = {"log": {"id": self.log.log_id, "offset": self.log.end}, **m.to_json(), "version": SNAPSHOT_VERSION}
+        data = json.dumps(d, separators=(",", ":")).encode()
+        atomic_write_bytes(self.dir / MANIFEST_NAME, data)
+        self.snapshot_offset, self.snapshot_bytes = self.log.end, len(data)
+        self.logged_chunks, self.logged = len(m.chunks), _copy_fields(m)
+
+
+def _copy_fields(m: Manifest) -> dict:
+    return json.loads(json.dumps({name: getattr(m, name) for name in _FIELDS}))

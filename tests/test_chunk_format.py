@@ -1,12 +1,14 @@
 """The chunk file format and the manifest, without processes."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from packerd.pack import build_chunk
 from shared.chunk import ChunkError, decode_chunk, encode_chunk, read_header
 from shared.manifest import ChunkEntry, Manifest, load_manifest
-from packerd.pack import build_chunk
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
@@ -110,3 +112,74 @@ def test_read_chunk_names_a_file_of_the_wrong_size(tmp_path, change):
         path.write_bytes(data[:-5] if change == "truncated" else data + b"xx")
     with pytest.raises(CorruptChunk, match="file is missing" if change == "missing" else "manifest says"):
         open_cache(tmp_path).read_chunk(0)
+
+
+# ---- format versions -----------------------------------------------------------------------------------------
+V1_FIXTURE = Path(__file__).parent / "data" / "chunk-v1.lz4"  # written by the version-1 encoder (commit 054f11f)
+
+
+def v1_fixture_chunk():
+    tokens = (np.arange(1000, dtype=np.uint16) * 7919 % 50257).astype(np.uint16)
+    return build_chunk(tokens, np.array([0, 5, 130, 131, 900]), seq_len=128)
+
+
+def test_a_version_1_chunk_still_decodes():
+    data = V1_FIXTURE.read_bytes()
+    assert read_header(data)["version"] == 1
+    want, back = v1_fixture_chunk(), decode_chunk(data)
+    for name in ("tokens", "lengths", "doc_ptr", "doc_starts"):
+        assert np.array_equal(getattr(back, name), getattr(want, name)), name
+    assert read_header(encode_chunk(want))["version"] == 2  # what is written today
+    for i in range(len(data)):  # a flipped byte in a version-1 file is caught as before
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        with pytest.raises(ChunkError):
+            decode_chunk(bytes(bad))
+
+
+def test_a_cache_of_version_1_and_version_2_chunks_reads_and_verifies(tmp_path):
+    from packerd.cli import main
+    from shared.cache import open_cache
+    v2 = build_chunk(np.arange(700, dtype=np.uint16) % 50, np.array([0, 3, 64, 650]), seq_len=128)
+    _write_cache(tmp_path, [v1_fixture_chunk(), v2])
+    (tmp_path / "chunk-0000000.lz4").write_bytes(V1_FIXTURE.read_bytes())  # the very bytes of the old encoder
+    m = load_manifest(tmp_path)
+    m.chunks[0].bytes = V1_FIXTURE.stat().st_size
+    m.chunks[0].checksum = f"{read_header(V1_FIXTURE.read_bytes())['checksum']:016x}"
+    m.save(tmp_path)
+    cache = open_cache(tmp_path)
+    assert np.array_equal(cache.read_chunk(0).doc_starts, v1_fixture_chunk().doc_starts)
+    assert np.array_equal(cache.read_chunk(1).tokens, v2.tokens)
+    r = CliRunner().invoke(main, ["verify", "--cache-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "2 of 2 chunks ok" in r.output
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_version_2_index_round_trips_any_layout(seed):
+    rng = np.random.default_rng(seed)
+    n, seq_len = int(rng.integers(1, 5000)), int(rng.integers(1, 2000))
+    starts = np.unique(rng.integers(0, n, size=int(rng.integers(0, 400))))
+    chunk = build_chunk(rng.integers(0, 70000, n).astype(np.uint32), starts, seq_len)
+    back = decode_chunk(encode_chunk(chunk, int(rng.integers(0, 10))))
+    for name in ("tokens", "lengths", "doc_ptr", "doc_starts"):
+        assert np.array_equal(getattr(back, name), getattr(chunk, name)), name
+
+
+def test_version_2_index_costs_about_a_byte_per_document():
+    # 13-token documents, the case where version 1's uint32 starts cost 0.31 bytes a token
+    rng = np.random.default_rng(0)
+    n, seq_len = 64 * 1024, 1024
+    starts = np.cumsum(rng.integers(5, 22, size=n // 13))
+    starts = np.concatenate([[0], starts[starts < n]])
+    h = read_header(encode_chunk(build_chunk(rng.integers(0, 50257, n).astype(np.uint16), starts, seq_len)))
+    assert h["num_doc_starts"] == len(starts)
+    assert h["index_bytes"] <= 1.05 * len(starts)                  # version 1: 4 bytes each, plus 8 a sequence
+    assert h["index_bytes"] / n < 0.085
+
+
+def test_an_index_that_does_not_fit_its_sequences_is_refused():
+    chunk = build_chunk(np.arange(100, dtype=np.uint16), np.array([0, 10]), seq_len=64)
+    chunk.doc_starts = np.array([0, 60], dtype=np.uint32)   # 60 is past the short last sequence (36 tokens)
+    chunk.doc_ptr = np.array([0, 1, 2], dtype=np.uint32)
+    with pytest.raises(ValueError, match="beyond its sequence"):
+        encode_chunk(chunk)

@@ -41,10 +41,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def manifest(cache: Path) -> dict:
-    try:
-        return json.loads((cache / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    """The manifest as its JSON form: snapshot and commit log (manifest.json alone lags between snapshots)."""
+    from shared.manifest import load_manifest
+    m = load_manifest(cache)
+    return m.to_json() if m is not None else {}
 
 
 def test_two_ranks_follow_a_growing_cache(tmp_path, corpus_texts, tokenizer_dir):

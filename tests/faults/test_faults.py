@@ -14,6 +14,8 @@ and the promise checked after each: a crash costs at most the last checkpoint, n
     item 7  two packers on one cache; two trainers on one run           test_second_packer_refuses, the foreign
                                                                         messages test (a second trainer), and
                                                                         test_second_trainer_refuses_a_two_rank_run (slow)
+    item 8  packerd SIGKILLed mid-append to the manifest's commit log   test_packerd_killed_mid_append_leaves_a_torn_record_
+                                                                        that_nobody_reads
     security  pickles with code refused, names never paths, loopback by default, the umask kept
 
 Random instants come from FAULTS_SEED (printed in every assertion message and in the report); set it to
@@ -793,6 +795,61 @@ def test_packerd_survives_20_random_kill_9s(tmp_path, corpus_texts, tokenizer_di
     assert kills == 20, f"only {kills} kills landed before the packer finished (seed {SEED})"
     assert lost == 0 and not stray, (lost, stray, SEED)
     assert m.finished and m.documents == len(texts)
+
+
+# ---- item 8: packerd SIGKILLed mid-append to the manifest's commit log (a torn record) ----------------------------
+def _valid_log_end(cache: Path) -> tuple[int, int]:
+    """(offset after the log's last valid record, the log file's size)."""
+    from shared.commitlog import LOG_HEADER_SIZE, parse_records
+    from shared.manifest import LOG_NAME, read_manifest
+    data = (cache / LOG_NAME).read_bytes()
+    _, end = parse_records(read_manifest(cache)[1].id, data[LOG_HEADER_SIZE:], LOG_HEADER_SIZE)
+    return end, len(data)
+
+
+def test_packerd_killed_mid_append_leaves_a_torn_record_that_nobody_reads(tmp_path, corpus_texts, tokenizer_dir):
+    """4 real packerd runs each SIGKILL themselves in the middle of writing a commit-log record (half of it on
+    disk: STREAMPACK_FAULT=torn-append:N, N random). After each: readers (load_manifest, a follower's
+    Cache.refresh, `packerd verify`) see exactly the chunks before the torn record; the restart cuts it off
+    and goes on. At the end the cache holds every document exactly once and its log no invalid byte."""
+    texts = corpus_texts[:12]
+    src = write_jsonl(tmp_path / "src.jsonl", texts)
+    cache, ep = tmp_path / "cache", endpoint(tmp_path)
+    cmd = packerd(cache, src, tokenizer_dir, ep)
+    rng = random.Random(SEED)
+    kills, survived, follower = 0, 0, None
+    try:
+        for i in range(4):
+            have = len(manifest_of(cache).chunks) if manifest_of(cache) else 0
+            n = rng.randint(1, 3)
+            proc = start(cmd, tmp_path / f"packer{i}.out", env={**child_env(), "STREAMPACK_FAULT": f"torn-append:{n}"})
+            assert proc.wait(timeout=300) == -signal.SIGKILL, output(proc)[-3000:]
+            kills += 1
+            valid, size = _valid_log_end(cache)
+            assert size > valid, f"no torn bytes after kill {kills} (seed {SEED})"
+            m = load_manifest(cache)
+            # a new cache's first commit is a snapshot, a record each after it; a restart appends from its first
+            assert len(m.chunks) == have + (n if i == 0 else n - 1), (i, have, n, SEED)
+            if follower is None:
+                follower = open_cache(cache)
+            else:
+                follower.refresh()
+            assert [e.checksum for e in follower.chunks] == [e.checksum for e in m.chunks]
+            for e in m.chunks:
+                follower.read_chunk(e.id)
+            assert run_packerd("verify", "--cache-dir", cache).returncode == 0
+            survived += 1
+        final = run_packerd(*cmd[3:])
+        assert "finished" in final.stderr
+        assert run_packerd("verify", "--cache-dir", cache).returncode == 0
+        lost = documents_lost_or_doubled(cache, texts, tokenizer_dir)
+        valid, size = _valid_log_end(cache)
+        follower.refresh()
+        assert follower.manifest.finished and len(follower.chunks) == len(load_manifest(cache).chunks)
+    finally:
+        record(kind="fault", item="8", name="packerd SIGKILL mid-append to the manifest log (torn record)",
+               injected=kills, survived=survived, data_lost=locals().get("lost"))
+    assert lost == 0 and valid == size, (lost, valid, size, SEED)
 
 
 # ---- item 2 (slow): trainerd SIGKILLed at 10 random instants ----------------------------------------------------
