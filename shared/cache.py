@@ -88,6 +88,14 @@ def check_same_cache(cache_dir, old: Manifest, new: Manifest) -> None:
                             f"or replaced under this reader)")
 
 
+class ManifestGone(CacheError):
+    """The manifest is not there now: the cache is being rebuilt (`--force-rebuild` deletes it first) or was
+    deleted. A follower keeps the last one it read until one appears again."""
+
+    def __init__(self, cache_dir):
+        super().__init__(f"{cache_dir}: the manifest disappeared (the cache is being rebuilt or was deleted)")
+
+
 class CorruptChunk(CacheError):
     def __init__(self, chunk_id: int, reason: str):
         super().__init__(f"chunk {chunk_id} is corrupt: {reason}")
@@ -140,7 +148,7 @@ class Cache:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise CacheError(f"{self.dir}: the manifest disappeared (the cache is being rebuilt or was deleted)") from None
+            raise ManifestGone(self.dir) from None
         if self.log is None:
             return False
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -160,7 +168,7 @@ class Cache:
         except ManifestError as e:
             raise CacheError(str(e)) from None
         if m is None:
-            raise CacheError(f"{self.dir}: the manifest disappeared (the cache is being rebuilt or was deleted)")
+            raise ManifestGone(self.dir)
         check_same_cache(self.dir, self.manifest, m)
         return m, log
 

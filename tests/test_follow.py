@@ -58,6 +58,7 @@ def test_followers_see_a_following_packerd_grow(tmp_path, corpus_texts, tokenize
         states, events = poll_until([heard, deaf], settled, "the first file")
         first = states[0].known_chunks
         assert first > 0 and not states[0].finished and states[0].est_total_sequences > 0
+        seen, offset = heard.manifest, heard.cache.log.offset
         # a follower that joins now knows every committed chunk from its first read, without any message
         late = CacheFollower(cache, endpoint, reconcile_seconds=1e6)
         assert late.poll().known_chunks == first
@@ -77,6 +78,9 @@ def test_followers_see_a_following_packerd_grow(tmp_path, corpus_texts, tokenize
         states, later = poll_until([heard, deaf], grew, "the second file")
         final = states[0].known_chunks
         assert states[1].known_chunks == final > first
+        # the growth was read from the commit log's new records into the same manifest, not by reading the
+        # whole manifest again (whose cost grows with the cache)
+        assert heard.manifest is seen and heard.cache.log.offset > offset
         # the growth reached `heard` through notifications of the new chunks, each with its latency
         notified = [e for e in later[0] if e["event"] == "notified"]
         assert {e["chunk_id"] for e in notified} >= set(range(first, final))

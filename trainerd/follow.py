@@ -30,8 +30,8 @@ from pathlib import Path
 
 import zmq
 
-from shared.cache import CacheError, check_same_cache
-from shared.manifest import Manifest, ManifestError, load_manifest
+from shared.cache import Cache, CacheError, ManifestGone
+from shared.manifest import Manifest, ManifestError, read_manifest
 from shared.protocol import Subscriber
 
 CURVE_FILES = ("server.key", "client.key", "client.key_secret")
@@ -71,7 +71,7 @@ class CacheFollower:
         except (OSError, ValueError, zmq.ZMQError) as e:  # a malformed key file, or a bad endpoint
             raise CacheError(f"cannot subscribe to {endpoint}" + (f" with the keys in {curve_dir}" if curve_dir else "")
                              + f": {e}") from None
-        self.manifest: Manifest | None = None
+        self.cache: Cache | None = None  # set once a manifest exists; refreshed in place from then on
         self._last_read = 0.0
         self._pending: list[dict] = []
         try:
@@ -81,6 +81,10 @@ class CacheFollower:
             raise
 
     # -- what the manifest says --------------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.cache.manifest if self.cache else None
+
     @property
     def known_chunks(self) -> int:
         return len(self.manifest.chunks) if self.manifest else 0
@@ -95,15 +99,19 @@ class CacheFollower:
 
     def _read(self, reason: str, events: list[dict]) -> None:
         before = (self.known_chunks, self.finished)
+        # a refresh reads only the commit-log records appended since the last read, so its cost does not grow
+        # with the cache; it raises CacheReplaced when the folder holds another cache now
         try:
-            m = load_manifest(self.cache_dir)
+            if self.cache is None:
+                m, log = read_manifest(self.cache_dir)
+                self.cache = Cache(self.cache_dir, m, log) if m is not None else None  # None: not written yet
+            else:
+                self.cache.refresh()
+        except ManifestGone:
+            pass  # deleted by a rebuild: the last one read stays until a manifest is there again
         except ManifestError as e:
             raise CacheError(str(e)) from None
         self._last_read = time.monotonic()
-        if m is not None:  # None: not written yet, or deleted by a rebuild (the old one stays until then)
-            if self.manifest is not None:
-                check_same_cache(self.cache_dir, self.manifest, m)
-            self.manifest = m
         after = (self.known_chunks, self.finished)
         if reason in ("start", "gap") or (reason == "timer" and after != before):
             events.append({"event": "reconciled", "reason": reason, "known_chunks": after[0], "finished": after[1]})
