@@ -6,7 +6,8 @@
 Sections, in this order (each row printed as soon as it is measured; a section that would not fit in what is
 left of --budget-s is printed as skipped):
   1. speed: per preset, a hand loop (forward, backward, clip, AdamW; batches in memory) with each attention and
-     loss (sdpa/full, flex/full, flex/chunked, causal without document masking, liger where installed): step
+     loss (sdpa/full, flex/full, flex/chunked, causal without document masking, and where liger-kernel is
+     installed its fused loss and, as `+kernels`, its RMSNorm, SwiGLU and RoPE kernels): step
      time, tokens/s, MFU over the card's dense bf16 peak, peak memory; then the real trainer (`python -m
      trainerd`, same model, cache, attention and loss) and its step time over the hand loop's.
   2. flex against SDPA: the difference of the loss and of the gradients on one packed batch (124m, fp32).
@@ -96,12 +97,17 @@ def hand_loop(a, preset: str, attention: str, loss: str, cache: Path, device, *,
     from trainerd.model import build_model, checkpoint_activations, flops_per_token, num_params, param_groups
     from trainerd.model import summed_loss
     mb, steps = mb or a.micro_batch, steps or a.steps
+    kernels, loss = loss.endswith("+kernels"), loss.removesuffix("+kernels")
     batches = rows_of(cache, steps, mb)
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset=preset, **a.size), a.vocab, a.seq_len, a.vocab - 1,
                         attention="sdpa" if attention == "causal" else attention).to(device)
     if ckpt:
         checkpoint_activations(model)
+    if kernels:  # what model.liger_kernels does in trainerd.model.build
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, **({"fused": True} if device.type == "cuda" else {}))
     fwd = torch.compile(model) if a.compile else model
     mixed = "bf16" if device.type == "cuda" else "no"
@@ -163,7 +169,7 @@ def speed(a, jobs, device, cache: Path, work: Path, budget: Budget, out) -> None
     liger = device.type == "cuda" and find_spec("liger_kernel") is not None
     for preset, attention, loss in jobs:
         label = f"{preset} {attention}" + (f"/{loss}" if loss else "")
-        if loss == "liger" and not liger:
+        if loss and ("liger" in loss or "+kernels" in loss) and not liger:
             out(label, "skipped: liger-kernel not installed or no CUDA")
         elif attention == "flex" and (device.type != "cuda" or not triton_available()):
             out(label, "skipped: flex trains on CUDA with Triton only (no CPU backward)")
@@ -304,13 +310,14 @@ def settings(cpu_smoke: bool) -> tuple[argparse.Namespace, list, list]:
                                default=("sdpa", "chunked"), section_s=0)
         first = [("tiny", "sdpa", "chunked"), ("tiny", "trainerd", None), ("tiny", "sdpa", "full"),
                  ("tiny", "causal", "full"), ("tiny", "flex", "chunked")]
-        return a, first, [("tiny", "flex", "liger")]
+        return a, first, [("tiny", "flex", "liger"), ("tiny", "sdpa", "chunked+kernels")]
     a = argparse.Namespace(presets=["124m", "415m"], memory_presets=["124m", "415m"], size={}, vocab=GPT2_VOCAB,
                            seq_len=1024, micro_batch=16, steps=14, skip=4, compile=True, loss_chunk=8192,
                            max_micro_batch=64, default=("flex", "chunked"), section_s=45)
     first = [("124m", "flex", "chunked"), ("124m", "trainerd", None), ("124m", "sdpa", "full"),
              ("124m", "causal", "full"), ("415m", "flex", "chunked"), ("415m", "trainerd", None)]
-    last = [("415m", "sdpa", "full"), ("124m", "flex", "full"), ("124m", "flex", "liger"), ("415m", "causal", "full")]
+    last = [("415m", "sdpa", "full"), ("124m", "flex", "full"), ("124m", "flex", "liger"),
+            ("124m", "flex", "chunked+kernels"), ("415m", "causal", "full")]
     return a, first, last
 
 
