@@ -80,6 +80,15 @@ def replaced_reason(old: Manifest, new: Manifest) -> str | None:
     return None
 
 
+def unlike(m: Manifest, ref: Manifest) -> str | None:
+    """What keeps cache m from being read beside cache ref by one model: "seq_len" or "tokenizer", or None."""
+    if m.seq_len != ref.seq_len:
+        return "seq_len"
+    if m.tokenizer.get("vocab_hash") != ref.tokenizer.get("vocab_hash"):
+        return "tokenizer"
+    return None
+
+
 def check_same_cache(cache_dir, old: Manifest, new: Manifest) -> None:
     """Raise CacheReplaced when `new` (just read from cache_dir) belongs to another cache than `old`."""
     why = replaced_reason(old, new)

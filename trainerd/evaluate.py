@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.cache import Cache, CacheError, CorruptChunk, open_cache
+from shared.cache import Cache, CacheError, CorruptChunk, open_cache, unlike
 from shared.manifest import HOLDOUT_DIR, Manifest, ManifestError, load_manifest
 
 from .model import summed_loss
@@ -49,9 +49,10 @@ def check_validation_cache(cfg, train: Manifest) -> None:
 
 
 def incompatible(val: Manifest, train: Manifest, vdir: Path) -> str | None:
-    if val.seq_len != train.seq_len:
+    what = unlike(val, train)
+    if what == "seq_len":
         return f"the validation cache {vdir} has seq_len {val.seq_len}, the training cache {train.seq_len}"
-    if val.tokenizer.get("vocab_hash") != train.tokenizer.get("vocab_hash"):
+    if what == "tokenizer":
         return (f"the validation cache {vdir} was packed with another tokenizer ({val.tokenizer.get('name')}) "
                 f"than the training cache ({train.tokenizer.get('name')})")
     return None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from shared.cache import Cache, CacheError, open_cache
+from shared.cache import Cache, CacheError, open_cache, unlike
 from shared.config import ConfigError
 from shared.manifest import Manifest, ManifestError, load_manifest
 
@@ -211,9 +211,10 @@ def _raise(msg: str):
 
 def caches_differ(first: Manifest, cache_dir, m: Manifest) -> str | None:
     """Why the cache `cache_dir` (manifest m) cannot be mixed with the first cache of the run, or None."""
-    if m.seq_len != first.seq_len:
+    what = unlike(m, first)
+    if what == "seq_len":
         return f"cache {cache_dir} has seq_len {m.seq_len}, the first cache {first.seq_len}: the caches of a run share it"
-    if m.tokenizer.get("vocab_hash") != first.tokenizer.get("vocab_hash"):
+    if what == "tokenizer":
         return (f"cache {cache_dir} was packed with another tokenizer ({m.tokenizer.get('name')}) than the first "
                 f"cache ({first.tokenizer.get('name')}): the caches of a run share it")
     return None

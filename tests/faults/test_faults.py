@@ -689,7 +689,13 @@ def test_endpoints_are_loopback_by_default_and_an_open_one_warns(caplog):
     from shared.protocol import Publisher, endpoint_is_local
     from trainerd.config import DataConfig
     assert DEFAULT_ENDPOINT.startswith("tcp://127.0.0.1:") and endpoint_is_local(DEFAULT_ENDPOINT)
-    assert PackerConfig().endpoint == DataConfig().endpoint == DEFAULT_ENDPOINT
+    assert PackerConfig().endpoint == DEFAULT_ENDPOINT
+    # the trainer connects where a cache's manifest says its packer announces, else to the same default
+    from types import SimpleNamespace
+
+    from trainerd.mix import resolve_endpoints
+    unrecorded = SimpleNamespace(dir=Path("c"), manifest=SimpleNamespace(endpoint=None))
+    assert DataConfig().endpoint == [] and resolve_endpoints(DataConfig(), [unrecorded]) == [("c", DEFAULT_ENDPOINT)]
     pub = Publisher(f"tcp://0.0.0.0:{free_port()}", "r")
     pub.close()
     assert any("without encryption" in r.getMessage() and "--curve-dir" in r.getMessage() for r in caplog.records)
