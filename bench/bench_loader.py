@@ -14,9 +14,6 @@ Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-t
      only, although every rank decompresses every chunk,
   4. notification latency while `packerd run --follow` packs files added one at a time: the packer's commit
      time (manifest entry) to the CacheFollower's FollowState, and to DataPlan.grow having expanded the plan.
-With --breakdown, one more run of the loader prints the wall time spent inside each of its parts, in ns per
-token (file read, checksum + LZ4, rows copied into a window, the int32 batch and its positions), and apart
-from the loader the cost of widening a batch to int64 on the host (Batch.to; on a GPU it runs on the device).
   5. batches built per second (issue 14): plan.get_batch(step) over consecutive steps, as the trainer's
      Prefetcher calls it, by one cache's DataPlan and by a MixPlan over 4 caches holding the same data (the
      same documents split in 4 contiguous shards, each packed alone with the same seq_len and chunk size),
@@ -24,7 +21,10 @@ from the loader the cost of widening a batch to int64 on the host (Batch.to; on 
      batch, window and --epochs. The three alternate in --mix-rounds rounds; the medians, the median of the
      per-round ratios against one cache (target >= 0.9) and each one's median get_batch time are printed.
      --mix-only packs the caches and runs this part alone (about a minute); --skip-mix leaves it out.
-The three rates are measured in --rounds interleaved rounds (1, 2, 3, 1, 2, 3, ...) and the median of each
+With --breakdown, one more run of the loader prints the wall time spent inside each of its parts, in ns per
+token (file read, checksum + LZ4, rows copied into a window, the int32 batch and its positions), and apart
+from the loader the cost of widening a batch to int64 on the host (Batch.to; on a GPU it runs on the device).
+Rates 1 to 3 are measured in --rounds interleaved rounds (1, 2, 3, 1, 2, 3, ...) and the median of each
 is printed, so that the baseline and the loader see the same load on a shared machine.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times;
 falls back to builtin:pydoc + builtin:bpe when absent. Targets (issue 3): loader >= 200 M tokens/s per
