@@ -446,9 +446,10 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true", help="measure the loader only")
     ap.add_argument("--breakdown", action="store_true", help="also print where the loader's time goes (ns per token)")
     ap.add_argument("--follow-files", type=int, default=12, help="files added one by one while packerd follows")
-    ap.add_argument("--mix-only", action="store_true",
-                    help="measure only batches/s of one cache's DataPlan against a MixPlan over the same data in 4 caches")
-    ap.add_argument("--skip-mix", action="store_true", help="leave out the 1-cache vs 4-cache batches/s part")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--mix-only", action="store_true",
+                      help="measure only batches/s of one cache's DataPlan against a MixPlan over the same data in 4 caches")
+    only.add_argument("--skip-mix", action="store_true", help="leave out the 1-cache vs 4-cache batches/s part")
     ap.add_argument("--mix-rounds", type=int, default=5, help="alternating rounds of the batches/s part")
     ap.add_argument("--mix-seconds", type=float, default=2.0, help="seconds of get_batch per case and round (at least)")
     ap.add_argument("--mix-steps", type=int, default=0, help="steps timed per plan (0: all of its --epochs epochs)")
