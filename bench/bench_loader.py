@@ -2,6 +2,7 @@
 
     python bench/bench_loader.py [--copies 32] [--seq-len 1024] [--chunk-sequences 1024] [--global-batch 32] [--epochs 10]
                                  [--world-size 1] [--rounds 5] [--skip-latency] [--breakdown]
+                                 [--mix-only | --skip-mix] [--mix-rounds 5] [--mix-seconds 2] [--mix-steps 0]
 
 Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-threaded here), so that
 "tokens/s" is per core:
@@ -13,14 +14,21 @@ Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-t
      only, although every rank decompresses every chunk,
   4. notification latency while `packerd run --follow` packs files added one at a time: the packer's commit
      time (manifest entry) to the CacheFollower's FollowState, and to DataPlan.grow having expanded the plan.
+  5. batches built per second (issue 14): plan.get_batch(step) over consecutive steps, as the trainer's
+     Prefetcher calls it, by one cache's DataPlan and by a MixPlan over 4 caches holding the same data (the
+     same documents split in 4 contiguous shards, each packed alone with the same seq_len and chunk size),
+     once with size weights (the 4 act as one dataset) and once with weights 0.4,0.3,0.2,0.1; same global
+     batch, window and --epochs. The three alternate in --mix-rounds rounds; the medians, the median of the
+     per-round ratios against one cache (target >= 0.9) and each one's median get_batch time are printed.
+     --mix-only packs the caches and runs this part alone (about a minute); --skip-mix leaves it out.
 With --breakdown, one more run of the loader prints the wall time spent inside each of its parts, in ns per
 token (file read, checksum + LZ4, rows copied into a window, the int32 batch and its positions), and apart
 from the loader the cost of widening a batch to int64 on the host (Batch.to; on a GPU it runs on the device).
-The three rates are measured in --rounds interleaved rounds (1, 2, 3, 1, 2, 3, ...) and the median of each
+Rates 1 to 3 are measured in --rounds interleaved rounds (1, 2, 3, 1, 2, 3, ...) and the median of each
 is printed, so that the baseline and the loader see the same load on a shared machine.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl with the GPT-2 tokenizer, repeated --copies times;
 falls back to builtin:pydoc + builtin:bpe when absent. Targets (issue 3): loader >= 200 M tokens/s per
-core, latency p99 < 20 ms.
+core, latency p99 < 20 ms; issue 14: 4 caches >= 0.9 x the batches/s of one.
 """
 from __future__ import annotations
 
@@ -85,8 +93,9 @@ def bench_loader(cache_dir: Path, args) -> tuple[list[tuple[str, float, str]], l
     payloads = []
     for data in files:
         h = read_header(data)
-        meta = 4 * (2 * h["num_sequences"] + 1 + h["num_doc_starts"])
-        payloads.append((memoryview(data)[HEADER_SIZE + meta:], h["num_tokens"] * h["itemsize"], h["num_tokens"]))
+        # the token payload's LZ4 block follows the index (v2: its own LZ4 block of varints; v1: uint32 arrays)
+        payloads.append((memoryview(data)[HEADER_SIZE + h["index_bytes"]:], h["num_tokens"] * h["itemsize"],
+                         h["num_tokens"]))
 
     def raw_lz4() -> int:
         for p, size, _ in payloads:
@@ -129,6 +138,123 @@ def bench_loader(cache_dir: Path, args) -> tuple[list[tuple[str, float, str]], l
     # the same round's rates side by side: on a shared machine the load moves between rounds
     ratios = [lo[0] / lz[0] for lz, lo in zip(rates[cases[0][0]], rates[cases[2][0]])]
     return rows, ratios
+
+
+def pack_quarters(work: Path, texts: list[str], tok_dir: str, args, parts: int = 4) -> list[Path]:
+    """The loader cache's corpus (texts x --copies, in the same order) split in `parts` contiguous shards,
+    each packed into its own cache with the same seq_len and chunk size: together the same data."""
+    docs = [t for _ in range(args.copies) for t in texts]
+    cut = np.linspace(0, len(docs), parts + 1).astype(int)
+    out = []
+    for i in range(parts):
+        src = write_jsonl(work / f"quarter-{i}.jsonl", docs[cut[i]:cut[i + 1]], int(cut[i]))
+        cache = work / f"quarter-{i}"
+        proc = subprocess.run(packerd("--cache-dir", cache, "--source", src, "--tokenizer", tok_dir, "--seq-len",
+                                      args.seq_len, "--chunk-sequences", args.chunk_sequences,
+                                      "--endpoint", f"ipc://{work}/quarter-{i}.sock"),
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
+        out.append(cache)
+    return out
+
+
+MIX_WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+
+
+def bench_mix(cache_dir: Path, quarters: list[Path], args) -> dict:
+    """Batches built per second, plan.get_batch(step) over consecutive steps as the Prefetcher calls it, by
+    one cache's DataPlan and by a MixPlan over the same data in len(quarters) caches (size weights: one
+    dataset; and MIX_WEIGHTS), same global batch, seq_len, window and epochs, on one thread. Each plan is
+    made anew (another seed: other orders, every chunk read again) outside the timing; the cases alternate
+    round by round. Returns {case: [(batches/s, tokens/s, cpu/wall, median get_batch seconds), ...]} and the
+    plans' sizes."""
+    import torch
+
+    from shared.cache import open_cache
+    from trainerd.data import DataPlan
+    from trainerd.mix import MixPlan
+
+    torch.set_num_threads(1)
+    W, G = args.world_size, args.global_batch * args.world_size
+    one = open_cache(cache_dir)
+    qs = [open_cache(q) for q in quarters]
+    seeds = iter(range(1, 1 << 30))
+
+    def data_plan():
+        return DataPlan(one, seed=next(seeds), global_batch=G, rank=0, world_size=W, target_epochs=args.epochs)
+
+    def mix_plan(weights):
+        def make():
+            plan = MixPlan(qs, seed=next(seeds), global_batch=G, rank=0, world_size=W, weights=weights,
+                           target_epochs=args.epochs)
+            plan.grow_sources(0, [(len(c.chunks), c.manifest.finished, c.manifest.estimated_total_sequences())
+                                  for c in qs])
+            return plan
+        return make
+
+    k = len(quarters)
+    cases = [("1 cache: DataPlan", data_plan),
+             (f"{k} caches: MixPlan, size weights (one dataset)", mix_plan(None)),
+             (f"{k} caches: MixPlan, weights {','.join(map(str, MIX_WEIGHTS))}", mix_plan(MIX_WEIGHTS))]
+
+    def measure(make, seconds: float) -> tuple[float, float, float, float]:
+        steps = tokens = 0
+        wall = cpu = 0.0
+        each = []  # every get_batch's time: the median is a step that builds no window (decodes nothing)
+        clock = time.perf_counter
+        while not steps or wall < seconds:
+            plan = make()
+            n = plan.total_steps if args.mix_steps <= 0 else min(args.mix_steps, plan.total_steps)
+            t0, c0 = clock(), time.process_time()
+            for s in range(n):
+                t = clock()
+                tokens += plan.get_batch(s).num_tokens
+                each.append(clock() - t)
+            wall += clock() - t0
+            cpu += time.process_time() - c0
+            steps += n
+        return steps / wall, tokens / wall, cpu / wall, float(np.median(each))
+
+    for _, make in cases:
+        measure(make, 0.0)  # warm up: page cache, allocator, buffer pools
+    out: dict = {name: [] for name, _ in cases}
+    for _ in range(args.mix_rounds):
+        for name, make in cases:
+            out[name].append(measure(make, args.mix_seconds))
+    sizes = {"one": (len(one.chunks), one.manifest.total_tokens, data_plan().total_steps),
+             "quarters": [(len(c.chunks), c.manifest.total_tokens) for c in qs],
+             "mix_steps": mix_plan(None)().total_steps}
+    return {"rates": out, "sizes": sizes}
+
+
+def print_mix(res: dict, args) -> None:
+    rates, sz = res["rates"], res["sizes"]
+    names = list(rates)
+    base = names[0]
+    W = args.world_size
+    print(f"\nbatches built per second, plan.get_batch(step) over consecutive steps (as the Prefetcher), one "
+          f"thread, {args.global_batch} x {args.seq_len} per step (rank 0 of {W}), {args.epochs} epochs, "
+          f"{args.mix_rounds} alternating rounds of >= {args.mix_seconds} s each:")
+    print(f"  1 cache: {sz['one'][0]} chunks, {sz['one'][1]:,} tokens, {sz['one'][2]} steps; {len(sz['quarters'])} "
+          f"caches: " + " + ".join(f"{c} chunks/{t:,}" for c, t in sz["quarters"])
+          + f" tokens, {sz['mix_steps']} steps")
+    print(f"  {'plan':52s} {'batches/s':>10s} {'M tok/s':>8s} {'cpu/wall':>8s} {'p50 step':>9s}  {'vs 1 cache':>10s}")
+    verdicts = []
+    for name in names:
+        r = rates[name]
+        med = sorted(r)[len(r) // 2]
+        p50 = sorted(x[3] for x in r)[len(r) // 2]
+        ratios = sorted(a[0] / b[0] for a, b in zip(r, rates[base]))
+        ratio = ratios[len(ratios) // 2]
+        print(f"  {name:52s} {med[0]:10.1f} {med[1] / 1e6:8.1f} {med[2]:8.2f} {p50 * 1e6:6.1f} us  "
+              + ("" if name == base else f"{ratio:10.3f}  (per round {', '.join(f'{a[0] / b[0]:.3f}' for a, b in zip(r, rates[base]))})"))
+        if name != base:
+            verdicts.append(f"{name}: {ratio:.3f} {'>=' if ratio >= 0.9 else '<'} 0.9, "
+                            f"{'met' if ratio >= 0.9 else 'NOT met'}")
+    print("  batches/s: median over the rounds; p50 step: median time of one get_batch (a step that decodes no "
+          "chunk); vs 1 cache: median of the per-round ratios of batches/s to the 1-cache plan's in the same round")
+    print("  issue 14's target, >= 0.9 x the batches/s of one cache: " + "; ".join(verdicts))
 
 
 def breakdown(cache_dir: Path, args) -> list[tuple[str, float]]:
@@ -302,6 +428,12 @@ def print_latencies(lat: dict, args) -> None:
     print("(target: p99 < 20 ms)")
 
 
+def print_command(args) -> None:
+    print("\ncommand: python bench/bench_loader.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if v is not None and v is not False and k != "work"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=32, help="corpus repeats for the loader cache")
@@ -314,6 +446,13 @@ def main() -> None:
     ap.add_argument("--skip-latency", action="store_true", help="measure the loader only")
     ap.add_argument("--breakdown", action="store_true", help="also print where the loader's time goes (ns per token)")
     ap.add_argument("--follow-files", type=int, default=12, help="files added one by one while packerd follows")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--mix-only", action="store_true",
+                      help="measure only batches/s of one cache's DataPlan against a MixPlan over the same data in 4 caches")
+    only.add_argument("--skip-mix", action="store_true", help="leave out the 1-cache vs 4-cache batches/s part")
+    ap.add_argument("--mix-rounds", type=int, default=5, help="alternating rounds of the batches/s part")
+    ap.add_argument("--mix-seconds", type=float, default=2.0, help="seconds of get_batch per case and round (at least)")
+    ap.add_argument("--mix-steps", type=int, default=0, help="steps timed per plan (0: all of its --epochs epochs)")
     ap.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
 
@@ -330,6 +469,14 @@ def main() -> None:
                           cwd=ROOT, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
+    mix = None if args.skip_mix else bench_mix(cache, pack_quarters(work, texts, tok_dir, args), args)
+    if args.mix_only:
+        print(f"\ncorpus: {name} x {args.copies}; {os.cpu_count()} cores")
+        print_mix(mix, args)
+        print_command(args)
+        if tmp:
+            tmp.cleanup()
+        return
     rows, ratios = bench_loader(cache, args)
     parts = breakdown(cache, args) if args.breakdown else []
     lat = {} if args.skip_latency else latencies(work, texts, tok_dir, args)
@@ -350,11 +497,11 @@ def main() -> None:
         print(f"\nwhere the loader's time goes (one run of {args.epochs} epochs, wall time inside each part):")
         for label, ns in parts:
             print(f"  {label:58s} {ns:6.2f} ns/token")
+    if mix:
+        print_mix(mix, args)
     if lat:
         print_latencies(lat, args)
-    print("\ncommand: python bench/bench_loader.py " + " ".join(
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-        if v is not None and v is not False and k != "work"))
+    print_command(args)
     if tmp:
         tmp.cleanup()
 
