@@ -51,9 +51,31 @@ def create_log(path: str | os.PathLike) -> str:
     return log_id
 
 
+# reads and writes at an offset through seek: os.pread and os.pwrite do not exist on Windows. The log's writer
+# is the only one using its descriptor (it holds the cache folder's lock), so nothing moves the offset between.
+def _read_at(f, size: int, offset: int) -> bytes:
+    f.seek(offset)
+    return f.read(size)
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> int:
+    os.lseek(fd, offset, os.SEEK_SET)
+    done = 0
+    while done < len(data):
+        n = os.write(fd, data[done:])
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+# the record's data, without the file's times; fsync where the platform lacks fdatasync (Windows, macOS)
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def read_log_id(f) -> str:
     """The id in the header of the open log file `f`."""
-    head = os.pread(f.fileno(), LOG_HEADER_SIZE, 0)
+    head = _read_at(f, LOG_HEADER_SIZE, 0)
     if len(head) != LOG_HEADER_SIZE or head[:8] != LOG_MAGIC:
         raise LogError("not a manifest commit log (bad header)")
     return head[8:].hex()
@@ -91,7 +113,7 @@ def read_from(path: str | os.PathLike, log_id: str, offset: int) -> tuple[list[b
         size = os.fstat(f.fileno()).st_size
         if offset > size:
             raise LogError(f"{path} holds {size} bytes, fewer than the {offset} already read from it")
-        data = os.pread(f.fileno(), size - offset, offset) if size > offset else b""
+        data = _read_at(f, size - offset, offset) if size > offset else b""
     payloads, end = parse_records(log_id, data, offset)
     return payloads, end, size
 
@@ -124,10 +146,10 @@ class LogWriter:
         rec = encode_record(self.log_id, payload)
         self.appends += 1
         if self.appends == self._tear_at:
-            os.pwrite(self.fd, rec[:len(rec) // 2], self.end)
+            _write_at(self.fd, rec[:len(rec) // 2], self.end)
             os.kill(os.getpid(), signal.SIGKILL)
         try:
-            n = os.pwrite(self.fd, rec, self.end)
+            n = _write_at(self.fd, rec, self.end)
             if n != len(rec):
                 raise OSError(f"short write to {self.path} ({n} of {len(rec)} bytes)")
         except BaseException:
@@ -140,7 +162,7 @@ class LogWriter:
                 pass  # the next writer cuts it off when it opens the log
             raise
         self.end += n
-        os.fdatasync(self.fd)
+        _datasync(self.fd)
         return self.end
 
     def close(self) -> None:

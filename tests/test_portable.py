@@ -1,5 +1,5 @@
 """The portable paths, forced on Linux: the children get a sitecustomize.py that hides what Windows lacks
-(the fcntl module, os.O_DIRECTORY, os.fchmod, os.pread, os.pwrite), and the real packerd, trainer and ckpt
+(the fcntl module, os.O_DIRECTORY, os.fchmod, os.pread, os.pwrite, os.fdatasync), and the real packerd, trainer and ckpt
 run through them. The lock is then shared.fsutil's region lock (os.lockf standing in for Windows'
 msvcrt.locking on the same byte): it must still refuse a second holder, name the holder's pid, and go away
 when the holder is killed with kill -9.
@@ -34,7 +34,7 @@ class _Hidden(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, _Hidden())
 sys.modules.pop("fcntl", None)
-for attr in ("O_DIRECTORY", "fchmod", "pread", "pwrite"):
+for attr in ("O_DIRECTORY", "fchmod", "pread", "pwrite", "fdatasync"):
     if hasattr(os, attr):
         delattr(os, attr)
 '''
