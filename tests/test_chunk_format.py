@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from packerd.pack import build_chunk
-from shared.chunk import ChunkError, decode_chunk, encode_chunk, read_header
+from shared.chunk import Chunk, ChunkError, decode_chunk, encode_chunk, read_header
 from shared.manifest import ChunkEntry, Manifest, load_manifest
 
 
@@ -183,3 +183,19 @@ def test_an_index_that_does_not_fit_its_sequences_is_refused():
     chunk.doc_ptr = np.array([0, 1, 2], dtype=np.uint32)
     with pytest.raises(ValueError, match="beyond its sequence"):
         encode_chunk(chunk)
+
+
+def test_padded_puts_each_sequence_at_the_start_of_its_row():
+    """Short sequences anywhere in a chunk (not only the last): each row holds its sequence, then pad_id."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        L, n = int(rng.integers(1, 40)), int(rng.integers(1, 20))
+        lengths = rng.integers(0, L + 1, size=n).astype(np.uint32)
+        tokens = rng.integers(0, 500, size=int(lengths.sum())).astype(np.uint16)
+        chunk = Chunk(L, tokens, lengths, np.zeros(n + 1, np.uint32), np.zeros(0, np.uint32))
+        out = chunk.padded(7)
+        assert out.shape == (n, L) and out.dtype == tokens.dtype
+        at = 0
+        for i, k in enumerate(int(x) for x in lengths):
+            assert (out[i, :k] == tokens[at:at + k]).all() and (out[i, k:] == 7).all()
+            at += k
