@@ -145,18 +145,21 @@ def pack_quarters(work: Path, texts: list[str], tok_dir: str, args, parts: int =
     each packed into its own cache with the same seq_len and chunk size: together the same data."""
     docs = [t for _ in range(args.copies) for t in texts]
     cut = np.linspace(0, len(docs), parts + 1).astype(int)
-    out = []
-    for i in range(parts):
-        src = write_jsonl(work / f"quarter-{i}.jsonl", docs[cut[i]:cut[i + 1]], int(cut[i]))
-        cache = work / f"quarter-{i}"
-        proc = subprocess.run(packerd("--cache-dir", cache, "--source", src, "--tokenizer", tok_dir, "--seq-len",
-                                      args.seq_len, "--chunk-sequences", args.chunk_sequences,
-                                      "--endpoint", f"ipc://{work}/quarter-{i}.sock"),
-                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        if proc.returncode:
-            sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
-        out.append(cache)
-    return out
+    return [pack_cache(work, f"quarter-{i}", docs[cut[i]:cut[i + 1]], tok_dir, args, int(cut[i]))
+            for i in range(parts)]
+
+
+def pack_cache(work: Path, name: str, docs: list[str], tok_dir: str, args, first_id: int = 0) -> Path:
+    """docs packed by packerd into the cache work/name (seq_len and chunk size from args)."""
+    src = write_jsonl(work / f"{name}.jsonl", docs, first_id)
+    cache = work / name
+    proc = subprocess.run(packerd("--cache-dir", cache, "--source", src, "--tokenizer", tok_dir, "--seq-len",
+                                  args.seq_len, "--chunk-sequences", args.chunk_sequences,
+                                  "--endpoint", f"ipc://{work}/{name}.sock"),
+                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
+    return cache
 
 
 MIX_WEIGHTS = [0.4, 0.3, 0.2, 0.1]
@@ -460,15 +463,7 @@ def main() -> None:
     tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench-loader-")
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
-    src = work / "corpus.jsonl"
-    write_jsonl(src, [f"{t}" for _ in range(args.copies) for t in texts])
-    cache = work / "cache"
-    proc = subprocess.run(packerd("--cache-dir", cache, "--source", src, "--tokenizer", tok_dir, "--seq-len",
-                                  args.seq_len, "--chunk-sequences", args.chunk_sequences,
-                                  "--endpoint", f"ipc://{work}/pack.sock"),
-                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    if proc.returncode:
-        sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
+    cache = pack_cache(work, "cache", [t for _ in range(args.copies) for t in texts], tok_dir, args)
     mix = None if args.skip_mix else bench_mix(cache, pack_quarters(work, texts, tok_dir, args), args)
     if args.mix_only:
         print(f"\ncorpus: {name} x {args.copies}; {os.cpu_count()} cores")

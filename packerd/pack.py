@@ -417,12 +417,13 @@ class Packer:
             added = sum(w.add(batch, tokens, lengths, held == w.held_out, held_empty == w.held_out) for w in writers)
             # units and tokens of the same documents: the reader runs batches ahead of the tokenizer
             self.units_seen += batch.units
-            self.tokens_seen += int(lengths.sum())
+            n = int(lengths.sum())
+            self.tokens_seen += n
             if self.progress:
                 self.progress.tokens += added
                 self.progress.docs += len(batch.idx)
             yield
-            self._pace(int(lengths.sum()))
+            self._pace(n)
 
     def _pace(self, tokens: int) -> None:
         """With max_tokens_per_s, wait until the tokens handed over so far are due at that rate."""

@@ -129,7 +129,7 @@ class Cache:
         by a newer packer) means reading the whole manifest and comparing it, as for a version-1 cache."""
         if self._same_log():
             try:
-                payloads, end, _ = read_from(self.dir / LOG_NAME, self.log.id, self.log.offset)
+                payloads, end = read_from(self.dir / LOG_NAME, self.log.id, self.log.offset)
             except (FileNotFoundError, LogError):
                 payloads = None  # replaced between the check and the read: the whole way below
             if payloads is not None:
@@ -160,7 +160,7 @@ class Cache:
             raise ManifestGone(self.dir) from None
         if self.log is None:
             return False
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        key = stat_key(st)
         if key == self.log.snapshot_stat:
             return True
         try:

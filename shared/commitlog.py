@@ -103,10 +103,9 @@ def parse_records(log_id: str, data: bytes | memoryview, offset: int) -> tuple[l
     return out, offset + pos
 
 
-def read_from(path: str | os.PathLike, log_id: str, offset: int) -> tuple[list[bytes], int, int]:
-    """Open the log at `path`, check it is the log `log_id`, and return the valid records from `offset`,
-    the offset after them and the file's size (more than that offset when a torn or growing record
-    follows). Raises FileNotFoundError when there is no log, LogError when it is another log."""
+def read_from(path: str | os.PathLike, log_id: str, offset: int) -> tuple[list[bytes], int]:
+    """Open the log at `path`, check it is the log `log_id`, and return the valid records from `offset` and
+    the offset after them (a torn or growing record after them is left for a later read). Raises FileNotFoundError when there is no log, LogError when it is another log."""
     with open(path, "rb", buffering=0) as f:
         if read_log_id(f) != log_id:
             raise LogError(f"{path} is another commit log than the one expected")
@@ -115,7 +114,7 @@ def read_from(path: str | os.PathLike, log_id: str, offset: int) -> tuple[list[b
             raise LogError(f"{path} holds {size} bytes, fewer than the {offset} already read from it")
         data = _read_at(f, size - offset, offset) if size > offset else b""
     payloads, end = parse_records(log_id, data, offset)
-    return payloads, end, size
+    return payloads, end
 
 
 class LogWriter:

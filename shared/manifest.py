@@ -190,12 +190,10 @@ class Manifest:
             raise ManifestError(f"manifest has unexpected content: {e}") from None
 
     def save(self, cache_dir: str | os.PathLike) -> None:
-        """Write the whole manifest as a version-1 manifest.json (no commit log); packerd commits through
-        ManifestWriter instead."""
+        """Write the whole manifest as a version-1 manifest.json (no commit log): caches made by tests and
+        benches (bench/gpu_check.py's synthetic one); packerd commits through ManifestWriter."""
         self.updated_at = time.time()
-        d = self.to_json()
-        d["version"] = MANIFEST_VERSION
-        data = json.dumps(d, separators=(",", ":")).encode()
+        data = json.dumps(self.to_json(), separators=(",", ":")).encode()
         atomic_write_bytes(Path(cache_dir) / MANIFEST_NAME, data)
 
 
@@ -247,7 +245,7 @@ class LogPosition:
     snapshot_stat: tuple       # (inode, mtime ns, size) of the manifest.json read
 
 
-def _stat_key(st: os.stat_result) -> tuple:
+def stat_key(st: os.stat_result) -> tuple:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
@@ -277,13 +275,13 @@ def read_manifest(cache_dir: str | os.PathLike) -> tuple[Manifest | None, LogPos
         if log is None:
             return m, None
         try:
-            payloads, end, _ = read_from(log_path, log["id"], int(log["offset"]))
+            payloads, end = read_from(log_path, log["id"], int(log["offset"]))
         except (FileNotFoundError, LogError):
             # rebuilt between the two reads (--force-rebuild deletes the snapshot first): read both again
             time.sleep(0.01)
             continue
         apply_records(m, payloads)
-        return m, LogPosition(log["id"], end, int(log["offset"]), len(raw), _stat_key(st))
+        return m, LogPosition(log["id"], end, int(log["offset"]), len(raw), stat_key(st))
     raise ManifestError(f"{path} names commit log {log['id']}, which {log_path} is not (missing or another)")
 
 

@@ -389,3 +389,17 @@ def test_a_resume_after_a_cache_grew_while_stopped_is_the_same_every_time(tmp_pa
     drawn_a = [x for t in (traces[0], traces[1]) for ids in t.values() for x in ids if x[0] == 0]
     # (a's first half was one shuffle window, sealed at the growth: its new chunks come after it)
     assert len(drawn_a) == len(set(drawn_a))
+
+
+def test_new_size_weights_change_the_plan_even_when_no_total_moves(caches):
+    """Size weights follow the caches' estimates: estimates that move the shares but not their sum start a
+    new segment, and the growth says the plan changed, so batches prepared under the old shares are planned
+    again (else a resume from the saved segments would give other batches)."""
+    cs = opened(caches)
+    plan = MixPlan(cs, seed=1, global_batch=8, rank=0, world_size=1)
+    assert plan.grow_sources(0, [(2, False, 4000), (1, False, 2000)])
+    before = (plan.total_steps, plan.estimated_total_steps, len(plan.segments))
+    assert plan.grow_sources(0, [(2, False, 3000), (1, False, 3000)])   # the same sum, other shares
+    assert (plan.total_steps, plan.estimated_total_steps) == before[:2] and len(plan.segments) == before[2]
+    assert plan.segments[-1][1] != quantize([4000, 2000])
+    assert not plan.grow_sources(0, [(2, False, 3000), (1, False, 3000)])  # nothing new: no change

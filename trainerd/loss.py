@@ -1,7 +1,7 @@
 """The next-token loss over the last hidden states, without the full logits where that pays.
 
 `full` multiplies the hidden states by the output embedding once and takes the cross-entropy: the logits of
-a micro-batch (positions x vocabulary, 16 x 1024 x 50,304 in fp32 is 3.3 GB with its gradient) exist at once.
+a micro-batch (positions x vocabulary: 16 x 1024 x 50,304 in fp32 is 3.3 GB, its gradient as much again) exist at once.
 `chunked` does the same a chunk of positions at a time and computes the gradients of the hidden states and
 of the weight in the forward pass (the softmax minus the one-hot target is the gradient of the logits), so
 only one chunk of logits ever exists and the backward pass is two stored tensors scaled by the incoming

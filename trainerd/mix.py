@@ -175,8 +175,7 @@ class MixPlan:
         """Take in rank 0's (known chunks, finished, estimate) of every cache from global step `step` on
         (every rank, the same step and values); True when the plan or its totals changed."""
         with self._lock:
-            before = (self.total_steps, self.estimated_total_steps, self.finished,
-                      [p.known_chunks for p in self.plans])
+            before = self._view()
             at = self.draws(step * self.global_batch) if self.segments else np.zeros(len(self.plans), np.int64)
             for i, (p, (known, finished, est), pos) in enumerate(zip(self.plans, views, at.tolist())):
                 p.grow(known, finished, pos, est_total_sequences=est)
@@ -185,11 +184,17 @@ class MixPlan:
             self._reweigh(step, at)
             self.step = step
             self.total_steps = max(self.total_steps, self._total(self._sizes(estimate=False)))
-            changed = before != (self.total_steps, self.estimated_total_steps, self.finished,
-                                 [p.known_chunks for p in self.plans])
+            # a new segment (size weights moved with an estimate) changes the batches from `step` on even when
+            # no total rounds to another step
+            changed = before != self._view()
             if changed:
                 self._changes.append(step)  # batches prepared for this step or later are planned again
             return changed
+
+    def _view(self) -> tuple:
+        """What the batches from the current step on depend on: the totals, each source's chunks, the units."""
+        return (self.total_steps, self.estimated_total_steps, self.finished, [p.known_chunks for p in self.plans],
+                self.segments[-1][1] if self.segments else None)
 
     def _sizes(self, estimate: bool) -> list[int]:
         """Each source's epoch in positions: of what it holds, or of its full-dataset estimate."""

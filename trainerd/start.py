@@ -172,9 +172,7 @@ def wait_for_cache(cfg: Config, console: Console, fail=None, cache_dir: str | No
     """The cache (`cache_dir`, by default the first of data.cache_dir), waiting for its manifest to appear
     unless data.wait is off. `fail(msg)` raises the error (the trainer's ranks pass their own); by default a
     TrainError."""
-    def raise_(msg: str):
-        raise TrainError(msg)
-    fail = fail or raise_
+    fail = fail or _raise
     cache_dir = cache_dir or cfg.data.cache_dir[0]
     waited_since = time.monotonic()
     while True:
