@@ -25,6 +25,7 @@ from .manifest import (
     apply_records,
     read_manifest,
     snapshot_log_id,
+    stat_key,
 )
 
 QUARANTINE_DIR = "quarantine"
