@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -270,7 +269,7 @@ def memory(a, device, budget: Budget, out) -> None:
                 checkpoint_activations(model)
             opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, **({"fused": True} if cuda else {}))
 
-            def attempt(mb: int, cap: int) -> bool:
+            def attempt(model, opt, mb: int, cap: int) -> bool:
                 ids = torch.randint(0, a.vocab - 1, (mb, a.seq_len), device=device)
                 pos = (torch.arange(a.seq_len, device=device) % 512).expand(mb, -1)   # documents of 512 tokens
                 if cuda:
@@ -292,10 +291,10 @@ def memory(a, device, budget: Budget, out) -> None:
                 if budget.left() < a.section_s / 4:
                     found.append(f"{cap} GB: skipped (time budget)")
                     continue
-                found.append(f"{cap} GB: {largest_micro_batch(lambda mb: attempt(mb, cap), a.max_micro_batch)}")
+                found.append(f"{cap} GB: {largest_micro_batch(lambda mb: attempt(model, opt, mb, cap), a.max_micro_batch)}")
             where = "" if cuda else " (CPU: no cap, the search alone)"
             out(f"{preset} largest micro-batch{' + act. ckpt' if ckpt else ''}", ", ".join(found) + where)
-            del model, opt
+            model = opt = None  # freed before the next one is built
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
