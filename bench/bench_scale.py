@@ -16,9 +16,11 @@ and up, where each takes seconds):
   refresh ms      new: Cache.refresh() after one commit (the log records since its last read);
                   old: load_manifest of the whole manifest.json plus the replaced-cache check, as
                   Cache.refresh did before
-  grow ms         trainerd.data.DataPlan.grow by one chunk at a step in the middle of epoch 0 (unchanged
-                  code: its cost grows with the cache, see the README)
-  state bytes     len of the DataPlan.state_dict() as the checkpoint stores it (torch.save)
+  grow ms         trainerd.data.DataPlan.grow by one chunk at a step in the middle of epoch 0 (the plan was
+                  built over the N chunks, so the new ones go into epoch 0's next block), and the first
+                  ready() after it
+  state bytes     len of the DataPlan.state_dict() as the checkpoint stores it (torch.save), after the
+                  commits (the plan grown --commits times)
 """
 from __future__ import annotations
 
@@ -65,14 +67,11 @@ def ms(f) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def grow_figures(cache) -> tuple:
+def state_bytes(plan) -> int:
     import torch
-
-    from trainerd.data import DataPlan
-    plan = DataPlan(cache, seed=0, global_batch=64, rank=0, world_size=1)
     buf = io.BytesIO()
     torch.save(plan.state_dict(), buf)
-    return plan, len(buf.getbuffer())
+    return len(buf.getbuffer())
 
 
 class Size:
@@ -88,7 +87,8 @@ class Size:
         self.snap_ms = ms(lambda: self.w._snapshot(self.m))
         self.snap_bytes = (self.new / "manifest.json").stat().st_size
         self.cache = open_cache(self.new)
-        self.plan, self.state_bytes = grow_figures(self.cache)
+        from trainerd.data import DataPlan
+        self.plan = DataPlan(self.cache, seed=0, global_batch=64, rank=0, world_size=1)
         self.step = self.plan.total_steps // 2
         self.commit_ms, self.commit_cpu, self.refresh_ms, self.grow_ms = [], [], [], []
 
@@ -99,7 +99,8 @@ class Size:
         self.commit_cpu.append((time.process_time() - cpu) * 1000)
         self.refresh_ms.append(ms(self.cache.refresh))
         assert len(self.cache.chunks) == len(self.m.chunks)
-        self.grow_ms.append(ms(lambda: self.plan.grow(len(self.cache.chunks), False, self.step)))
+        self.grow_ms.append(ms(lambda: (self.plan.grow(len(self.cache.chunks), False, self.step),
+                                        self.plan.ready(self.step))))
 
     def old_figures(self, reps: int) -> tuple[float, float]:
         """The whole manifest.json rewritten per commit, and read whole and compared per refresh."""
@@ -138,7 +139,7 @@ def main() -> None:
             old_commit, old_refresh = z.old_figures(a.commits if z.n <= 10_000 else (5 if z.n <= 100_000 else 2))
             print(f"{z.n:>10,} | {med(z.commit_ms):8.3f} ({max(z.commit_ms):6.3f}) {med(z.commit_cpu):5.2f} "
                   f"{old_commit:9.1f} | {z.snap_ms:9.1f} ({z.snap_ms / per:7.4f})    | {med(z.refresh_ms):8.3f} "
-                  f"{old_refresh:9.1f} | {med(z.grow_ms):7.2f} | {z.state_bytes:,}", flush=True)
+                  f"{old_refresh:9.1f} | {med(z.grow_ms):7.3f} | {state_bytes(z.plan):,}", flush=True)
             z.release()
 
 

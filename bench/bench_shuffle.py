@@ -3,6 +3,7 @@
     python bench/bench_shuffle.py                      # CPU: tiny model, builtin:stdlib, chunks of 32 sequences
     python bench/bench_shuffle.py --check-order 128    # also: the Trainer in trainerd's order gives its weights
     python bench/bench_shuffle.py --sequences 3072 --windows 65536,128 --global-orders 1   # quicker
+    python bench/bench_shuffle.py --stream --windows 2048,128       # only the growing-cache figures (seconds)
 
 In one run it:
   1. packs a cache with small chunks (--chunk-sequences 32, seq_len 128, builtin:bpe): the standard library's
@@ -27,6 +28,9 @@ In one run it:
      same chunks repeated (hard links) to --loader-sequences sequences, so that the default window is smaller
      than the epoch there: batches/s (median of --rounds interleaved rounds) and the peak of memory allocated
      while doing so (tracemalloc; numpy's buffers are traced).
+With --stream it only packs the cache and prints, for each window, how many chunks a batch draws from when
+the trainer keeps up with its packer (DataPlan grown by --arrival chunks each time it has nothing to train on,
+as trainerd grows it on a notification) against the finished cache, in the same run.
 On the project's 2-core box the default run takes about 20 minutes (each of the 5 or 6 trainings 1.5 to 5
 minutes); --jobs runs that many trainerd runs at once.
 """
@@ -219,6 +223,40 @@ def loader(cache_dir: Path, windows: list[int], a) -> dict:
     return out
 
 
+def stream(cache_dir: Path, windows: list[int], a) -> None:
+    """Chunks per batch over one epoch: the finished cache, and a cache that grows by `arrival` chunks each time
+    the plan runs dry (the trainer keeps up with its packer), from its first chunk on."""
+    from shared.cache import open_cache
+    from trainerd.data import DataPlan
+    cache = open_cache(cache_dir)
+    total = len(cache.chunks)
+
+    def per_batch(steps: list) -> float:
+        return statistics.mean(len({c for c, _ in ids}) for ids in steps) if steps else float("nan")
+
+    print(f"\nGrowing cache: chunks per batch of {a.batch} (the trainer keeps up, {a.arrival} chunk(s) per arrival), "
+          f"against the finished cache; the second half of the epoch beside the whole\n")
+    print("| window (sequences) | window chunks | finished cache | growing: whole epoch | growing: second half | arrivals |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for w in windows:
+        kw = dict(seed=a.seed, global_batch=a.batch, rank=0, world_size=1, shuffle_window=w)
+        done = DataPlan(cache, **kw)
+        ref = per_batch([done.get_batch(s).seq_ids for s in range(done.total_steps)])
+        plan = DataPlan(cache, known_chunks=1, finished=False, **kw)
+        steps, step, known, arrivals = [], 0, 1, 0
+        while not (plan.finished and step >= plan.total_steps):
+            if not plan.ready(step):
+                known = min(total, known + a.arrival)
+                plan.grow(known, known == total, step)
+                arrivals += 1
+                continue
+            steps.append(plan.get_batch(step).seq_ids)
+            step += 1
+        print(f"| {w:,} | {plan.window_chunks:,} | {ref:.2f} | {per_batch(steps):.2f} | "
+              f"{per_batch(steps[len(steps) // 2:]):.2f} | {arrivals:,} |")
+    print("\ncommand:  python bench/bench_shuffle.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sequences", type=int, default=6144, help="about this many training sequences (one epoch)")
@@ -238,6 +276,8 @@ def main() -> None:
     ap.add_argument("--ood-sequences", type=int, default=512, help="out-of-domain sequences evaluated (0: none)")
     ap.add_argument("--loader-sequences", type=int, default=1 << 17)
     ap.add_argument("--rounds", type=int, default=3, help="loader rounds")
+    ap.add_argument("--stream", action="store_true", help="only the growing-cache figures (no training)")
+    ap.add_argument("--arrival", type=int, default=1, help="--stream: chunks per arrival")
     a = ap.parse_args()
     windows = [int(w) for w in a.windows.split(",")]
 
@@ -256,6 +296,8 @@ def main() -> None:
         n_seq, n_chunks = m.total_sequences, len(m.chunks)
         print(f"cache: {files} stdlib files, {n_chunks} chunks of {a.chunk_sequences}, {n_seq:,} sequences of "
               f"{a.seq_len} ({m.total_tokens:,} tokens)", flush=True)
+        if a.stream:
+            return stream(cache, windows, a)
 
         # trainerd, one epoch per window
         runs, pending = {}, list(windows)

@@ -189,7 +189,7 @@ def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cac
     shutil.copytree(cache, bad_cache)
     c = open_cache(bad_cache)
     seed = load_config(None, {}).train.seed
-    window = DataPlan(c, seed=seed, global_batch=8, rank=0, world_size=1, shuffle_window=64)._layout0.chunks_of(0)
+    window = DataPlan(c, seed=seed, global_batch=8, rank=0, world_size=1, shuffle_window=64)._layout(0, 0).chunks_of(0)
     assert sum(c.chunks[i].sequences for i in window) == 64
     for i in window:
         p = bad_cache / c.chunks[i].file

@@ -9,10 +9,12 @@ Order
     with f < 1 the rows an epoch takes from chunk c are a random k_c of its rows, drawn from (seed, epoch,
     chunk), so the sample does not depend on when the chunk arrived. (Taking the first M of an order over a
     growing cache would not do: each arrival would reshuffle a pool that holds mostly older chunks, and the
-    last chunks to arrive would be sampled least.) An epoch's order is a permutation of its chunks cut into windows of
-    window_chunks = ceil(shuffle_window / chunk_sequences) chunks (data.shuffle_window, in sequences; its
-    default is explained at trainerd.config.SHUFFLE_WINDOW); the sequences of one window are permuted among
-    themselves (local shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
+    last chunks to arrive would be sampled least.) Epoch 0's order is a list of blocks (below); a later
+    epoch is one block of every chunk. A block is a permutation of a range of chunk ids, cut into windows
+    of near-equal size, ceil(chunks / window_chunks) of them, window_chunks = ceil(shuffle_window /
+    chunk_sequences) (data.shuffle_window, in sequences; its default is explained at
+    trainerd.config.SHUFFLE_WINDOW); the sequences of one window are permuted among themselves (local
+    shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
     rank into one token array holding that rank's rows in the order it reads them, and kept while in use
     (an LRU of 3 windows): every chunk is decompressed once per epoch, not once per sample, and a batch
     is one slice per window it spans (a cast to int32 and a copy), with no gather.
@@ -21,14 +23,19 @@ Order
 
 Growth (epoch 0 only: later epochs start over the finished cache and never change)
     grow(known_chunks, finished, step) is called on every rank at the same step with the same values.
-    Positions before step*G are trained on; the window holding position step*G is sealed (kept as it is);
-    the not-yet-visited rest of the order plus the new chunks is shuffled again by a generator seeded by
-    (seed, epoch 0, arrival index = the known chunk count after the arrival). Hence every sequence of
-    epoch 0 exactly once, including sequences that arrive mid-epoch, and a plan grown at step 0 equals a
-    plan constructed with that many chunks: ranks that opened the cache at different moments agree once
-    they all grow to rank 0's broadcast count before their first batch.
+    Epoch 0 is blocks of consecutive chunk ids [a, b), trained one after the other, each in its own order
+    (seeded by (seed, 0, a, b)). Positions before step*G are trained on; the block holding position step*G,
+    if begun, stays as it is; the blocks after it, not begun, become one block with the new chunks. Hence
+    every sequence of epoch 0 exactly once, including sequences that arrive mid-epoch, and a plan grown
+    at step 0 equals a plan constructed with that many chunks: ranks that opened the cache at different
+    moments agree once they all grow to rank 0's broadcast count before their first batch.
     While the cache is not finished, epoch 0 waits for fresh data: ready(step) is False for a step that
-    needs positions beyond the sequences known now. Epoch 1 starts only once the cache is finished.
+    needs positions beyond the sequences known now, or that begins the newest block before it holds the
+    chunks it needs: window_chunks (so that a trainer that keeps up with its packer still draws each batch
+    from a whole window, not from the one chunk that just arrived), except that the first blocks need 1,
+    2, 4, ... chunks (training starts on the first chunk), and no block needs more chunks than the
+    manifest's estimate says are still to come. What a block needs is set at the grows before it begins.
+    Epoch 1 starts only once the cache is finished.
 
 Totals and the last partial batch
     T = floor(max(target_epochs, 1) * M) positions and total_steps = T // G: the last partial global batch
@@ -63,9 +70,11 @@ Batches
 
 State
     state_dict(): seed, global batch, world size, window, the known chunk count and sequences, finished,
-    the full-dataset estimate, epoch 0's chunk order (one int per chunk) with its seal points, and the
-    growth events. Later epochs' orders are recomputed from (seed, epoch); the position is the trainer's
-    step (get_batch is random access), so load_state_dict reads no chunk and replays nothing.
+    the full-dataset estimate, a digest of the known chunks' checksums, and epoch 0's blocks from the one
+    in use at the last grow on (one or two blocks, 4 ints each): a few hundred bytes however large the
+    cache. Orders are recomputed from (seed, epoch, block); the position is the trainer's step (get_batch
+    is random access), so load_state_dict reads no chunk and replays nothing. A format-1 state (epoch 0's
+    whole chunk order with its seal points, written before blocks) resumes with that order kept as one block.
 """
 from __future__ import annotations
 
@@ -80,6 +89,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xxhash
 
 from shared.cache import Cache, CacheError, CorruptChunk
 
@@ -87,7 +97,7 @@ from .config import SHUFFLE_WINDOW
 
 log = logging.getLogger("trainerd.data")
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2   # 1: epoch 0's whole chunk order with its seal points (read, see _legacy_layout)
 IGNORE_INDEX = -100
 MANIFEST_WAIT_SECONDS = 10.0   # a rank whose manifest lags the broadcast count waits this long for it
 FEW_DOCUMENTS = 128            # up to this many document starts, positions restart with one slice assignment
@@ -98,13 +108,40 @@ SAMPLE_FORMAT = 2                  # f < 1 sampled per chunk (1: the first M of 
 _NEVER = 1 << 62
 
 
-def _rng(seed: int, epoch: int, kind: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, kind, index])))
+def _rng(seed: int, epoch: int, kind: int, *index: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, kind, *index])))
 
 
 def _floor(x: float) -> int:
     # round away float noise first (2.9999999999 -> 3) so that every rank and every resume agrees
     return math.floor(round(x, 6))
+
+
+class _Column:
+    """An int64 array that grows at its end in constant amortized time per value (its capacity doubles)."""
+
+    def __init__(self, values: np.ndarray | None = None):
+        self._buf = np.zeros(16, dtype=np.int64) if values is None else np.asarray(values, dtype=np.int64).copy()
+        self.values = self._buf[:0 if values is None else len(self._buf)]
+
+    def extend(self, more: np.ndarray) -> np.ndarray:
+        """Append `more`; the values as a new view (views handed out before keep their length)."""
+        n, end = len(self.values), len(self.values) + len(more)
+        if end > len(self._buf):
+            buf = np.zeros(max(end, 2 * len(self._buf)), dtype=np.int64)
+            buf[:n] = self.values
+            self._buf = buf
+        self._buf[n:end] = more
+        self.values = self._buf[:end]
+        return self.values
+
+
+def _legacy_cut(seals: list[int], n: int, window: int) -> list[int]:
+    """Window bounds of format-1 states: `window` chunks from each seal point, the rest of a stretch short."""
+    bounds: list[int] = []
+    for a, b in zip(seals, seals[1:] + [n]):
+        bounds.extend(range(a, b, window))
+    return bounds + [n]
 
 
 def _takes(sizes: np.ndarray, before: int, f: float) -> np.ndarray:
@@ -278,28 +315,26 @@ class _Window:
             flat[lo + shift:lo + shift + n] = ar[:n]
 
 
+def _balanced(n: int, window: int) -> list[int]:
+    """Bounds cutting n chunks into ceil(n / window) windows whose sizes differ by one at most (a block of
+    window + 1 chunks makes two windows of about half, not a full one and a window of one chunk)."""
+    k = max(1, -(-n // window))
+    return [n * i // k for i in range(k + 1)]
+
+
 class _Layout:
-    """One epoch's order: chunk ids cut into windows; maps offsets in the epoch to (window, row in window)."""
+    """A stretch of an epoch's order starting at epoch offset `base`: chunk ids `order` cut into windows at
+    `bounds` (indexes into order); maps epoch offsets to (window, row in window)."""
 
-    def __init__(self, seed: int, epoch: int, order: np.ndarray, seals: list[int], sizes: np.ndarray, window: int):
-        self.seed, self.epoch, self.order = seed, epoch, order
-        bounds: list[int] = []
-        for a, b in zip(seals, list(seals[1:]) + [len(order)]):
-            bounds.extend(range(a, b, window))
-        bounds.append(len(order))
-        self.bounds = bounds
-        self.chunk_pos = np.zeros(len(order) + 1, dtype=np.int64)   # epoch offset where each order slot starts
-        np.cumsum(sizes[order], out=self.chunk_pos[1:])
-        self.win_pos = self.chunk_pos[bounds].tolist()              # epoch offset where each window starts
-        self.total = int(self.chunk_pos[-1])
+    def __init__(self, seed: int, epoch: int, order: np.ndarray, bounds: list[int], takes: np.ndarray, base: int):
+        self.seed, self.epoch, self.order, self.bounds, self.base = seed, epoch, order, bounds, base
+        chunk_pos = np.empty(len(order) + 1, dtype=np.int64)   # epoch offset where each order slot starts
+        chunk_pos[0] = base
+        np.cumsum(takes[order], out=chunk_pos[1:])
+        chunk_pos[1:] += base
+        self.win_pos = chunk_pos[bounds].tolist()               # epoch offset where each window starts
+        self.end = int(chunk_pos[-1])
         self._perms: dict[int, np.ndarray] = {}
-
-    def seal_index(self, offset: int) -> int:
-        """Order index that ends the window holding `offset` (or starts it, when offset is its first)."""
-        if offset >= self.total:
-            return len(self.order)
-        w = bisect.bisect_right(self.win_pos, offset) - 1
-        return self.bounds[w] if offset == self.win_pos[w] else self.bounds[w + 1]
 
     def chunks_of(self, w: int) -> tuple[int, ...]:
         return tuple(self.order[self.bounds[w]:self.bounds[w + 1]].tolist())
@@ -314,18 +349,23 @@ class _Layout:
             p = self._perms[w] = _rng(self.seed, self.epoch, _WINDOW, int(self.order[self.bounds[w]])).permutation(n)
         return p
 
-    def segments(self, start: int, stride: int, count: int, end: int) -> list[tuple[int, int, int]]:
+    def segments(self, start: int, stride: int, count: int) -> list[tuple[int, int, int]]:
         """(window, first row, row count) of the epoch offsets start, start+stride, ... (count of them, all
-        < end): offset o is row o - lo of its window in shuffled order (lo: the window's first offset)."""
+        below self.end): offset o is row o - lo of its window in shuffled order (lo: the window's first offset)."""
         out = []
         while count:
             w = bisect.bisect_right(self.win_pos, start) - 1
-            lo, hi = self.win_pos[w], min(self.win_pos[w + 1], end)
+            lo, hi = self.win_pos[w], self.win_pos[w + 1]
             k = min(count, (hi - start + stride - 1) // stride)
             out.append((w, start - lo, k))
             count -= k
             start += stride * k
         return out
+
+    def where(self, offset: int) -> tuple[int, int]:
+        """(window, row in window) of one epoch offset."""
+        w = bisect.bisect_right(self.win_pos, offset) - 1
+        return w, offset - self.win_pos[w]
 
 
 def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.ndarray) -> Batch:
@@ -431,25 +471,28 @@ class DataPlan:
         self._events: list[dict] = []                 # data problems for the loop to log (take_events)
         self._changes: list[int] = []                 # first step each plan change may alter (index = version)
         self.corrupt: dict[int, str] = {}             # chunk id -> reason
-        self.events: list[dict] = []                  # growth events (part of the state)
         self.step = 0                                 # step of the last grow
         self.known_chunks, self.finished, self.total_steps = 0, False, 0
         self._known_seqs, self._m = 0, 0
-        self._sizes = np.zeros(0, dtype=np.int64)
+        self._size_col, self._take_col = _Column(), _Column()
+        self._sizes = self._takes = self._size_col.values  # sequences of each chunk; rows an epoch takes of it
         # the share of every chunk an epoch takes: epoch_fraction, and target_epochs when that is below 1
         # (a run shorter than one epoch samples it the same way, not as the first part of an order)
         self._frac = self.epoch_fraction * min(self.target_epochs, 1.0)
-        self._takes = np.zeros(0, dtype=np.int64)      # rows of each chunk an epoch takes (= _sizes when f = 1)
-        self._order0 = np.zeros(0, dtype=np.int64)
-        self._seals0 = [0]
-        self._later: dict[int, _Layout] = {}
+        # epoch 0's blocks [first chunk, end chunk, epoch offset, chunks needed to begin it], and their offsets
+        self._blocks: list[list[int]] = [[0, 0, 0, 1]]
+        self._bases: list[int] = [0]
+        self._first_block = 0        # blocks before _blocks[0] (a resumed plan keeps the live ones only)
+        self._legacy: dict | None = None  # a format-1 state's order, while it is still in use
+        self._legacy_cut = False          # later epochs cut as format-1 states did (a resumed format-1 run)
+        self._digest = xxhash.xxh64()     # of the known chunks' checksums
+        self._built: OrderedDict[tuple, _Layout] = OrderedDict()   # layouts of blocks and later epochs
         self._est_seqs = 0
         known = len(cache.chunks) if known_chunks is None else int(known_chunks)
         if finished is None:
             finished = cache.manifest.finished and known == len(cache.chunks)
         with self._lock:
             self._apply(known, bool(finished), 0, cache.manifest.estimated_total_sequences())
-            self._layout0 = self._make_layout0()
             self._changes.clear()
 
     # -- growth ----------------------------------------------------------------------------------
@@ -460,8 +503,7 @@ class DataPlan:
         with self._lock:
             before = (self.known_chunks, self.finished, self.total_steps, self._est_seqs)
             self.step = step
-            if self._apply(int(known_chunks), bool(finished), step, est_total_sequences):
-                self.events.append({"step": step, "known_chunks": self.known_chunks, "finished": self.finished})
+            self._apply(int(known_chunks), bool(finished), step, est_total_sequences)
             return (self.known_chunks, self.finished, self.total_steps, self._est_seqs) != before
 
     def _apply(self, known: int, finished: bool, step: int, est: int | None) -> bool:
@@ -477,30 +519,23 @@ class DataPlan:
         if grew:
             self._wait_for_manifest(known)
             new_sizes = np.fromiter((c.sequences for c in self.cache.chunks[self.known_chunks:known]), dtype=np.int64)
-            # the window holding position step*G is sealed; the rest of epoch 0 is shuffled again with the new chunks
-            seal = self._order0.size
-            if self.known_chunks:
-                layout = self._layout0
-                seal = max(layout.seal_index(step * self.global_batch), self._seals0[-1])
-                first_changed = int(layout.chunk_pos[seal]) // self.global_batch
-            tail = np.sort(np.concatenate([self._order0[seal:], np.arange(self.known_chunks, known, dtype=np.int64)]))
-            tail = _rng(self.seed, 0, _ORDER, known).permutation(tail)
-            self._order0 = np.concatenate([self._order0[:seal], tail])
-            if seal > self._seals0[-1]:
-                self._seals0.append(seal)
-            self._takes = np.concatenate([self._takes, _takes(new_sizes, int(self._sizes.sum()), self._frac)])
-            self._sizes = np.concatenate([self._sizes, new_sizes])
+            new_takes = _takes(new_sizes, self._known_seqs, self._frac)
+            self._sizes, self._takes = self._size_col.extend(new_sizes), self._take_col.extend(new_takes)
+            first_changed = self._grow_blocks(known, step * self.global_batch)
+            self._digest_chunks(self.known_chunks, known)
             self.known_chunks = known
-            self._known_seqs = int(self._sizes.sum())
-            self._layout0 = self._make_layout0()
-            self._later.clear()
+            self._known_seqs += int(new_sizes.sum())
+            self._m += int(new_takes.sum())
+            self._built.clear()
         self.finished = finished
         if est is None and changed:
             est = self.cache.manifest.estimated_total_sequences()  # this rank's manifest: pass rank 0's instead
         if est is not None:
             self._est_seqs = int(est)
         self._est_seqs = max(self._est_seqs, self._known_seqs)
-        self._m = int(self._takes.sum())
+        newest = self._blocks[-1]
+        if step * self.global_batch <= newest[2]:  # not begun: what it needs follows the estimate
+            newest[3] = self._needed(len(self._bases) - 1)
         self.total_steps = max(self.total_steps, self._total_positions(self._m) // self.global_batch)
         if changed:
             self._changes.append(first_changed)
@@ -527,18 +562,49 @@ class DataPlan:
                                  f"fewer than the {known} announced")
             time.sleep(0.05)
 
-    def _make_layout0(self) -> _Layout:
-        return _Layout(self.seed, 0, self._order0, self._seals0, self._takes, self.window_chunks)
+    def _grow_blocks(self, known: int, pos: int) -> int:
+        """Put the chunks from known_chunks to `known` into epoch 0's blocks, the trainer being at epoch offset
+        `pos`; the first step whose batch may change."""
+        j = bisect.bisect_right(self._bases, pos) - 1
+        if pos > self._bases[j]:
+            j += 1  # block j is under way: it stays as it is
+        if j == len(self._blocks):
+            self._blocks.append([self.known_chunks, known, self._m, 1])
+            self._bases.append(self._m)
+        else:  # the blocks not begun become one with the new chunks (in a new order)
+            self._blocks[j:] = [[self._blocks[j][0], known, self._bases[j], 1]]
+            del self._bases[j + 1:]
+        if self._legacy is not None and self._legacy["key"] not in {(a, b) for a, b, _, _ in self._blocks}:
+            self._legacy = None
+        return self._bases[j] // self.global_batch
 
-    def _layout(self, epoch: int) -> _Layout:
+    def _needed(self, j: int) -> int:
+        """Chunks block j needs before the trainer begins it (while the cache grows): the whole shuffle
+        window, from the 1st, 2nd, 4th, ... chunk on for the first blocks (so that training starts early),
+        and no more than the estimate says will come."""
+        a, b = self._blocks[j][:2]
+        coming = -(-max(0, self._est_seqs - self._known_seqs) // self.cache.manifest.chunk_sequences)
+        return min(self.window_chunks, 1 << min(self._first_block + j, 40), b - a + coming)
+
+    def _layout(self, epoch: int, offset: int) -> _Layout:
+        """The layout holding `offset` of `epoch`: a block of epoch 0, or the whole of a later epoch."""
         if epoch == 0:
-            return self._layout0
-        lay = self._later.get(epoch)
+            j = bisect.bisect_right(self._bases, offset) - 1
+            a, b, base, _ = self._blocks[j]
+            key = (0, a, b)
+        else:
+            a, b, base, key = 0, self.known_chunks, 0, (epoch,)
+        lay = self._built.get(key)
         if lay is None:
-            if len(self._later) >= 2:
-                self._later.pop(min(self._later))
-            order = _rng(self.seed, epoch, _ORDER, 0).permutation(self.known_chunks)
-            lay = self._later[epoch] = _Layout(self.seed, epoch, order, [0], self._takes, self.window_chunks)
+            if len(self._built) >= 4:
+                self._built.popitem(last=False)
+            if self._legacy is not None and key[1:] == self._legacy["key"]:
+                order, bounds = self._legacy["order"], self._legacy["bounds"]
+            else:
+                seed = _rng(self.seed, 0, _ORDER, a, b) if epoch == 0 else _rng(self.seed, epoch, _ORDER, 0)
+                order = a + seed.permutation(b - a)
+                bounds = _legacy_cut([0], b - a, self.window_chunks) if self._legacy else _balanced(b - a, self.window_chunks)
+            lay = self._built[key] = _Layout(self.seed, epoch, order, bounds, self._takes, base)
         return lay
 
     # -- totals ----------------------------------------------------------------------------------
@@ -563,11 +629,19 @@ class DataPlan:
         return (step * self.global_batch) // self._m if self._m else 0
 
     def ready(self, step: int) -> bool:
-        """The data of global step `step` is known (epoch 0 of an unfinished cache: all its sequences exist)."""
+        """The data of global step `step` can be trained on now (see holds)."""
         with self._lock:
-            if step < 0 or step >= self.total_steps:
-                return False
-            return self.finished or (step + 1) * self.global_batch <= self._m
+            return 0 <= step < self.total_steps and self.holds((step + 1) * self.global_batch)
+
+    def holds(self, end: int) -> bool:
+        """The first `end` positions of this plan's stream can be trained on now: every position of a finished
+        cache; in epoch 0 of a growing one, sequences that exist, and the newest block only once it holds
+        the chunks it needs (see Growth)."""
+        with self._lock:
+            if end <= 0 or self.finished:
+                return end <= 0 or self._m > 0
+            a, b, base, need = self._blocks[-1]
+            return end <= self._m and (end <= base or b - a >= need)
 
     def unchanged_since(self, step: int, version: int) -> bool:
         """A batch of `step` built at plan `version` is still what get_batch(step) returns now."""
@@ -599,9 +673,9 @@ class DataPlan:
         out = []
         while count:
             epoch, offset = divmod(pos, m)
-            k = min(count, (m - offset + W - 1) // W)  # rows left in this epoch
-            lay = self._layout(epoch)
-            out += [(lay, *seg) for seg in lay.segments(offset, W, k, m)]
+            lay = self._layout(epoch, offset)
+            k = min(count, (lay.end - offset + W - 1) // W)  # rows left in this layout
+            out += [(lay, *seg) for seg in lay.segments(offset, W, k)]
             count -= k
             pos += W * k
         return out
@@ -615,16 +689,15 @@ class DataPlan:
             where = []
             for p in positions:
                 epoch, offset = divmod(p, self._m)
-                lay = self._layout(epoch)
-                w = bisect.bisect_right(lay.win_pos, offset) - 1
-                where.append((lay, w, offset - lay.win_pos[w]))
-        self._keep_windows = max(self._cache_windows, 2 * len({(lay.epoch, w) for lay, w, _ in where}) + 1)
+                lay = self._layout(epoch, offset)
+                where.append((lay, *lay.where(offset)))
+        self._keep_windows = max(self._cache_windows, 2 * len({(id(lay), w) for lay, w, _ in where}) + 1)
         built: dict[tuple[int, int], _Window] = {}
         out = []
         for lay, w, q in where:
-            win = built.get((lay.epoch, w))
+            win = built.get((id(lay), w))
             if win is None:
-                win = built[(lay.epoch, w)] = self._window(lay, w, 0)
+                win = built[(id(lay), w)] = self._window(lay, w, 0)
             out.append((win, q, 1))
         return out
 
@@ -735,14 +808,23 @@ class DataPlan:
                     "known_chunks": self.known_chunks, "known_sequences": self._known_seqs,
                     "finished": self.finished, "est_total_sequences": self._est_seqs,
                     "total_steps": self.total_steps, "step": self.step,
-                    "order0": self._order0.tolist(), "seals0": list(self._seals0),
-                    "events": [dict(e) for e in self.events],
-                    "chunks_digest": self._chunks_digest(self.known_chunks)}
+                    "chunks_digest": self._digest.hexdigest(), **self._epoch0_state()}
 
-    def _chunks_digest(self, known: int) -> str:
-        """xxh64 over the checksums of the first `known` chunks: the same cache, not only the same sizes."""
-        import xxhash
-        return xxhash.xxh64("\n".join(c.checksum for c in self.cache.chunks[:known]).encode()).hexdigest()
+    def _epoch0_state(self) -> dict:
+        """Epoch 0's blocks from the one holding the last grow's position on (those before are trained on):
+        a few numbers however large the cache."""
+        live = min(bisect.bisect_right(self._bases, self.step * self.global_batch), len(self._blocks)) - 1
+        out = {"blocks": [list(b) for b in self._blocks[live:]], "first_block": self._first_block + live,
+               "cut": "legacy" if self._legacy_cut else "even"}
+        if self._legacy is not None and self._legacy["key"] in {(a, b) for a, b, _, _ in self._blocks[live:]}:
+            out["legacy_order"], out["legacy_bounds"] = self._legacy["order"].tolist(), list(self._legacy["bounds"])
+        return out
+
+    def _digest_chunks(self, start: int, end: int) -> None:
+        """Take the checksums of chunks start..end-1 into the digest of the known chunks (the same cache on
+        resume, not only the same sizes)."""
+        for i, c in enumerate(self.cache.chunks[start:end], start):
+            self._digest.update(("\n" + c.checksum if i else c.checksum).encode())
 
     def load_state_dict(self, d: dict) -> None:
         """Restore a state_dict; global batch, seed, window and epoch fraction must match (the world size may
@@ -752,7 +834,7 @@ class DataPlan:
         if d.get("kind") == "mixture":
             raise ValueError(f"the data state was saved by a run on {len(d['sources'])} caches, this run has one: "
                              f"the caches of a run cannot change")
-        if d.get("format") != STATE_FORMAT:
+        if d.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"data state format {d.get('format')!r} is not {STATE_FORMAT}")
         # the stream of positions depends on the global batch only: another number of ranks (with the
         # micro-batch or accumulation changed to keep it) takes the same sequences at the same steps
@@ -780,9 +862,24 @@ class DataPlan:
             raise ValueError("the data state was saved by an older trainerd, which sampled epoch_fraction below 1 "
                              "differently: resume it with that version, or start a new run")
         known = int(d["known_chunks"])
-        order0 = np.asarray(d["order0"], dtype=np.int64)
-        if order0.size != known or not np.array_equal(np.sort(order0), np.arange(known)):
-            raise ValueError("the data state's chunk order is not a permutation of its chunks")
+        sizes, digest = self._same_chunks(d, known)
+        takes = _takes(sizes, 0, self._frac)
+        blocks, first, legacy = _epoch0_from_state(d, known, takes, self.window_chunks)
+        with self._lock:
+            self.known_chunks, self.finished, self.step = known, bool(d["finished"]), int(d["step"])
+            self._size_col, self._take_col = _Column(sizes), _Column(takes)
+            self._sizes, self._takes = self._size_col.values, self._take_col.values
+            self._known_seqs, self._m, self._digest = int(sizes.sum()), int(takes.sum()), digest
+            self._blocks, self._bases, self._first_block = blocks, [blk[2] for blk in blocks], first
+            self._legacy, self._legacy_cut = legacy, d.get("cut", "legacy") == "legacy"
+            self._built.clear()
+            self._est_seqs = max(int(d["est_total_sequences"]), self._known_seqs)
+            self.total_steps = self._total_positions(self._m) // self.global_batch
+            self._changes.append(0)  # whatever was prepared before is void
+
+    def _same_chunks(self, d: dict, known: int):
+        """The sizes of the state's first `known` chunks and the digest of their checksums, once the cache is
+        checked to hold those very chunks."""
         if len(self.cache.chunks) < known:
             self.cache.refresh()
         if len(self.cache.chunks) < known:
@@ -792,21 +889,36 @@ class DataPlan:
         if int(sizes.sum()) != d["known_sequences"]:
             raise ValueError(f"the first {known} chunks of {self.cache.dir} hold {int(sizes.sum())} sequences, "
                              f"the data state says {d['known_sequences']}: the cache was rebuilt")
-        if "chunks_digest" in d and d["chunks_digest"] != self._chunks_digest(known):  # absent: older checkpoints
+        mine, self._digest = self._digest, xxhash.xxh64()
+        try:
+            self._digest_chunks(0, known)
+        finally:
+            mine, self._digest = self._digest, mine
+        if "chunks_digest" in d and d["chunks_digest"] != mine.hexdigest():  # absent: older checkpoints
             raise ValueError(f"the first {known} chunks of {self.cache.dir} are not the ones this run trained on "
                              f"(their checksums differ): the cache was rebuilt from other data")
-        with self._lock:
-            self.known_chunks, self.finished, self.step = known, bool(d["finished"]), int(d["step"])
-            self._sizes, self._known_seqs = sizes, int(sizes.sum())
-            self._takes = _takes(sizes, 0, self._frac)
-            self._order0, self._seals0 = order0, [int(x) for x in d["seals0"]]
-            self._layout0 = self._make_layout0()
-            self._later.clear()
-            self.events = [dict(e) for e in d["events"]]
-            self._est_seqs = max(int(d["est_total_sequences"]), self._known_seqs)
-            self._m = int(self._takes.sum())
-            self.total_steps = self._total_positions(self._m) // self.global_batch
-            self._changes.append(0)  # whatever was prepared before is void
+        return sizes, mine
+
+
+def _epoch0_from_state(d: dict, known: int, takes: np.ndarray, window: int) -> tuple[list, int, dict | None]:
+    """Epoch 0's live blocks, the index of the first, and a format-1 state's order (None in format 2)."""
+    if d.get("format") == 1:  # the whole order of epoch 0 with its seal points: one block, cut as it was then
+        order0 = np.asarray(d["order0"], dtype=np.int64)
+        if order0.size != known or not np.array_equal(np.sort(order0), np.arange(known)):
+            raise ValueError("the data state's chunk order is not a permutation of its chunks")
+        bounds = _legacy_cut([int(x) for x in d["seals0"]], known, window)
+        return [[0, known, 0, 1]], 0, {"key": (0, known), "order": order0, "bounds": bounds}
+    blocks = [[int(x) for x in blk] for blk in d["blocks"]]
+    ends = np.concatenate([[0], np.cumsum(takes)])
+    if (not blocks or blocks[-1][1] != known or any(x[1] != y[0] for x, y in zip(blocks, blocks[1:]))
+            or any(not 0 <= a <= b or base != ends[a] for a, b, base, _ in blocks)):
+        raise ValueError("the data state's blocks do not cover its chunks: is it the same cache?")
+    legacy = None
+    if "legacy_order" in d:
+        a, b = blocks[0][:2]
+        legacy = {"key": (a, b), "order": np.asarray(d["legacy_order"], dtype=np.int64),
+                  "bounds": [int(x) for x in d["legacy_bounds"]]}
+    return blocks, int(d["first_block"]), legacy
 
 
 class Prefetcher:

@@ -248,8 +248,7 @@ class MixPlan:
             if not self.segments:
                 return [i for i, p in enumerate(self.plans) if not p.finished]
             need = self.draws((step + 1) * self.global_batch)
-            return [i for i, (p, k) in enumerate(zip(self.plans, need.tolist()))
-                    if k and (p._m == 0 or (not p.finished and k > p._m))]
+            return [i for i, (p, k) in enumerate(zip(self.plans, need.tolist())) if not p.holds(k)]
 
     def ready(self, step: int) -> bool:
         with self._lock:
