@@ -80,13 +80,17 @@ class Chunk:
 
     def padded(self, pad_id: int) -> np.ndarray:
         """All sequences as a [num_sequences, seq_len] array, short ones padded with pad_id."""
-        out = np.full((self.num_sequences, self.seq_len), pad_id, dtype=self.tokens.dtype)
-        if self.num_tokens == self.num_sequences * self.seq_len:
-            out[:] = self.tokens.reshape(self.num_sequences, self.seq_len)
-            return out
+        n, L = self.num_sequences, self.seq_len
+        out = np.empty((n, L), dtype=self.tokens.dtype)
+        lengths = np.asarray(self.lengths)
+        short = np.flatnonzero(lengths < L)
+        full = int(short[0]) if short.size else n   # the rows before the first short one: one copy
+        out[:full] = self.tokens[:full * L].reshape(full, L)
+        rest = out[full:]
+        rest[:] = pad_id
         # the tokens fill each row's first `length` slots, row after row: exactly the True places of this mask in
         # row-major order (one numpy assignment instead of a Python loop over the rows)
-        out[np.arange(self.seq_len) < np.asarray(self.lengths)[:, None]] = self.tokens
+        rest[np.arange(L) < lengths[full:, None]] = self.tokens[full * L:]
         return out
 
 

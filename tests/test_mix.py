@@ -403,3 +403,29 @@ def test_new_size_weights_change_the_plan_even_when_no_total_moves(caches):
     assert (plan.total_steps, plan.estimated_total_steps) == before[:2] and len(plan.segments) == before[2]
     assert plan.segments[-1][1] != quantize([4000, 2000])
     assert not plan.grow_sources(0, [(2, False, 3000), (1, False, 3000)])  # nothing new: no change
+
+
+def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches):
+    """Each row of a mixture's batch holds the tokens of the (cache, chunk, index) it names, positions that
+    restart at that row's document starts, and labels masked past its real length only."""
+    cs = opened(caches)
+    G = 24
+    plan = grown(MixPlan(cs, seed=3, global_batch=G, rank=0, world_size=1, weights=[0.5, 0.5],
+                         shuffle_window=40))
+    chunks: dict = {}
+    restarts = short = 0
+    for s in range(plan.total_steps):
+        b = plan.get_batch(s)
+        for r, (i, c, k) in enumerate(b.seq_ids):
+            ch = chunks.get((i, c)) or chunks.setdefault((i, c), cs[i].read_chunk(c))
+            n = int(ch.lengths[k])
+            assert torch.equal(b.input_ids[r, :n], torch.from_numpy(ch.padded(cs[i].pad_id)[k, :n].astype(np.int32)))
+            want = np.arange(64)
+            for start in ch.doc_starts_of(k):
+                if start > 0:
+                    want[start:] = np.arange(64 - start)
+                    restarts += 1
+            assert b.position_ids[r].tolist() == want.tolist(), f"step {s} row {r}"
+            assert (b.labels[r, n:] == -100).all() and torch.equal(b.labels[r, :n], b.input_ids[r, :n])
+            short += n < 64
+    assert restarts > 50 and short >= 1  # documents ending mid-row, and a cache's short last row, were seen

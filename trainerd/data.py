@@ -251,7 +251,8 @@ class _Window:
     stretch length up to the next start or the row's end): a batch restarts its few documents with one
     slice assignment each, and its many documents (short ones) with _positions.
     """
-    __slots__ = ("tokens", "chunk", "index", "lengths", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs")
+    __slots__ = ("tokens", "chunk", "index", "lengths", "short", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs",
+                 "_doc_rows", "_doc_lo")
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
         self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
@@ -293,9 +294,11 @@ class _Window:
         lo = rows[keep] * L + starts[keep]
         lo.sort()
         hi = np.minimum(np.append(lo[1:], n * L), (lo // L + 1) * L)  # the next start, or the end of the row
-        self.doc_rows, self.doc_lo, self.doc_len = (lo // L).tolist(), lo.tolist(), (hi - lo).tolist()
+        self._doc_rows, self._doc_lo = lo // L, lo
+        self.doc_rows, self.doc_lo, self.doc_len = self._doc_rows.tolist(), lo.tolist(), (hi - lo).tolist()
         if self.lengths is not None and bool((self.lengths == L).all()):
             self.lengths = None  # a short chunk's rows that this rank reads are all full
+        self.short = [] if self.lengths is None else np.flatnonzero(self.lengths < L).tolist()  # short rows, ascending
         self.seq_ids = list(zip(self.chunk.tolist(), self.index.tolist()))
         self._docs = []
         return self
@@ -313,6 +316,37 @@ class _Window:
         flat, shift = out.reshape(-1), -q0 * L
         for lo, n in zip(self.doc_lo[i0:i1], self.doc_len[i0:i1]):
             flat[lo + shift:lo + shift + n] = ar[:n]
+
+    def restart(self, pos: np.ndarray, q: np.ndarray, dest: np.ndarray, ar: np.ndarray) -> None:
+        """Restart the positions of batch rows `dest` (pos holds ar in every row) at the document starts of
+        their window rows q (ascending)."""
+        q0, k = int(q[0]), len(q)
+        i0 = bisect.bisect_left(self.doc_rows, q0)
+        i1 = bisect.bisect_left(self.doc_rows, int(q[-1]) + 1, i0)
+        if i1 - i0 > FEW_DOCUMENTS:  # many short documents: vectorised
+            pos[dest] = self.positions_of(q, ar)
+            return
+        run = int(q[-1]) - q0 == k - 1
+        row = None if run else dict(zip(q.tolist(), dest.tolist()))
+        L = len(ar)
+        for lo, n in zip(self.doc_lo[i0:i1], self.doc_len[i0:i1]):
+            d = int(dest[lo // L - q0]) if run else row.get(lo // L)
+            if d is not None:
+                pos[d, lo % L:lo % L + n] = ar[:n]
+
+    def positions_of(self, q: np.ndarray, ar: np.ndarray) -> np.ndarray:
+        """[len(q), L] positions of the rows q (ascending, any gaps) in ar's dtype."""
+        L = len(ar)
+        out = np.empty((len(q), L), dtype=ar.dtype)
+        lo = np.searchsorted(self._doc_rows, q, side="left")
+        counts = np.searchsorted(self._doc_rows, q, side="right") - lo
+        if not counts.any():
+            out[:] = ar
+            return out
+        first = np.cumsum(counts) - counts
+        idx = np.arange(int(counts.sum())) + np.repeat(lo - first, counts)
+        _positions(out, np.repeat(np.arange(len(q)), counts), self._doc_lo[idx] % L)
+        return out
 
 
 def _balanced(n: int, window: int) -> list[int]:
@@ -371,7 +405,7 @@ class _Layout:
 def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.ndarray) -> Batch:
     """A batch of the rows (window, first row, count) of `parts` in that order, in buf ([2, n, L] int32: ids,
     positions, from a pool)."""
-    n, L = buf.shape[1], buf.shape[2]
+    L = buf.shape[2]
     ids, pos = buf[0], buf[1]
     r0, seq_ids, short, empty = 0, [], [], 0
     for win, q0, k in parts:
@@ -384,6 +418,12 @@ def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.
             empty += int((lengths == 0).sum())
         seq_ids += win.seq_ids[q0:q0 + k]
         r0 = r1
+    return _batch(ids, pos, short, empty, seq_ids)
+
+
+def _batch(ids: np.ndarray, pos: np.ndarray, short: list[tuple[int, int]], empty: int, seq_ids: list) -> Batch:
+    """The Batch of filled ids and positions; `short`: (row, real length) of the rows with padding."""
+    n, L = ids.shape
     input_ids = torch.from_numpy(ids)
     if not short:
         labels = input_ids                        # no padding: the labels ARE the ids (a third less to write)
@@ -394,6 +434,34 @@ def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.
         labels = torch.from_numpy(labels_np)
     num_tokens = n * L - sum(L - length for _, length in short)
     return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids, empty)
+
+
+def selector(a: np.ndarray) -> slice | np.ndarray:
+    """Ascending row numbers as a slice where they are consecutive (a slice copies rows faster)."""
+    first, last = int(a[0]), int(a[-1])
+    return slice(first, last + 1) if last - first == len(a) - 1 else a  # ascending: no gap between such ends
+
+
+def gather(groups: list[tuple], buf: np.ndarray, arange: np.ndarray, seq_ids: list, short: list, empty: int) -> Batch:
+    """A batch whose rows `dest` are the rows q of a window, for each (window, q, dest, selector(q),
+    selector(dest)) of `groups` (the rows of a mixture's sources, interleaved), in buf ([2, n, L] int32: ids,
+    positions, from a pool). The caller knows the rows' seq_ids, (row, real length) of its short rows and how
+    many are empty (see short_rows)."""
+    ids, pos = buf[0], buf[1]
+    pos[:] = arange
+    for win, q, dest, qsel, dsel in groups:
+        ids[dsel] = win.tokens[qsel]
+        win.restart(pos, q, dest, arange)
+    return _batch(ids, pos, short, empty, seq_ids)
+
+
+def short_rows(win: _Window, q: np.ndarray, dest: np.ndarray) -> tuple[list[tuple[int, int]], int]:
+    """(batch row, real length) of the rows q of win that are short, going to rows dest; and how many are empty."""
+    if win.lengths is None or bisect.bisect_left(win.short, int(q[0])) == bisect.bisect_right(win.short, int(q[-1])):
+        return [], 0
+    lengths, L = win.lengths[q], win.tokens.shape[1]
+    return ([(int(dest[r]), int(lengths[r])) for r in np.flatnonzero(lengths < L).tolist()],
+            int((lengths == 0).sum()))
 
 
 class _BufferPool:
@@ -680,26 +748,32 @@ class DataPlan:
             pos += W * k
         return out
 
-    def rows_at(self, positions: list[int]) -> list[tuple[_Window, int, int]]:
-        """(window, row, 1) of each position of this plan's stream (a plan of one rank: a source of a mixture,
-        which reads its positions at random). The caller checks that they are planned."""
+    def gather(self, p: np.ndarray) -> list[tuple[_Window, np.ndarray, np.ndarray]]:
+        """(window, its rows, indexes into p) for the ascending positions p of this plan's stream (a plan of
+        one rank: a source of a mixture, which draws its positions by the interleave). The caller checks
+        that they are planned."""
         if self.world_size != 1:
-            raise ValueError("rows_at reads every row of a window: a plan of one rank only")
+            raise ValueError("gather reads every row of a window: a plan of one rank only")
+        pieces = []
         with self._lock:
-            where = []
-            for p in positions:
-                epoch, offset = divmod(p, self._m)
+            i, m = 0, self._m
+            while i < len(p):
+                epoch, offset = divmod(int(p[i]), m)
                 lay = self._layout(epoch, offset)
-                where.append((lay, *lay.where(offset)))
-        self._keep_windows = max(self._cache_windows, 2 * len({(id(lay), w) for lay, w, _ in where}) + 1)
-        built: dict[tuple[int, int], _Window] = {}
-        out = []
-        for lay, w, q in where:
-            win = built.get((id(lay), w))
-            if win is None:
-                win = built[(id(lay), w)] = self._window(lay, w, 0)
-            out.append((win, q, 1))
-        return out
+                w = bisect.bisect_right(lay.win_pos, offset) - 1
+                if int(p[-1]) < epoch * m + lay.win_pos[w + 1]:  # the rest in one window: the usual case
+                    pieces.append((lay, w, p[i:] - (epoch * m + lay.win_pos[w]), np.arange(i, len(p))))
+                    break
+                j = int(np.searchsorted(p, epoch * m + lay.end, side="left"))
+                offs = p[i:j] - epoch * m
+                w = np.searchsorted(lay.win_pos, offs, side="right") - 1
+                cuts = [0, *(np.flatnonzero(w[1:] != w[:-1]) + 1).tolist(), j - i]
+                for a, b in zip(cuts, cuts[1:]):
+                    wa = int(w[a])
+                    pieces.append((lay, wa, offs[a:b] - lay.win_pos[wa], np.arange(i + a, i + b)))
+                i = j
+        self._keep_windows = max(self._cache_windows, 2 * len(pieces) + 1)
+        return [(self._window(lay, w, 0), q, sel) for lay, w, q, sel in pieces]
 
     def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
         return assemble(parts, self._buffers.take(), self._arange)

@@ -46,9 +46,10 @@ import torch
 from shared.cache import Cache
 from shared.protocol import DEFAULT_ENDPOINT
 
-from .data import DataPlan, _BufferPool, _floor, assemble
+from .data import DataPlan, _BufferPool, _floor, gather, selector, short_rows
 
 MIX_FORMAT = 1
+BLOCK_STEPS = 16  # steps planned together (the interleave and the sources' windows looked up once for them)
 PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
 
 
@@ -121,7 +122,7 @@ class MixPlan:
         self.target_epochs = float(target_epochs)
         self.rows = global_batch // world_size
         kw = {} if shuffle_window is None else {"shuffle_window": shuffle_window}
-        # every source plan reads its positions at random (rows_at): one rank's plan, target_epochs 1 (the
+        # every source plan reads its positions at random (gather): one rank's plan, target_epochs 1 (the
         # run's length is the mixture's; a source only needs its epochs' orders)
         self.plans = [DataPlan(c, seed=source_seed(seed, i), global_batch=1, rank=0, world_size=1,
                                epoch_fraction=epoch_fraction, known_chunks=0, finished=False,
@@ -133,6 +134,7 @@ class MixPlan:
         self.segments: list[tuple[int, tuple[int, ...], list[int]]] = []  # (first step, units, draws before it)
         self._starts: list[int] = []
         self._changes: list[int] = []
+        self._planned: dict[int, tuple] = {}  # the next steps' groups, made together (build)
         self.total_steps, self.step = 0, 0
 
     # -- the interleave ----------------------------------------------------------------------------
@@ -154,15 +156,19 @@ class MixPlan:
         start, pattern, base = self._segment(n)
         return base + pattern.counts(n - start)
 
-    def _places(self, positions: list[int]) -> list[tuple[int, int]]:
-        """(source, position in that source's stream) of each run position."""
-        out = []
-        for n in positions:
-            start, pattern, base = self._segment(n)
-            t = n - start
-            i = int(pattern.source[t % pattern.period])
-            out.append((i, int(base[i] + pattern.counts(t)[i])))
-        return out
+    def _places(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The source of each run position of n (ascending) and the position in that source's stream."""
+        src, spos = np.empty_like(n), np.empty_like(n)
+        i = 0
+        while i < len(n):
+            start, pattern, base = self._segment(int(n[i]))
+            j = bisect.bisect_left(self._starts, int(n[i]) + 1)  # the next segment's index
+            end = len(n) if j >= len(self._starts) else int(np.searchsorted(n, self._starts[j]))
+            q, r = np.divmod(n[i:end] - start, pattern.period)
+            s = src[i:end] = pattern.source[r]
+            spos[i:end] = base[s] + q * pattern.units[s] + pattern.before[s, r]
+            i = end
+        return src, spos
 
     def step_sources(self, step: int) -> list[int]:
         """Sequences of each source in global step `step` (every rank's rows)."""
@@ -270,17 +276,50 @@ class MixPlan:
             if not self.ready(step):
                 raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
             version = len(self._changes)
-            places = self._places(list(range(step * self.global_batch + self.rank, (step + 1) * self.global_batch,
-                                             self.world_size)))
-        rows: list = [None] * len(places)
-        for i, plan in enumerate(self.plans):
-            mine = [j for j, (src, _) in enumerate(places) if src == i]
-            for j, part in zip(mine, plan.rows_at([places[j][1] for j in mine])):
-                rows[j] = part
-        batch = assemble(rows, self._buffers.take(), self._arange)
-        batch.sources = [src for src, _ in places]
-        batch.seq_ids = [(src, *x) for src, x in zip(batch.sources, batch.seq_ids)]  # (cache, chunk, index)
+            planned = self._planned.get(step)
+            if planned is None or planned[0] != version:
+                last = min(step + BLOCK_STEPS, self.total_steps)
+                while not self.ready(last - 1):  # the steps ready are those up to some step (one test, usually)
+                    last = (step + 1 + last) // 2
+                G = self.global_batch
+                places = self._places(np.arange(step * G + self.rank, last * G, self.world_size, dtype=np.int64))
+        if planned is None or planned[0] != version:  # windows are decoded outside the lock
+            self._planned = planned = self._plan_steps(step, version, *places)
+            planned = planned[step]
+        _, groups, sources, seq_ids, short, empty = planned
+        batch = gather(groups, self._buffers.take(), self._arange, seq_ids, short, empty)
+        batch.sources = sources
         return batch, version
+
+    def _plan_steps(self, step: int, version: int, src: np.ndarray, spos: np.ndarray) -> dict:
+        """{step: (version, groups, sources, seq_ids, short, empty)} for the steps from `step` whose rows have
+        sources `src` at source positions `spos`: each step's groups (window, its rows, the batch rows they
+        fill), its rows' sources and (cache, chunk, index), its short rows and empty rows. Looking up the
+        sources' windows for several steps at once costs about what one step did."""
+        R = self.rows
+        k = len(src) // R
+        groups: list[list] = [[] for _ in range(k)]
+        short: list[list] = [[] for _ in range(k)]
+        empty = [0] * k
+        chunk, index = np.empty_like(src), np.empty_like(src)
+        for i in np.unique(src).tolist():
+            idx = np.flatnonzero(src == i)
+            for win, q, sel in self.plans[i].gather(spos[idx]):
+                rows = idx[sel]
+                chunk[rows], index[rows] = win.chunk[q], win.index[q]
+                at = (rows // R).tolist()          # the step of each row, ascending
+                cuts = [0, *(np.flatnonzero(np.diff(rows // R)) + 1).tolist(), len(rows)]
+                for a, b in zip(cuts, cuts[1:]):
+                    j = at[a]
+                    q_, dest = q[a:b], rows[a:b] - j * R
+                    groups[j].append((win, q_, dest, selector(q_), selector(dest)))
+                    rows_short, rows_empty = short_rows(win, q_, dest)
+                    short[j] += rows_short
+                    empty[j] += rows_empty
+        ids = list(zip(src.tolist(), chunk.tolist(), index.tolist()))
+        sources = src.reshape(k, R).tolist()
+        return {step + j: (version, groups[j], sources[j], ids[j * R:(j + 1) * R], short[j], empty[j])
+                for j in range(k)}
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
