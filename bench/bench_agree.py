@@ -5,7 +5,7 @@
 Per size: a synthetic cache of N chunk entries (no chunk files; bench_scale.py's), committed to by the packer's
 ManifestWriter and announced by a real Publisher on an ipc:// endpoint, one chunk every --commit-every steps.
 A step is 2 ms of sleep (a GPU step the host waits for, the interpreter lock free) and then the follow call,
-timed alone:
+timed alone; the garbage collector's view is frozen first, as in trainerd's loop:
 
   new    PlanSync.agree on rank 0 of one rank: takes the FollowThread's latest state (the socket polled and
          the manifest read in that thread), grows the DataPlan when the state changed
@@ -19,6 +19,7 @@ bench_scale.py's grow column; old: the manifest read), and how many commits were
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -66,6 +67,7 @@ def run(n: int, folder: Path, steps: int, every: int, way: str) -> tuple[list[fl
     else:
         follower = CacheFollower(cache, endpoint, reconcile_seconds=2.0)
         call, close = (lambda step: follower.poll(0)), follower.close
+    gc.freeze()  # as trainerd's loop does: the cache's million entries out of the collector's full passes
     time.sleep(0.5)  # the subscriber connects (a PUB socket drops what it sends before)
     flat, grew, heard, known = [], [], 0, -1
     for step in range(steps):
