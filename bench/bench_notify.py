@@ -10,10 +10,15 @@ time it is received here minus its `committed_at` (the time the packer took for 
 manifest is written and fsynced): what the trainer logs as `latency_ms`. Packers and subscriber run on this
 machine, so both clocks are the same one. Prints p50, p90, p99 and max over every chunk message of every
 round, and how many of the committed chunks were heard (a subscriber connects while its packer starts, so
-the first chunks may commit before it listens). The latency includes the durable manifest write (fsync of the
-file and of the folder); `--work-dir /dev/shm` puts the caches on tmpfs, where fsync costs nothing, to show
-the rest on its own, and the bench first times that write alone (200 atomic writes of an 8 KB file, as
-shared.fsutil.atomic_write_bytes does them for the manifest) in the same folder.
+the first chunks may commit before it listens).
+
+The latency is split by the message's `sent_at` (the publisher's clock when it sent it): the packer's share
+(committed_at to sent_at: the durable manifest write, then the hand-over to the socket, each of which waits
+for a core and for the packer's interpreter lock while its tokenizer threads run) and the rest (sent_at to
+received: ZeroMQ's I/O threads, TCP on loopback, this process waking). Beside them, in the same folder and
+run, the manifest commit alone: ManifestWriter.commit of one more chunk (a commit-log record appended and
+fdatasynced, now and then a snapshot rewrite), timed on an idle machine before the packers start.
+`--work-dir /dev/shm` puts the caches on tmpfs, where fsync costs nothing, to show the rest on its own.
 """
 from __future__ import annotations
 
@@ -33,8 +38,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.fsutil import atomic_write_bytes  # noqa: E402
-from shared.manifest import load_manifest  # noqa: E402
+from shared.manifest import ChunkEntry, Manifest, ManifestWriter, load_manifest  # noqa: E402
 from shared.protocol import Subscriber  # noqa: E402
 
 
@@ -44,8 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_round(args, work: Path) -> tuple[list[float], int]:
-    """(latencies in ms of the chunk messages heard, chunks committed) of N packers started together."""
+def one_round(args, work: Path) -> tuple[list[tuple[float, float]], int]:
+    """((commit to sent, sent to received) in ms of each chunk message heard, chunks committed) of N packers
+    started together."""
     n = args.packers
     ports = [free_port() for _ in range(n)]
     subs = [Subscriber(f"tcp://127.0.0.1:{p}") for p in ports]  # subscribed first: it connects once they bind
@@ -65,7 +70,8 @@ def one_round(args, work: Path) -> tuple[list[float], int]:
             for msg in sub.poll(0):
                 now = time.time()
                 if msg["type"] == "chunk":
-                    latencies.append((now - msg["committed_at"]) * 1000)
+                    sent = msg.get("sent_at", msg["committed_at"])
+                    latencies.append(((sent - msg["committed_at"]) * 1000, (now - sent) * 1000))
     for i, p in enumerate(procs):
         err = p.stderr.read()
         if p.wait() != 0:
@@ -76,14 +82,20 @@ def one_round(args, work: Path) -> tuple[list[float], int]:
     return latencies, committed
 
 
-def atomic_write_ms(folder: str | None) -> list[float]:
-    """Milliseconds of each of 200 atomic writes (temporary file, fsync, rename, fsync folder) of 8 KB."""
+def manifest_commit_ms(folder: str | None) -> list[float]:
+    """Milliseconds of each of 200 manifest commits of one more chunk, as a packer makes them."""
+    m = Manifest(seq_len=64, chunk_sequences=4, dtype="uint16", sources=["bench"],
+                 tokenizer={"name": "bench", "vocab_hash": "0" * 16, "vocab_size": 512, "eos_id": 0, "pad_id": 0})
     out = []
     with tempfile.TemporaryDirectory(prefix="bench_notify_", dir=folder) as tmp:
-        for _ in range(200):
+        w = ManifestWriter(tmp)
+        for i in range(200):
+            m.chunks.append(ChunkEntry(id=i, sequences=4, tokens=256, bytes=600, checksum=f"{i:016x}", start=[i, 0],
+                                       end=[i + 1, 0], documents=1, committed_at=time.time()))
             t0 = time.perf_counter()
-            atomic_write_bytes(Path(tmp) / "manifest.json", b"x" * 8192)
+            w.commit(m)
             out.append((time.perf_counter() - t0) * 1000)
+        w.close()
     return out
 
 
@@ -105,17 +117,20 @@ def main() -> None:
     # the figures depend on what else runs: say how busy the machine was
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; caches in "
           f"{args.work_dir or tempfile.gettempdir()}")
-    print(f"atomic write of 8 KB alone (ms): {summary(atomic_write_ms(args.work_dir))}")
-    all_ms, heard, committed = [], 0, 0
+    print(f"manifest commit of one chunk alone (ms): {summary(manifest_commit_ms(args.work_dir))}")
+    pairs, heard, committed = [], 0, 0
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="bench_notify_", dir=args.work_dir) as tmp:
-            ms, c = one_round(args, Path(tmp))
-        all_ms += ms
-        heard += len(ms)
+            got, c = one_round(args, Path(tmp))
+        pairs += got
+        heard += len(got)
         committed += c
-        print(f"round {r + 1}: {len(ms)} of {c} chunk messages heard, p99 {percentile(ms, 99):.2f} ms")
-    print(f"{args.packers} packers at once, {args.rounds} rounds: {heard} of {committed} chunk messages heard")
-    print(f"latency commit -> received (ms): {summary(all_ms)}")
+        print(f"round {r + 1}: {len(got)} of {c} chunk messages heard, p99 {percentile([a + b for a, b in got], 99):.2f} ms")
+    print(f"{args.packers} packers at once, {args.rounds} rounds: {heard} of {committed} chunk messages heard; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"  packer: commit -> sent (ms):   {summary([a for a, _ in pairs])}")
+    print(f"  sent -> received (ms):         {summary([b for _, b in pairs])}")
+    print(f"latency commit -> received (ms): {summary([a + b for a, b in pairs])}")
 
 
 def percentile(values: list[float], q: float) -> float:

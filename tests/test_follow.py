@@ -1,6 +1,7 @@
 """trainerd.follow against a real packerd in follow mode and a raw ZeroMQ PUB socket."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -8,10 +9,11 @@ import sys
 import time
 
 import msgpack
+import pytest
 import zmq
 
 from conftest import ROOT, free_endpoint, run_packerd, write_jsonl
-from shared.manifest import ChunkEntry, Manifest, load_manifest
+from shared.manifest import ChunkEntry, Manifest, ManifestWriter, load_manifest
 from shared.protocol import PROTOCOL_VERSION, encode
 from trainerd.follow import CacheFollower, FollowState
 
@@ -207,3 +209,122 @@ def test_curve_dir_without_keys_is_a_one_line_error(tmp_path):
     r = CliRunner().invoke(main, ["--cache-dir", str(tmp_path), "--curve-dir", str(tmp_path / "nokeys")])
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert r.output.startswith("Error: data.curve_dir: the CURVE key folder") and "packerd keys" in r.output
+
+
+# ---- PlanSync: rank 0 follows in a background thread; agree() only takes its latest state -------------------------
+def commit_chunks(writer: ManifestWriter, m: Manifest, n: int) -> None:
+    """Commit n more chunk entries (no chunk files: nothing here reads a chunk) through the packer's writer."""
+    for _ in range(n):
+        i = len(m.chunks)
+        m.chunks.append(ChunkEntry(id=i, sequences=16, tokens=1024, bytes=100, checksum=f"{i:016x}", start=[i, 0],
+                                   end=[i + 1, 0], documents=1, committed_at=time.time()))
+        writer.commit(m)
+
+
+def rank0_sync(cache, endpoint, log_path, reconcile_seconds):
+    """A one-rank PlanSync over `cache`, with a real DataPlan, training log and failure path."""
+    from shared.cache import open_cache
+    from trainerd.config import DataConfig
+    from trainerd.data import DataPlan
+    from trainerd.follow import PlanSync
+    from trainerd.output import JsonlLog
+    from trainerd.rundir import TrainError
+
+    def fail(msg, alone=False):
+        raise TrainError(msg)
+    plan = DataPlan(open_cache(cache), seed=0, global_batch=16, rank=0, world_size=1, known_chunks=0)
+    return PlanSync(plan, DataConfig(reconcile_seconds=reconcile_seconds), [(str(cache), endpoint)], rank=0, world=1,
+                    device="cpu", log=JsonlLog(log_path), fail=fail)
+
+
+def agree_in_thread(sync, step, waiting):
+    """sync.agree() run in another thread, so a call that blocks fails the test instead of hanging it; what it
+    raised is raised here."""
+    import threading
+    out = []
+
+    def call():
+        try:
+            out.append(sync.agree(step, False, waiting=waiting))
+        except BaseException as e:
+            out.append(e)
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "agree() blocked"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def test_a_blocked_manifest_read_does_not_hold_up_agree(tmp_path):
+    """The manifest is swapped for a FIFO whose reader blocks (a read stuck on a slow or dead file system): the
+    follow thread waits in it, and every agree() still returns, with the last state; once the read goes on, the
+    chunks committed meanwhile reach the plan."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_manifest(cache, 0)
+    m = load_manifest(cache)
+    writer = ManifestWriter(cache)
+    commit_chunks(writer, m, 3)
+    log_path = tmp_path / "train.jsonl"
+    # nobody publishes: the thread reads on its 0.1 s timer
+    sync = rank0_sync(cache, f"ipc://{tmp_path}/nobody.sock", log_path, reconcile_seconds=0.1)
+    try:
+        agree_in_thread(sync, 0, waiting=False)
+        assert sync.known == 3
+        snapshot = (cache / "manifest.json").read_bytes()
+        os.mkfifo(tmp_path / "fifo")
+        os.link(tmp_path / "fifo", tmp_path / "fifo-writer")     # a name of the FIFO that stays ours
+        os.replace(tmp_path / "fifo", cache / "manifest.json")
+        # this open returns once the follow thread has opened the FIFO to read it: it is then blocked in the read
+        fd = os.open(tmp_path / "fifo-writer", os.O_WRONLY)
+        try:
+            commit_chunks(writer, m, 2)
+            for step in range(20):
+                agree_in_thread(sync, step, waiting=step % 2 == 0)
+                assert sync.known == 3                           # the last state; nothing was read here
+            (tmp_path / "real").write_bytes(snapshot)
+            os.replace(tmp_path / "real", cache / "manifest.json")
+            os.write(fd, snapshot)
+        finally:
+            os.close(fd)                                         # the read goes on
+        deadline = time.monotonic() + 30
+        while sync.known < 5 and time.monotonic() < deadline:
+            agree_in_thread(sync, 20, waiting=True)
+        assert sync.known == 5
+    finally:
+        sync.close()
+        writer.close()
+    grown = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [e["chunks"] for e in grown if e["event"] in ("plan", "plan_expanded")] == [3, 5]
+    assert any(e["event"] == "reconciled" and e["reason"] == "timer" and e["known_chunks"] == 5 for e in grown)
+
+
+def test_an_error_in_the_follow_thread_fails_the_next_agree(tmp_path):
+    """The cache is rebuilt with another seq_len under the run: the follow thread meets CacheReplaced, and the
+    training thread's next agree() fails the run with the one-line error; close() then returns."""
+    from trainerd.rundir import TrainError
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_manifest(cache, 0)
+    m = load_manifest(cache)
+    writer = ManifestWriter(cache)
+    commit_chunks(writer, m, 2)
+    writer.close()
+    sync = rank0_sync(cache, f"ipc://{tmp_path}/nobody.sock", tmp_path / "train.jsonl", reconcile_seconds=0.1)
+    try:
+        agree_in_thread(sync, 0, waiting=False)
+        assert sync.known == 2
+        (cache / "manifest.log").unlink()
+        other = Manifest.from_json({**m.to_json(), "seq_len": 32})
+        other.save(cache)
+        deadline = time.monotonic() + 30
+        with pytest.raises(TrainError, match=r"^cannot follow the cache: .* holds another cache now: seq_len is 32, was 64"):
+            while time.monotonic() < deadline:
+                agree_in_thread(sync, 1, waiting=True)
+        assert not sync.follow._thread.is_alive()
+        with pytest.raises(TrainError, match="holds another cache now"):   # and at every later boundary
+            sync.agree(2, False, waiting=False)
+    finally:
+        sync.close()

@@ -13,6 +13,10 @@ With `curve_dir` (a folder holding server.key, client.key and client.key_secret 
 subscriber speaks CURVE to a `packerd run --curve-dir` endpoint; without the keys it hears nothing there
 and follows by reconciliation alone.
 
+On rank 0 of a run, one FollowThread owns the followers of every cache: it polls their sockets and reads the
+manifests in a background thread and keeps the latest state under a lock, so the training thread's per-step
+agreement (PlanSync.agree) only copies that state and never waits for a file, whatever the cache's size.
+
 poll() returns a FollowState; its events are dicts the trainer logs as they are:
     {"event": "notified", "chunk_id", "latency_ms"}   latency from the packer's commit time (manifest
                                                        entry `committed_at`) to this FollowState, in ms
@@ -24,6 +28,7 @@ poll() returns a FollowState; its events are dicts the trainer logs as they are:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +161,84 @@ class CacheFollower:
         self.close()
 
 
+class FollowThread:
+    """Rank 0's CacheFollowers of every cache, polled in a background thread that keeps their latest state.
+
+    The followers are created, polled and closed in the thread alone (ZeroMQ sockets are not thread-safe). A
+    message wakes the thread at once; without one it polls again every POLL_SECONDS, which bounds how late a
+    reconcile timer fires and how long close() waits. An error there (CacheReplaced, an unreadable manifest,
+    anything unexpected) ends the thread and is raised by the next take(), as a CacheError."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, sources: list[tuple[str, str]], reconcile_seconds: float, curve_dir=None):
+        self._sources, self._reconcile, self._curve_dir = list(sources), reconcile_seconds, curve_dir
+        self._cond = threading.Condition()
+        self._states: list[FollowState | None] = [None] * len(self._sources)  # the latest; events not taken yet
+        self._error: CacheError | None = None
+        self._version = self._taken = 0     # bumped when a state changes or has events; the version last taken
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="follow", daemon=True)
+        self._thread.start()
+        with self._cond:  # the start reads: the first take() knows what the manifests list now
+            self._cond.wait_for(lambda: self._error is not None or None not in self._states)
+
+    def take(self, wait: float = 0.0) -> list[FollowState]:
+        """Each cache's latest state with the events since the last take; with wait, first up to that many
+        seconds for something new. Raises the thread's error."""
+        with self._cond:
+            if wait > 0:
+                self._cond.wait_for(lambda: self._version != self._taken or self._error is not None, timeout=wait)
+            if self._error is not None:
+                raise self._error
+            self._taken = self._version
+            out, self._states = self._states, [FollowState(s.known_chunks, s.finished, s.est_total_sequences)
+                                               for s in self._states]
+        return out
+
+    def _run(self) -> None:
+        followers: list[CacheFollower] = []
+        try:
+            for cache_dir, endpoint in self._sources:
+                followers.append(CacheFollower(cache_dir, endpoint, self._reconcile, curve_dir=self._curve_dir))
+            poller = zmq.Poller()
+            for f in followers:
+                poller.register(f.sub.sock, zmq.POLLIN)
+            while True:
+                self._publish([f.poll(0) for f in followers])
+                if self._stop.is_set():
+                    break
+                poller.poll(int(self.POLL_SECONDS * 1000))
+        except Exception as e:  # the training thread says it, as the one-line failure it makes of a CacheError
+            err = e if isinstance(e, CacheError) else CacheError(f"the follower thread stopped: {type(e).__name__}: {e}")
+            with self._cond:
+                self._error = err
+                self._cond.notify_all()
+        finally:
+            for f in followers:
+                f.close()
+
+    def _publish(self, states: list[FollowState]) -> None:
+        with self._cond:
+            changed = False
+            for i, new in enumerate(states):
+                old = self._states[i]
+                if old is not None:
+                    new.events[:0] = old.events
+                    changed |= (new.known_chunks, new.finished, new.est_total_sequences) != (
+                        old.known_chunks, old.finished, old.est_total_sequences)
+                changed |= bool(new.events) or old is None
+                self._states[i] = new
+            if changed:
+                self._version += 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread; it closes its sockets. A thread stuck in a file read is left (a daemon) after 5 s."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class PlanSync:
     """Every rank's data plan grown to rank 0's view of the caches at the same step boundary.
 
@@ -172,14 +255,9 @@ class PlanSync:
         self.views = [(-1, False, -1)] * k           # (known, finished, estimate) the plan was last grown with
         self.notify_ms = None                        # the slowest notification since the last growth
         self.corrupt_logged: set[tuple] = set()      # (source, chunk id) whose corrupt_chunk event is in the log
-        self.followers, self.error = [], None        # rank 0's; its error stops every rank at the next boundary
-        if self.main:
-            try:
-                for cache_dir, endpoint in sources:
-                    self.followers.append(CacheFollower(cache_dir, endpoint, cfg_data.reconcile_seconds,
-                                                        curve_dir=cfg_data.curve_dir or None))
-            except CacheError as e:
-                self.error = str(e)
+        self.error = None                            # rank 0's following error: every rank stops at the next boundary
+        self.follow = (FollowThread(sources, cfg_data.reconcile_seconds, curve_dir=cfg_data.curve_dir or None)
+                       if self.main else None)
 
     @property
     def known(self) -> int:
@@ -195,8 +273,8 @@ class PlanSync:
         view = [int(stop), 0, int(bool(events))] + [0, 0, 0] * len(self.views)
         if self.main and self.error is None:
             try:
-                for i, follower in enumerate(self.followers):
-                    fs = follower.poll(200 // len(self.followers) if waiting else 0)
+                # the follow thread's latest state: no file is read here (waiting: up to 0.2 s for news)
+                for i, fs in enumerate(self.follow.take(0.2 if waiting else 0.0)):
                     view[3 + 3 * i:6 + 3 * i] = [fs.known_chunks, int(fs.finished), fs.est_total_sequences]
                     self._log_follow_events(step, fs.events, i)
             except CacheError as e:  # e.g. the cache was rebuilt under the run: every rank stops below
@@ -268,5 +346,5 @@ class PlanSync:
                 self.log.event(ev.pop("event"), step=step, **ev)
 
     def close(self) -> None:
-        for follower in self.followers:
-            follower.close()
+        if self.follow is not None:
+            self.follow.close()
