@@ -429,3 +429,24 @@ def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches):
             assert (b.labels[r, n:] == -100).all() and torch.equal(b.labels[r, :n], b.input_ids[r, :n])
             short += n < 64
     assert restarts > 50 and short >= 1  # documents ending mid-row, and a cache's short last row, were seen
+
+
+def test_the_state_of_a_size_weighted_mixture_stays_small_as_estimates_move(caches):
+    """Each estimate change of a size-weighted mixture starts a segment; the state keeps those still in use,
+    so it does not grow with the run, and a resume from it gives the same batches."""
+    cs = opened(caches)
+    G = 8
+    plan = MixPlan(cs, seed=2, global_batch=G, rank=0, world_size=1)
+    full = [(len(c.chunks), False, c.manifest.estimated_total_sequences()) for c in cs]
+    sizes_seen = []
+    for k in range(40):
+        views = [(n, f, est + 16 * ((k * (i + 3)) % 7)) for i, (n, f, est) in enumerate(full)]
+        plan.grow_sources(k, views)
+        sizes_seen.append(len(json.dumps(plan.state_dict())))
+    assert len(plan.segments) > 20                      # the shares did move, one segment each time
+    assert max(sizes_seen[10:]) - min(sizes_seen[10:]) < 200
+    resumed = MixPlan(cs, seed=2, global_batch=G, rank=0, world_size=1)
+    resumed.load_state_dict(plan.state_dict())
+    for s in range(39, min(plan.total_steps, 60)):
+        if plan.ready(s):
+            assert resumed.get_batch(s).seq_ids == plan.get_batch(s).seq_ids

@@ -31,8 +31,8 @@ Totals
     their estimates (warmup, cosine).
 
 State
-    state_dict(): the layout (seed, global batch, weights, segments) and each source plan's state; the
-    position is the trainer's step.
+    state_dict(): the layout (seed, global batch, weights), the segments from the one in use at the last
+    grow on, and each source plan's state (each a few hundred bytes); the position is the trainer's step.
 """
 from __future__ import annotations
 
@@ -322,12 +322,16 @@ class MixPlan:
                 for j in range(k)}
 
     # -- state -----------------------------------------------------------------------------------------
+    def _live_segment(self) -> int:
+        return max(0, bisect.bisect_right([first for first, _, _ in self.segments], self.step) - 1)
+
     def state_dict(self) -> dict:
         with self._lock:
             return {"format": MIX_FORMAT, "kind": "mixture", "seed": self.seed, "global_batch": self.global_batch,
                     "world_size": self.world_size, "weights": self.weights, "target_epochs": self.target_epochs,
                     "caches": [str(c.dir) for c in self.caches], "total_steps": self.total_steps, "step": self.step,
-                    "segments": [[s, list(u), list(b)] for s, u, b in self.segments],
+                    # the segments from the one in use at the last grow on (those before are trained on)
+                    "segments": [[s, list(u), list(b)] for s, u, b in self.segments[self._live_segment():]],
                     "sources": [p.state_dict() for p in self.plans]}
 
     def load_state_dict(self, d: dict) -> None:
