@@ -390,13 +390,24 @@ class SourceLosses:
         self.sums[0].index_add_(0, self.src[rows], row_losses.detach().double())
         return total
 
-    def record(self, step: int, world: int) -> dict:
-        """The step record's fields: sequences of each cache (every rank's) and each one's mean loss."""
+    def record(self, step: int, world: int, loss_sum: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The step's summed loss over every rank, and the step record's fields: sequences of each cache
+        (every rank's) and each one's mean loss. One all_reduce carries both."""
+        flat = torch.cat([self.sums.flatten(), loss_sum.detach().double().reshape(1)])
         if world > 1:
-            torch.distributed.all_reduce(self.sums)
-        loss, targets = self.sums.tolist()
-        return {"source_sequences": self.plan.step_sources(step),
-                "source_loss": [lo / t if t else None for lo, t in zip(loss, targets)]}
+            torch.distributed.all_reduce(flat)
+        loss, targets = flat[:-1].view(2, self.k).tolist()
+        return flat[-1].to(loss_sum.dtype), {"source_sequences": self.plan.step_sources(step),
+                                             "source_loss": [lo / t if t else None for lo, t in zip(loss, targets)]}
+
+
+def reduce_step(loss_sum: torch.Tensor, world: int, mix: SourceLosses | None, step: int) -> tuple[torch.Tensor, dict]:
+    """The step's summed loss over every rank, with several caches each one's step record fields too."""
+    if mix is not None:
+        return mix.record(step, world, loss_sum)
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return loss_sum, {}
 
 
 def resolve_endpoints(cfg_data, caches: list[Cache]) -> list[tuple[str, str]]:

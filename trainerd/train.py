@@ -41,7 +41,7 @@ from .config import Config, load_config
 from .data import Prefetcher
 from .evaluate import Evaluator
 from .follow import PlanSync
-from .mix import SourceLosses, make_plan, resolve_endpoints
+from .mix import SourceLosses, make_plan, reduce_step, resolve_endpoints
 from .model import (build, checkpoint_activations, flops_per_token, num_params, param_groups, peak_flops, set_up_torch,
                     summed_loss, weights_digest)
 from .output import Console, JsonlLog, end_line, eval_line, resumed_lines, shown_total, status_line
@@ -313,9 +313,7 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            torch.distributed.all_reduce(loss_sum)
-        self.by_source = self.mix.record(step, world) if self.mix else {}
+        loss_sum, self.by_source = reduce_step(loss_sum, world, self.mix, step)  # one all_reduce
         return (loss_sum / n_targets).item(), int(counts[1].item())  # note: a host sync point
 
     def forward_backward(self, batch, scale: torch.Tensor) -> torch.Tensor:
