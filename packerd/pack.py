@@ -224,7 +224,8 @@ class CacheWriter:
         there are any). Chunks are still committed strictly in order, by commit_ready."""
         tokens, starts, start, end = self.stream.take(n)
         chunk = build_chunk(tokens, starts, self.m.seq_len)
-        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end, self.packer.compress(chunk)))
+        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end,
+                           self.packer.compress(chunk, self.m.chunk_format)))
 
     def commit_ready(self, wait: bool = False) -> None:
         """Commit the compressed chunks at the head of the queue; with wait, all of them.
@@ -277,11 +278,11 @@ class CacheWriter:
     def rewrite(self, entry: ChunkEntry) -> None:
         """Inverse mode: write the chunk `entry` again from the stream; it must come out byte-identical."""
         tokens, starts, start, end = self.stream.take(entry.tokens)
-        data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.packer.level)
+        data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.packer.level, self.m.chunk_format)
         checksum = file_checksum(data)
         if start != entry.start or checksum != entry.checksum or len(data) != entry.bytes:
             raise PackError(f"regenerated chunk {entry.id} of {self.dir} differs from the manifest (source "
-                            f"changed, or another tokenizer or level); not written")
+                            f"changed, or another tokenizer, level or chunk format); not written")
         atomic_write_bytes(self.dir / entry.file, data)
         log.info("regenerated chunk %d of %s (%d sequences)", entry.id, self.dir, entry.sequences)
 
@@ -391,15 +392,15 @@ class Packer:
         if self._pool is None and self.workers > 0:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tokenize")
 
-    def compress(self, chunk: Chunk):
+    def compress(self, chunk: Chunk, version: int):
         """The chunk file's bytes, or a future of them from a worker thread.
 
         LZ4 high compression costs about as much time as everything else the main thread does together;
         it releases the GIL, so in a worker thread it runs in parallel and the main thread stays off the
         critical path."""
         if self._pool is not None:
-            return self._pool.submit(encode_chunk, chunk, self.level)
-        return encode_chunk(chunk, self.level)
+            return self._pool.submit(encode_chunk, chunk, self.level, version)
+        return encode_chunk(chunk, self.level, version)
 
     def close(self) -> None:
         if self._pool is not None:
