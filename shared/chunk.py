@@ -141,13 +141,27 @@ def varint_decode(buf: bytes, count: int) -> np.ndarray:
     longest = int(nbytes.max())
     if longest > 10 or (longest == 10 and int(b[ends[nbytes == 10]].max()) > 1):
         raise ChunkError("index value longer than 64 bits")
-    wide = np.uint64 if longest > 4 else np.uint32
-    out = b[ends].astype(wide)  # the last byte holds the highest bits: shift them up as lower ones come in
+    if longest <= 4:
+        return _varint_decode_short(b, ends, nbytes)
+    out = b[ends].astype(np.uint64)  # the last byte holds the highest bits: shift them up as lower ones come in
     sel = np.arange(count)
     for k in range(1, longest):
         sel = sel[nbytes[sel] > k]
-        out[sel] = (out[sel] << wide(7)) | (b[ends[sel] - k] & 0x7F).astype(wide)
-    return out.astype(np.uint64, copy=False)
+        out[sel] = (out[sel] << np.uint64(7)) | (b[ends[sel] - k] & 0x7F).astype(np.uint64)
+    return out
+
+
+def _varint_decode_short(b: np.ndarray, ends: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """Values of at most 4 bytes (token ids, index entries): the 4 bytes ending at each value's last byte
+    read as one little-endian uint32 (an unaligned strided view), the bytes of the value before shifted out,
+    the 7-bit groups joined. Whole-array operations only, no selection per length."""
+    padded = np.concatenate([np.zeros(3, dtype=np.uint8), b])
+    words = np.ndarray((len(b),), dtype="<u4", buffer=padded, strides=(1,))[ends]
+    words >>= ((4 - nbytes) * 8).astype(np.uint32)
+    out = words & np.uint32(0x7F)
+    for k in range(1, 4):
+        out |= (words >> np.uint32(k)) & np.uint32(0x7F << 7 * k)
+    return out.astype(np.uint64)
 
 
 # -- encoding --------------------------------------------------------------------------------------
