@@ -130,7 +130,8 @@ def varint_encode(values: np.ndarray) -> bytes:
 
 
 def varint_decode(buf: bytes, count: int) -> np.ndarray:
-    """Exactly `count` values from `buf` (which they must fill), as uint64; raises ChunkError otherwise."""
+    """Exactly `count` values from `buf` (which they must fill), as uint32 when none is longer than 4 bytes,
+    else uint64; raises ChunkError otherwise."""
     b = np.frombuffer(buf, dtype=np.uint8)
     ends = np.flatnonzero(b < 0x80)
     if len(ends) != count or (count and ends[-1] != len(b) - 1) or (not count and len(b)):
@@ -152,16 +153,16 @@ def varint_decode(buf: bytes, count: int) -> np.ndarray:
 
 
 def _varint_decode_short(b: np.ndarray, ends: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-    """Values of at most 4 bytes (token ids, index entries): the 4 bytes ending at each value's last byte
-    read as one little-endian uint32 (an unaligned strided view), the bytes of the value before shifted out,
-    the 7-bit groups joined. Whole-array operations only, no selection per length."""
+    """Values of at most 4 bytes (token codes, index entries), as uint32: the 4 bytes ending at each value's
+    last byte read as one little-endian uint32 (an unaligned strided view), the bytes of the value before
+    shifted out, the 7-bit groups joined. Whole-array operations only, no selection per length."""
     padded = np.concatenate([np.zeros(3, dtype=np.uint8), b])
     words = np.ndarray((len(b),), dtype="<u4", buffer=padded, strides=(1,))[ends]
-    words >>= ((4 - nbytes) * 8).astype(np.uint32)
+    words >>= (np.uint32(32) - (nbytes.astype(np.uint32) << np.uint32(3)))
     out = words & np.uint32(0x7F)
-    for k in range(1, 4):
+    for k in range(1, int(nbytes.max())):
         out |= (words >> np.uint32(k)) & np.uint32(0x7F << 7 * k)
-    return out.astype(np.uint64)
+    return out
 
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -311,14 +312,21 @@ def _tokens_v2(payload: memoryview, h: dict) -> np.ndarray:
 def _tokens_v3(payload: memoryview, h: dict) -> np.ndarray:
     dtype, k = DTYPES[h["itemsize"]], h["table_size"]
     values = varint_decode(_decompress(payload, h["payload_raw_bytes"], "payload"), k + h["num_tokens"])
+    table, codes = values[:k], values[k:]
     top = int(np.iinfo(dtype).max)
-    if len(values) > k and int(values[k:].max()) > top + k or k and int(values[:k].max()) > top:
+    if k and int(table.max()) > top:
         raise ChunkError(f"a token id does not fit {dtype}")
-    if h["itemsize"] == 2:  # one gather: the table, then every id shifted by k
-        decode = np.concatenate([values[:k].astype(dtype), np.arange(top + 1, dtype=dtype)])
-        return decode[values[k:]]
-    codes = values[k:]
-    return np.where(codes < k, values[:k][np.minimum(codes, max(k - 1, 0))] if k else 0, codes - k).astype(dtype)
+    try:
+        if h["itemsize"] == 2:  # one gather through the table, then every id shifted by k (take checks bounds)
+            return np.take(np.concatenate([table.astype(dtype), np.arange(top + 1, dtype=dtype)]), codes)
+        if len(codes) and int(codes.max()) > top + k:
+            raise IndexError
+    except IndexError:
+        raise ChunkError(f"a token id does not fit {dtype}") from None
+    small = codes < k
+    out = (codes - np.minimum(codes, k)).astype(dtype)  # ids past the table; those in it are set next
+    out[small] = table[codes[small]]
+    return out
 
 
 def decode_chunk(buf: bytes | memoryview, verify: bool = True) -> Chunk:
