@@ -93,9 +93,10 @@ def bench_loader(cache_dir: Path, args) -> tuple[list[tuple[str, float, str]], l
     payloads = []
     for data in files:
         h = read_header(data)
-        # the token payload's LZ4 block follows the index (v2: its own LZ4 block of varints; v1: uint32 arrays)
-        payloads.append((memoryview(data)[HEADER_SIZE + h["index_bytes"]:], h["num_tokens"] * h["itemsize"],
-                         h["num_tokens"]))
+        # the token payload's LZ4 block follows the index (v2, v3: its own LZ4 block of varints; v1: uint32
+        # arrays); v3's block holds varint codes, whose size the header gives
+        payloads.append((memoryview(data)[HEADER_SIZE + h["index_bytes"]:],
+                         h.get("payload_raw_bytes", h["num_tokens"] * h["itemsize"]), h["num_tokens"]))
 
     def raw_lz4() -> int:
         for p, size, _ in payloads:

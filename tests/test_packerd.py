@@ -474,3 +474,13 @@ def test_hub_code_path_with_metadata_estimate(tmp_path, corpus_texts, tokenizer_
     m = load_manifest(cache)
     assert m.estimate["method"] == "dataset-metadata"
     assert 1.8 < m.estimate["tokens"] / m.total_tokens < 2.2
+
+
+def test_chunk_format_2_is_chosen_once_for_the_life_of_the_cache(tmp_path, make_cache):
+    from shared.chunk import read_header
+    cache = make_cache(seq_len=64, chunk_sequences=16, extra=("--chunk-format", "2"))
+    m = load_manifest(cache)
+    assert m.chunk_format == 2 and {read_header((cache / e.file).read_bytes())["version"] for e in m.chunks} == {2}
+    proc = run_packerd("run", "--cache-dir", cache, "--chunk-format", "3", "--endpoint", free_endpoint(tmp_path),
+                       check=False)
+    assert proc.returncode == 1 and "chunk_format 2 (now 3)" in proc.stderr
