@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,8 +75,10 @@ def bench_tiktoken(texts: list[str], tok_dir: str) -> tuple[float, int]:
 
 
 def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int | None,
-                  engine: str, code: Path = ROOT) -> tuple[float, float, int, float]:
-    """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token) of one packerd run into a new cache."""
+                  engine: str, code: Path = ROOT) -> tuple[float, float, int, float, float]:
+    """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token, CPU us per token) of one packerd run
+    into a new cache. The CPU time (user + system, all threads, start-up included) moves far less with the
+    other jobs on the box than the rates do."""
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src), "--tokenizer",
@@ -84,14 +87,15 @@ def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int 
         cmd += ["--workers", str(workers)]
     if level is not None:
         cmd += ["--lz4-level", str(level)]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, cwd=code, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(code)))
-    dt = time.perf_counter() - t0
+    dt, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     m = json.loads((cache / "manifest.json").read_text())
     c = m["chunks"]
     tokens = m["totals"]["tokens"]
     steady = (tokens - c["tokens"][0]) / (c["committed_at"][-1] - c["committed_at"][0]) if len(c["id"]) > 2 else float("nan")
-    return tokens / dt, steady, tokens, dir_bytes(cache) / tokens
+    return tokens / dt, steady, tokens, dir_bytes(cache) / tokens, cpu / tokens * 1e6
 
 
 def bench_datasets(src: Path, tok_dir: str, work: Path, nproc: int) -> tuple[float, int, float]:
@@ -174,6 +178,10 @@ def report(out: dict[str, list], ds: tuple | None, name: str, ntexts: int, args)
         for i, what in ((0, "end to end"), (1, "steady")):
             ratio = med(a[i] / b[i] for a, b in zip(out["tiktoken"], out["baseline"]))
             print(f"packerd tiktoken against the baseline, {what}: {ratio:.2f} (median of the per-round ratios)")
+    for e in (*ENGINES, "baseline"):
+        if e in out:
+            print(f"CPU per token, packerd {e}: {med(r[4] for r in out[e]):.3f} us (user + system, all threads, "
+                  f"start-up included; per round {', '.join(f'{r[4]:.3f}' for r in out[e])})")
     if ds is not None:
         row("datasets map + group_texts + save_to_disk", [ds[0]] * len(raw_hf), ds[2])
     print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"

@@ -232,7 +232,7 @@ def encode_chunk(chunk: Chunk, level: int = DEFAULT_LZ4_LEVEL, version: int = FO
         fields += (len(payload), len(index_raw), len(index))
     else:
         table, codes = _token_codes(tokens)
-        payload_raw = varint_encode(np.concatenate([table.astype(np.uint64), codes.astype(np.uint64)]))
+        payload_raw = varint_encode(np.concatenate([table, codes]))
         payload = _compress(payload_raw, level)
         fields += (len(payload), len(index_raw), len(index), len(payload_raw), len(table))
     head_wo_sum = HEADERS[version].pack(*fields, 0)[:-8]
