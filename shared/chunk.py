@@ -11,10 +11,11 @@ Version 3 (written today), all little-endian:
              else K + its id
 
 A token then costs one byte before LZ4 when it is among the table's, two when its id is below 16384 - K,
-three otherwise: on GPT-2 text the table holds about 45% of the tokens, and LZ4 still finds the repeated
-phrases, now shorter. Against version 2's fixed-width ids that is 6% fewer bytes for the token block
-(wikitext paragraphs: 1.22 bytes a token instead of 1.30) and half of LZ4 HC's time, since it reads 1.6
-bytes a token instead of 2 (bench/bench_chunk_size.py).
+three otherwise: on GPT-2 text the table holds about 59% of the tokens and 7% take three bytes, and LZ4
+still finds the repeated phrases, now shorter. Against version 2's fixed-width ids that is 6% fewer bytes
+for the token block (wikitext paragraphs: 1.22 bytes a token instead of 1.30) and half of LZ4 HC's time,
+since it reads 1.5 bytes a token instead of 2 (bench/bench_chunk_size.py). The price is decoding: numpy
+parses the varints in about ten whole-array passes, 4 to 20 times slower than LZ4 alone decodes version 2.
 
 The index costs about one byte per document start (paragraph-sized documents of 13 tokens: 0.08 bytes per
 token) where version 1 stored three uint32 arrays (0.32 bytes per token). doc_ptr is not stored: it follows
@@ -104,9 +105,9 @@ class Chunk:
 
 
 # -- varints (LEB128: 7 bits a byte, low bits first, the high bit set on every byte but a value's last) ---
-# Both directions work one byte position at a time over the values that long: token ids take at most three
-# bytes, so that is three vectorized passes where a per-byte expansion took a dozen (the packer encodes and
-# every trainer rank decodes each chunk once an epoch).
+# Whole-array numpy passes, as few as the values' length allows: the packer encodes and every trainer rank
+# decodes each chunk's tokens once an epoch. Encoding writes byte position k of every value at least k + 1
+# bytes long; decoding reads the 4 bytes that end at each value's last byte as one word.
 def varint_encode(values: np.ndarray) -> bytes:
     v = np.asarray(values)
     if v.size == 0:
@@ -135,13 +136,13 @@ def varint_decode(buf: bytes, count: int) -> np.ndarray:
     b = np.frombuffer(buf, dtype=np.uint8)
     ends = np.flatnonzero(b < 0x80)
     if len(ends) != count or (count and ends[-1] != len(b) - 1) or (not count and len(b)):
-        raise ChunkError(f"index holds {len(ends)} values, the header says {count}")
+        raise ChunkError(f"varint block holds {len(ends)} values, the header says {count}")
     if not count:
         return np.zeros(0, dtype=np.uint64)
     nbytes = np.diff(ends, prepend=-1)
     longest = int(nbytes.max())
     if longest > 10 or (longest == 10 and int(b[ends[nbytes == 10]].max()) > 1):
-        raise ChunkError("index value longer than 64 bits")
+        raise ChunkError("varint value longer than 64 bits")
     if longest <= 4:
         return _varint_decode_short(b, ends, nbytes)
     out = b[ends].astype(np.uint64)  # the last byte holds the highest bits: shift them up as lower ones come in
@@ -193,7 +194,7 @@ def _token_codes(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(table, codes) of version 3: the chunk's TABLE_SIZE most frequent ids (count descending, then id),
     and per token its place in the table, or len(table) + its id."""
     if not len(tokens):
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     if int(tokens.max()) < 1 << 20:  # every vocabulary in use: counting is linear, a sort is not
         counts = np.bincount(tokens)
         present = np.flatnonzero(counts)
