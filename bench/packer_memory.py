@@ -46,7 +46,7 @@ def chunks(cache: Path) -> int:
     """Chunks committed (snapshot and commit log, or an old manifest.json alone); 0 before the first."""
     try:
         return len(load_manifest(cache).chunks)
-    except Exception:
+    except Exception:  # not written yet, or replaced while read: the count is for the eye only
         return 0
 
 
