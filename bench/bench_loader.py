@@ -93,9 +93,10 @@ def bench_loader(cache_dir: Path, args) -> tuple[list[tuple[str, float, str]], l
     payloads = []
     for data in files:
         h = read_header(data)
-        # the token payload's LZ4 block follows the index (v2: its own LZ4 block of varints; v1: uint32 arrays)
-        payloads.append((memoryview(data)[HEADER_SIZE + h["index_bytes"]:], h["num_tokens"] * h["itemsize"],
-                         h["num_tokens"]))
+        # the token payload's LZ4 block follows the index (v2, v3: its own LZ4 block of varints; v1: uint32
+        # arrays); v3's block holds varint codes, whose size the header gives
+        payloads.append((memoryview(data)[HEADER_SIZE + h["index_bytes"]:],
+                         h.get("payload_raw_bytes", h["num_tokens"] * h["itemsize"]), h["num_tokens"]))
 
     def raw_lz4() -> int:
         for p, size, _ in payloads:
@@ -154,8 +155,8 @@ def pack_cache(work: Path, name: str, docs: list[str], tok_dir: str, args, first
     src = write_jsonl(work / f"{name}.jsonl", docs, first_id)
     cache = work / name
     proc = subprocess.run(packerd("--cache-dir", cache, "--source", src, "--tokenizer", tok_dir, "--seq-len",
-                                  args.seq_len, "--chunk-sequences", args.chunk_sequences,
-                                  "--endpoint", f"ipc://{work}/{name}.sock"),
+                                  args.seq_len, "--chunk-sequences", args.chunk_sequences, "--chunk-format",
+                                  args.chunk_format, "--endpoint", f"ipc://{work}/{name}.sock"),
                           cwd=ROOT, stderr=subprocess.PIPE, text=True)
     if proc.returncode:
         sys.exit(f"packerd failed:\n{proc.stderr[-2000:]}")
@@ -442,6 +443,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=32, help="corpus repeats for the loader cache")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--chunk-sequences", type=int, default=1024, help="sequences per chunk (packerd's default)")
+    ap.add_argument("--chunk-format", type=int, default=3, help="packerd --chunk-format of the caches (3 or 2)")
     ap.add_argument("--global-batch", type=int, default=32, help="rows per step (one rank)")
     ap.add_argument("--epochs", type=int, default=10, help="epochs the loader runs over the cache")
     ap.add_argument("--world-size", type=int, default=1, help="the loader is rank 0 of this many ranks")

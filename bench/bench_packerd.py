@@ -1,6 +1,7 @@
 """packerd throughput with each tokenizer engine against the raw tokenizers and the usual datasets pipeline.
 
     python bench/bench_packerd.py [--copies 64] [--rounds 3] [--workers N] [--lz4-level L] [--no-datasets]
+                                  [--baseline PATH]
 
 Prints one table: tokens/s and bytes per token on disk for
   1. the raw Hugging Face tokenizer: tokenizers' encode_batch_fast over all documents (Rust threads on every
@@ -10,7 +11,9 @@ Prints one table: tokens/s and bytes per token on disk for
      would need the network),
   3. packerd end to end with each engine (--tokenizer-engine tiktoken, then hf): the real CLI, from process
      start to a finished manifest (all chunks committed); also its steady rate, first to last chunk commit,
-  4. what users write instead: datasets `map(tokenize)` + `group_texts` (transformers' run_clm.py), saved to disk.
+  4. what users write instead: datasets `map(tokenize)` + `group_texts` (transformers' run_clm.py), saved to disk;
+  5. with --baseline PATH, packerd --tokenizer-engine tiktoken from another checkout of this repository (an
+     earlier commit, `git archive COMMIT | tar -x -C PATH`), in the same rotation: the change against it.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl (web-sized documents, about 18 KB each) with the GPT-2
 tokenizer, repeated --copies times (each copy numbered, so nothing is deduplicated), written as jsonl shards
 of 8 copies (about 2 MB each, as datasets ship shards); falls back to builtin:pydoc + builtin:bpe when absent.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -71,8 +75,10 @@ def bench_tiktoken(texts: list[str], tok_dir: str) -> tuple[float, int]:
 
 
 def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int | None,
-                  engine: str) -> tuple[float, float, int, float]:
-    """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token) of one packerd run into a new cache."""
+                  engine: str, code: Path = ROOT) -> tuple[float, float, int, float, float]:
+    """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token, CPU us per token) of one packerd run
+    into a new cache. The CPU time (user + system, all threads, start-up included) moves far less with the
+    other jobs on the box than the rates do."""
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [sys.executable, "-m", "packerd", "run", "--cache-dir", str(cache), "--source", str(src), "--tokenizer",
@@ -81,14 +87,15 @@ def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int 
         cmd += ["--workers", str(workers)]
     if level is not None:
         cmd += ["--lz4-level", str(level)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
-    dt = time.perf_counter() - t0
+    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, check=True, cwd=code, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(code)))
+    dt, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     m = json.loads((cache / "manifest.json").read_text())
     c = m["chunks"]
     tokens = m["totals"]["tokens"]
     steady = (tokens - c["tokens"][0]) / (c["committed_at"][-1] - c["committed_at"][0]) if len(c["id"]) > 2 else float("nan")
-    return tokens / dt, steady, tokens, dir_bytes(cache) / tokens
+    return tokens / dt, steady, tokens, dir_bytes(cache) / tokens, cpu / tokens * 1e6
 
 
 def bench_datasets(src: Path, tok_dir: str, work: Path, nproc: int) -> tuple[float, int, float]:
@@ -126,6 +133,9 @@ def rounds(texts: list[str], src: Path, tok_dir: str, work: Path, args) -> dict[
     runs = {"raw hf": lambda: bench_raw(texts, tok_dir), "raw tiktoken": lambda: bench_tiktoken(texts, tok_dir)}
     for e in ENGINES:
         runs[e] = lambda e=e: bench_packerd(src, tok_dir, work, args.workers, args.lz4_level, e)
+    if args.baseline:
+        runs["baseline"] = lambda: bench_packerd(src, tok_dir, work, args.workers, args.lz4_level, "tiktoken",
+                                                 args.baseline.resolve())
     names = list(runs)
     out: dict[str, list] = {n: [] for n in names}
     # warm-up, untimed: on this host the first half minute after an idle spell runs faster (burst credit),
@@ -136,9 +146,10 @@ def rounds(texts: list[str], src: Path, tok_dir: str, work: Path, args) -> dict[
             out[n].append(runs[n]())
         raw = out["raw hf"][-1][0]
         print(f"round {r + 1}: raw hf {raw:,.0f}, raw tiktoken {out['raw tiktoken'][-1][0]:,.0f}, "
-              + ", ".join(f"packerd {e} {out[e][-1][0]:,.0f} end to end, {out[e][-1][1]:,.0f} steady" for e in ENGINES)
+              + ", ".join(f"packerd {e} {out[e][-1][0]:,.0f} end to end, {out[e][-1][1]:,.0f} steady"
+                          for e in (*ENGINES, "baseline") if e in out)
               + " tok/s", flush=True)
-    counts = {n: v[-1][2] if n in ENGINES else v[-1][1] for n, v in out.items()}
+    counts = {n: v[-1][2] if n in (*ENGINES, "baseline") else v[-1][1] for n, v in out.items()}
     assert len(set(counts.values())) == 1, counts  # the same tokens everywhere, EOS included
     return out
 
@@ -161,12 +172,22 @@ def report(out: dict[str, list], ds: tuple | None, name: str, ntexts: int, args)
     for e in ENGINES:
         row(f"packerd --tokenizer-engine {e} (process start to finished)", [r[0] for r in out[e]], out[e][-1][3])
         row(f"packerd --tokenizer-engine {e} (steady: first to last commit)", [r[1] for r in out[e]], out[e][-1][3])
+    if "baseline" in out:
+        for i, what in ((0, "process start to finished"), (1, "steady")):
+            row(f"baseline packerd tiktoken ({what})", [r[i] for r in out["baseline"]], out["baseline"][-1][3])
+        for i, what in ((0, "end to end"), (1, "steady")):
+            ratio = med(a[i] / b[i] for a, b in zip(out["tiktoken"], out["baseline"]))
+            print(f"packerd tiktoken against the baseline, {what}: {ratio:.2f} (median of the per-round ratios)")
+    for e in (*ENGINES, "baseline"):
+        if e in out:
+            print(f"CPU per token, packerd {e}: {med(r[4] for r in out[e]):.3f} us (user + system, all threads, "
+                  f"start-up included; per round {', '.join(f'{r[4]:.3f}' for r in out[e])})")
     if ds is not None:
         row("datasets map + group_texts + save_to_disk", [ds[0]] * len(raw_hf), ds[2])
     print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"
           + (f" --workers {args.workers}" if args.workers else "")
           + (f" --lz4-level {args.lz4_level}" if args.lz4_level is not None else "")
-          + (" --no-datasets" if args.no_datasets else ""))
+          + (" --no-datasets" if args.no_datasets else "") + (f" --baseline {args.baseline}" if args.baseline else ""))
 
 
 def main() -> None:
@@ -176,6 +197,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="packerd --workers (0: one per core)")
     ap.add_argument("--lz4-level", type=int, help="packerd --lz4-level (default: packerd's)")
     ap.add_argument("--no-datasets", action="store_true", help="leave out the datasets pipeline (its row is slow)")
+    ap.add_argument("--baseline", type=Path, help="another checkout whose packerd (tiktoken) runs in the same rounds")
     args = ap.parse_args()
     base, tok_dir, name = corpus()
     texts = [f"{k} {t}" for k in range(args.copies) for t in base]

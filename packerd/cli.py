@@ -17,7 +17,7 @@ import click
 
 from shared.builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
 from shared.cache import Cache, CorruptChunk, open_cache, QUARANTINE_DIR
-from shared.chunk import DEFAULT_LZ4_LEVEL, dtype_for_vocab
+from shared.chunk import DEFAULT_LZ4_LEVEL, FORMAT_VERSION, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
 from shared.fsutil import FolderLock, LockHeld, fsync_dir, remove_temporaries
 from shared.manifest import HOLDOUT_DIR, LOG_NAME, MANIFEST_NAME, Manifest, ManifestError, load_manifest
@@ -48,6 +48,9 @@ class PackerConfig:
     chunk_sequences: int = opt(1024, "Sequences per chunk file.")
     workers: int = opt(0, "Tokenizer threads; 0 means one per core.")
     lz4_level: int = opt(DEFAULT_LZ4_LEVEL, "LZ4 level: 1-12 high compression, 0 the fast default mode.")
+    chunk_format: int = opt(FORMAT_VERSION, "Chunk file format of a new cache: 3 (token ids coded through a "
+                                            "per-chunk table, about 6% smaller) or 2 (fixed-width ids, decoded "
+                                            "4 to 20 times faster).")
     endpoint: str = opt(DEFAULT_ENDPOINT, "ZeroMQ endpoint the notifications are published on (tcp:// or ipc://).")
     mode: str = opt("forward", "forward: continue after the last committed chunk; inverse: regenerate missing chunks.")
     follow: bool = opt(False, "Keep running and pack files that appear in source folders.")
@@ -72,6 +75,8 @@ class PackerConfig:
             raise ConfigError(f"workers must be 0 or more (got {self.workers})")
         if self.max_tokens_per_s < 0:
             raise ConfigError(f"max_tokens_per_s must be 0 or more (got {self.max_tokens_per_s})")
+        if self.chunk_format not in (2, 3):
+            raise ConfigError(f"chunk_format must be 2 or 3 (got {self.chunk_format})")
         if not 0 <= self.lz4_level <= 12:
             raise ConfigError(f"lz4_level must be between 0 and 12 (got {self.lz4_level})")
         if self.mode not in ("forward", "inverse"):
@@ -115,6 +120,7 @@ def main(verbose: bool) -> None:
 @click.option("--chunk-sequences", type=int, help="Sequences per chunk (default 1024).")
 @click.option("--workers", type=int, help="Tokenizer threads (default: one per core).")
 @click.option("--lz4-level", type=int, help="LZ4 high-compression level (default 9).")
+@click.option("--chunk-format", type=int, help=f"Chunk format of a new cache, 3 or 2 (default {FORMAT_VERSION}).")
 @click.option("--endpoint", help=f"ZeroMQ PUB endpoint (default {DEFAULT_ENDPOINT}).")
 @click.option("--mode", type=click.Choice(["forward", "inverse"]), help="forward (default) or inverse.")
 @click.option("--follow/--no-follow", default=None, help="Keep running and pack new files in source folders.")
@@ -142,6 +148,7 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
             data = merge({"seq_len": existing.seq_len, "chunk_sequences": existing.chunk_sequences,
                           "source": existing.sources, "tokenizer": existing.tokenizer["name"],
                           "text_field": existing.text_field, "lz4_level": existing.lz4_level,
+                          "chunk_format": existing.chunk_format,
                           "shard": (existing.shard or {}).get("spec")}, data)
         cfg = build(PackerConfig, merge(data, flags))
     except ConfigError as e:
@@ -377,6 +384,7 @@ def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok, folder: 
         return Manifest(seq_len=cfg.seq_len, chunk_sequences=cfg.chunk_sequences,
                         dtype=dtype_for_vocab(tok.vocab_size).name, tokenizer=tok.identity(),
                         sources=list(cfg.source), text_field=cfg.text_field, lz4_level=cfg.lz4_level,
+                        chunk_format=cfg.chunk_format,
                         holdout=holdout_record(cfg.holdout) if cfg.holdout else None)
     held = manifest.holdout or {}
     both = bool(held) and cfg.holdout is not None  # the hash matters only where both choose documents
@@ -386,6 +394,7 @@ def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok, folder: 
                              ("source", manifest.sources, list(cfg.source)),
                              ("text_field", manifest.text_field, cfg.text_field),
                              ("lz4_level", manifest.lz4_level, cfg.lz4_level),
+                             ("chunk_format", manifest.chunk_format, cfg.chunk_format),
                              ("tokenizer vocabulary", manifest.tokenizer["vocab_hash"], tok.vocab_hash),
                              ("eos", manifest.tokenizer["eos_id"], tok.eos_id),
                              ("holdout", held.get("fraction"), cfg.holdout),

@@ -61,50 +61,64 @@ def build_chunk(tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int) -> Chu
 
 
 class TokenStream:
-    """Tokens read but not yet committed, with where each document starts (absolute stream positions)."""
+    """Tokens read but not yet committed, with where each document starts (absolute stream positions).
+
+    Appended batches are kept as pieces and joined only when a position is looked up or a chunk is taken:
+    joining on every append copied the whole buffer once per batch (up to a chunk's worth, 16 times a
+    chunk at 1024 x 1024 tokens and 256 KB batches)."""
 
     def __init__(self, base: int, dtype):
-        self.base = base                                 # absolute position of tokens[0]
-        self.tokens = np.empty(0, dtype=dtype)
-        self.doc_index = np.empty(0, dtype=np.int64)     # source index of each document still buffered
-        self.doc_start = np.empty(0, dtype=np.int64)     # its absolute start (may be < base: began earlier)
+        self.base = base                                 # absolute position of the first buffered token
+        self._tokens = [np.empty(0, dtype=dtype)]
+        self._doc_index = [np.empty(0, dtype=np.int64)]  # source index of each document still buffered
+        self._doc_start = [np.empty(0, dtype=np.int64)]  # its absolute start (may be < base: began earlier)
+        self._len = 0
         # the source index after the last record appended (records of the other cache included, once their
         # batch is): where a cut at the end of the buffer ends
         self.next_doc = 0
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self._len
+
+    def _joined(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        for pieces in (self._tokens, self._doc_index, self._doc_start):
+            if len(pieces) > 1:
+                pieces[:] = [np.concatenate(pieces)]
+        return self._tokens[0], self._doc_index[0], self._doc_start[0]
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray, indices: np.ndarray, first_doc_skip: int = 0):
         """Append documents (tokens with EOS); the first one loses `first_doc_skip` leading tokens."""
-        end = self.base + len(self.tokens)
-        starts = end + np.concatenate(([0], np.cumsum(lengths)[:-1])) - first_doc_skip
-        self.tokens = np.concatenate((self.tokens, tokens[first_doc_skip:]))
-        self.doc_index = np.concatenate((self.doc_index, indices))
-        self.doc_start = np.concatenate((self.doc_start, starts))
+        end = self.base + self._len
+        self._doc_start.append(end + np.concatenate(([0], np.cumsum(lengths)[:-1])) - first_doc_skip)
+        self._doc_index.append(np.asarray(indices, dtype=np.int64))
+        self._tokens.append(tokens[first_doc_skip:])
+        self._len += len(tokens) - first_doc_skip
 
     def position(self, p: int) -> list[int]:
         """[document index, offset] of absolute stream position p (p <= end of buffer)."""
-        if p == self.base + len(self.tokens):
+        if p == self.base + self._len:
             return [self.next_doc, 0]
-        i = int(np.searchsorted(self.doc_start, p, side="right")) - 1
-        return [int(self.doc_index[i]), int(p - self.doc_start[i])]
+        _, doc_index, doc_start = self._joined()
+        i = int(np.searchsorted(doc_start, p, side="right")) - 1
+        return [int(doc_index[i]), int(p - doc_start[i])]
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
         """Remove the first n tokens: (tokens, document starts relative to them, start, end positions)."""
         start, end = self.position(self.base), self.position(self.base + n)
-        tokens = self.tokens[:n]
-        rel = self.doc_start - self.base
+        all_tokens, doc_index, doc_start = self._joined()
+        tokens = all_tokens[:n]
+        rel = doc_start - self.base
         starts = rel[(rel >= 0) & (rel < n)]
-        self.tokens = self.tokens[n:].copy()
+        self._tokens = [all_tokens[n:].copy()]
+        self._len -= n
         self.base += n
-        keep = self.doc_start + 0 >= self.base  # documents starting at or after the new base...
-        if len(self.doc_start):
+        keep = doc_start >= self.base  # documents starting at or after the new base...
+        if len(doc_start):
             # ...plus the one the new base falls inside
-            inside = int(np.searchsorted(self.doc_start, self.base, side="right")) - 1
+            inside = int(np.searchsorted(doc_start, self.base, side="right")) - 1
             if inside >= 0:
                 keep[inside] = True
-        self.doc_index, self.doc_start = self.doc_index[keep], self.doc_start[keep]
+        self._doc_index, self._doc_start = [doc_index[keep]], [doc_start[keep]]
         return tokens, starts.astype(np.int64), start, end
 
 
@@ -224,7 +238,8 @@ class CacheWriter:
         there are any). Chunks are still committed strictly in order, by commit_ready."""
         tokens, starts, start, end = self.stream.take(n)
         chunk = build_chunk(tokens, starts, self.m.seq_len)
-        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end, self.packer.compress(chunk)))
+        self._cuts.append((chunk.num_sequences, len(tokens), len(starts), start, end,
+                           self.packer.compress(chunk, self.m.chunk_format)))
 
     def commit_ready(self, wait: bool = False) -> None:
         """Commit the compressed chunks at the head of the queue; with wait, all of them.
@@ -277,11 +292,11 @@ class CacheWriter:
     def rewrite(self, entry: ChunkEntry) -> None:
         """Inverse mode: write the chunk `entry` again from the stream; it must come out byte-identical."""
         tokens, starts, start, end = self.stream.take(entry.tokens)
-        data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.packer.level)
+        data = encode_chunk(build_chunk(tokens, starts, self.m.seq_len), self.packer.level, self.m.chunk_format)
         checksum = file_checksum(data)
         if start != entry.start or checksum != entry.checksum or len(data) != entry.bytes:
             raise PackError(f"regenerated chunk {entry.id} of {self.dir} differs from the manifest (source "
-                            f"changed, or another tokenizer or level); not written")
+                            f"changed, or another tokenizer, level or chunk format); not written")
         atomic_write_bytes(self.dir / entry.file, data)
         log.info("regenerated chunk %d of %s (%d sequences)", entry.id, self.dir, entry.sequences)
 
@@ -391,15 +406,15 @@ class Packer:
         if self._pool is None and self.workers > 0:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tokenize")
 
-    def compress(self, chunk: Chunk):
+    def compress(self, chunk: Chunk, version: int):
         """The chunk file's bytes, or a future of them from a worker thread.
 
         LZ4 high compression costs about as much time as everything else the main thread does together;
         it releases the GIL, so in a worker thread it runs in parallel and the main thread stays off the
         critical path."""
         if self._pool is not None:
-            return self._pool.submit(encode_chunk, chunk, self.level)
-        return encode_chunk(chunk, self.level)
+            return self._pool.submit(encode_chunk, chunk, self.level, version)
+        return encode_chunk(chunk, self.level, version)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .chunk import FORMAT_VERSION
 from .commitlog import LOG_HEADER_SIZE, LogError, LogWriter, create_log, read_from
 from .fsutil import atomic_write_bytes
 
@@ -71,6 +72,9 @@ class Manifest:
     sources: list[str]
     text_field: str = "text"
     lz4_level: int = 9
+    # the chunk format version its chunks are written in (shared/chunk.py): a cache keeps the one it was
+    # started with, so that `--mode inverse` regenerates a chunk byte for byte; 2 in manifests without it
+    chunk_format: int = FORMAT_VERSION
     chunks: list[ChunkEntry] = field(default_factory=list)
     source_files: list[dict] = field(default_factory=list)  # local files in the order they were packed
     documents: int = 0               # source documents fully consumed (including skipped empty ones)
@@ -172,6 +176,7 @@ class Manifest:
         d = dict(d)
         d.pop("totals", None)
         d.pop("log", None)
+        d.setdefault("chunk_format", 2)  # written before the field existed: version 2 chunks
         d["version"] = MANIFEST_VERSION  # the same Manifest either way: version 2 is only how it is stored
         cols = d.pop("chunks", None) or {}
         try:

@@ -129,7 +129,7 @@ def test_a_version_1_chunk_still_decodes():
     want, back = v1_fixture_chunk(), decode_chunk(data)
     for name in ("tokens", "lengths", "doc_ptr", "doc_starts"):
         assert np.array_equal(getattr(back, name), getattr(want, name)), name
-    assert read_header(encode_chunk(want))["version"] == 2  # what is written today
+    assert read_header(encode_chunk(want))["version"] == 3  # what is written today
     for i in range(len(data)):  # a flipped byte in a version-1 file is caught as before
         bad = bytearray(data)
         bad[i] ^= 0x10
@@ -199,3 +199,67 @@ def test_padded_puts_each_sequence_at_the_start_of_its_row():
         for i, k in enumerate(int(x) for x in lengths):
             assert (out[i, :k] == tokens[at:at + k]).all() and (out[i, k:] == 7).all()
             at += k
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("version", [2, 3])
+def test_versions_2_and_3_round_trip_odd_layouts(seed, version):
+    """Short and odd layouts: one token, fewer distinct ids than the table holds, the largest ids of the dtype,
+    a short last window, ties in the table's counts; each chunk decodes to what was encoded."""
+    rng = np.random.default_rng(seed)
+    dtype = np.uint16 if seed % 2 else np.uint32
+    top = int(np.iinfo(dtype).max)
+    n, seq_len = int(rng.integers(1, 3000)), int(rng.integers(1, 700))
+    pool = rng.choice([3, 50, 127, 128, 129, 5000], size=1)[0]
+    ids = rng.integers(max(0, top - 300) if seed % 3 == 0 else 0, top + 1, size=int(pool), dtype=np.int64)
+    tokens = rng.choice(ids, size=n).astype(dtype)
+    starts = np.unique(np.concatenate([[0], rng.integers(0, n, size=int(rng.integers(0, 50)))]))
+    chunk = build_chunk(tokens, starts, seq_len)
+    data = encode_chunk(chunk, int(rng.integers(0, 12)), version=version)
+    assert read_header(data)["version"] == version
+    back = decode_chunk(data)
+    assert back.tokens.dtype == np.dtype(dtype)
+    for name in ("tokens", "lengths", "doc_ptr", "doc_starts"):
+        assert np.array_equal(getattr(back, name), getattr(chunk, name)), name
+
+
+def test_version_3_table_holds_the_most_frequent_ids_ties_by_id():
+    from shared.chunk import TABLE_SIZE, _token_codes
+    tokens = np.array([9] * 5 + [4] * 3 + [7] * 3 + list(range(1000, 1200)), dtype=np.uint16)
+    table, codes = _token_codes(tokens)
+    assert list(table[:3]) == [9, 4, 7] and len(table) == TABLE_SIZE
+    assert list(table[3:6]) == [1000, 1001, 1002]           # count 1 each: by id
+    assert codes[0] == 0 and codes[-1] == 1199 + TABLE_SIZE   # 1199 is not in the table
+
+
+def test_version_3_is_smaller_than_version_2_on_text_like_ids():
+    # a Zipf-like id distribution, as token ids of text have
+    rng = np.random.default_rng(0)
+    ranks = np.minimum(rng.zipf(1.2, size=64 * 1024), 50000)
+    perm = rng.permutation(50257)
+    chunk = build_chunk(perm[ranks].astype(np.uint16), np.arange(0, 64 * 1024, 97), 1024)
+    assert len(encode_chunk(chunk, version=3)) < 0.95 * len(encode_chunk(chunk, version=2))
+
+
+def test_a_token_id_beyond_the_dtype_is_refused():
+    import struct
+    from shared.chunk import HEADER_V3, _compress, varint_encode
+    import xxhash
+    index_raw = varint_encode(np.array([63, 0]))
+    payload_raw = varint_encode(np.array([5] + [65536 + 1]))  # table [5], then a code for id 65536
+    index, payload = _compress(index_raw, 0), _compress(payload_raw, 0)
+    fields = (b"PKCHUNK\x00", 3, 2, 0, 64, 1, 1, 1, len(payload), len(index_raw), len(index), len(payload_raw), 1)
+    checksum = xxhash.xxh64(HEADER_V3.pack(*fields, 0)[:-8] + index + payload).intdigest()
+    data = HEADER_V3.pack(*fields, checksum).ljust(64, b"\x00") + index + payload
+    with pytest.raises(ChunkError, match="does not fit"):
+        decode_chunk(data)
+
+
+def test_a_manifest_without_chunk_format_is_a_version_2_cache(tmp_path):
+    m = Manifest(seq_len=4, chunk_sequences=2, dtype="uint16", tokenizer={"name": "t", "vocab_hash": "h",
+                 "vocab_size": 10, "eos_id": 0, "pad_id": 0}, sources=["a"])
+    assert m.chunk_format == 3
+    d = m.to_json()
+    del d["chunk_format"]
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    assert load_manifest(tmp_path).chunk_format == 2

@@ -207,6 +207,30 @@ def test_inverse_mode_restores_deleted_and_corrupt_chunks_byte_identical(tmp_pat
     assert load_manifest(cache).chunks == m.chunks
 
 
+def test_a_version_2_cache_is_regenerated_in_version_2(tmp_path, make_cache):
+    """A cache packed before chunk format 3 (its manifest without chunk_format): inverse mode regenerates its
+    chunks byte for byte in version 2."""
+    from shared.chunk import decode_chunk, encode_chunk, file_checksum
+    cache = make_cache(seq_len=64, chunk_sequences=16)
+    m = load_manifest(cache)
+    for e in m.chunks:  # the cache as the version-2 packer wrote it
+        data = encode_chunk(decode_chunk((cache / e.file).read_bytes()), m.lz4_level, version=2)
+        (cache / e.file).write_bytes(data)
+        e.bytes, e.checksum = len(data), file_checksum(data)
+    d = m.to_json()
+    del d["chunk_format"]
+    for name in ("manifest.json", "manifest.log"):
+        (cache / name).unlink()
+    (cache / "manifest.json").write_text(json.dumps(d))
+    files = {e.id: (cache / e.file).read_bytes() for e in m.chunks}
+    (cache / m.chunks[1].file).unlink()
+    (cache / m.chunks[-1].file).unlink()
+    run_packerd("run", "--cache-dir", cache, "--mode", "inverse", "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    for e in m.chunks:
+        assert (cache / e.file).read_bytes() == files[e.id], f"chunk {e.id} differs"
+    assert load_manifest(cache).chunk_format == 2
+
+
 def test_verify_names_a_flipped_byte(tmp_path, make_cache):
     cache = make_cache()
     m = load_manifest(cache)
@@ -450,3 +474,13 @@ def test_hub_code_path_with_metadata_estimate(tmp_path, corpus_texts, tokenizer_
     m = load_manifest(cache)
     assert m.estimate["method"] == "dataset-metadata"
     assert 1.8 < m.estimate["tokens"] / m.total_tokens < 2.2
+
+
+def test_chunk_format_2_is_chosen_once_for_the_life_of_the_cache(tmp_path, make_cache):
+    from shared.chunk import read_header
+    cache = make_cache(seq_len=64, chunk_sequences=16, extra=("--chunk-format", "2"))
+    m = load_manifest(cache)
+    assert m.chunk_format == 2 and {read_header((cache / e.file).read_bytes())["version"] for e in m.chunks} == {2}
+    proc = run_packerd("run", "--cache-dir", cache, "--chunk-format", "3", "--endpoint", free_endpoint(tmp_path),
+                       check=False)
+    assert proc.returncode == 1 and "chunk_format 2 (now 3)" in proc.stderr
