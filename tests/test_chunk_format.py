@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from packerd.pack import build_chunk
-from shared.chunk import Chunk, ChunkError, decode_chunk, encode_chunk, read_header
+from shared.chunk import FORMAT_VERSION, Chunk, ChunkError, decode_chunk, encode_chunk, read_header
 from shared.manifest import ChunkEntry, Manifest, load_manifest
 
 
@@ -129,7 +129,7 @@ def test_a_version_1_chunk_still_decodes():
     want, back = v1_fixture_chunk(), decode_chunk(data)
     for name in ("tokens", "lengths", "doc_ptr", "doc_starts"):
         assert np.array_equal(getattr(back, name), getattr(want, name)), name
-    assert read_header(encode_chunk(want))["version"] == 3  # what is written today
+    assert read_header(encode_chunk(want))["version"] == FORMAT_VERSION == 2  # what is written by default
     for i in range(len(data)):  # a flipped byte in a version-1 file is caught as before
         bad = bytearray(data)
         bad[i] ^= 0x10
@@ -257,7 +257,7 @@ def test_a_token_id_beyond_the_dtype_is_refused():
 
 def test_a_manifest_without_chunk_format_is_a_version_2_cache(tmp_path):
     m = Manifest(seq_len=4, chunk_sequences=2, dtype="uint16", tokenizer={"name": "t", "vocab_hash": "h",
-                 "vocab_size": 10, "eos_id": 0, "pad_id": 0}, sources=["a"])
+                 "vocab_size": 10, "eos_id": 0, "pad_id": 0}, sources=["a"], chunk_format=3)
     assert m.chunk_format == 3
     d = m.to_json()
     del d["chunk_format"]

@@ -231,6 +231,20 @@ def test_a_version_2_cache_is_regenerated_in_version_2(tmp_path, make_cache):
     assert load_manifest(cache).chunk_format == 2
 
 
+def test_a_version_3_cache_is_regenerated_in_version_3(tmp_path, make_cache):
+    """Version 3 is asked for, not the default: a restart keeps it, and inverse mode regenerates its chunks
+    byte for byte in version 3."""
+    from shared.chunk import read_header
+    cache = make_cache(seq_len=64, chunk_sequences=16, extra=("--chunk-format", "3"))
+    m = load_manifest(cache)
+    assert m.chunk_format == 3 and {read_header((cache / e.file).read_bytes())["version"] for e in m.chunks} == {3}
+    files = {e.id: (cache / e.file).read_bytes() for e in m.chunks}
+    (cache / m.chunks[1].file).unlink()
+    run_packerd("run", "--cache-dir", cache, "--mode", "inverse", "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    assert all((cache / e.file).read_bytes() == files[e.id] for e in m.chunks)
+    assert load_manifest(cache).chunk_format == 3
+
+
 def test_verify_names_a_flipped_byte(tmp_path, make_cache):
     cache = make_cache()
     m = load_manifest(cache)
