@@ -109,7 +109,7 @@ def minimal_loop(a, cache_dir: Path) -> dict:
     batches = [plan.get_batch(s) for s in range(a.steps)]  # in memory: the baseline never waits for data
     sched = LRSchedule(cfg.schedule, cfg.train.lr, max_steps=a.steps)  # the same rates, so the losses compare
     sched.update(0, plan.total_steps, plan.estimated_total_steps, plan.finished)
-    mb, L = a.micro_batch_size, cache.seq_len
+    mb = a.micro_batch_size
     times, losses = [], []
     for step, b in enumerate(batches):
         t0 = time.perf_counter()

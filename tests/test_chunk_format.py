@@ -242,7 +242,6 @@ def test_version_3_is_smaller_than_version_2_on_text_like_ids():
 
 
 def test_a_token_id_beyond_the_dtype_is_refused():
-    import struct
     from shared.chunk import HEADER_V3, _compress, varint_encode
     import xxhash
     index_raw = varint_encode(np.array([63, 0]))

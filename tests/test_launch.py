@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_endpoint, write_jsonl
+from conftest import ROOT, free_endpoint
 
 LAUNCH = ROOT / "launch"
 YAMLS = sorted(LAUNCH.glob("*.yaml"))

@@ -387,7 +387,7 @@ def test_bad_tokenizers(tmp_path, tokenizer_dir, corpus_jsonl):
     assert "has no EOS token" in line
     line = _bad(tmp_path, tokenizer_dir, "--source", corpus_jsonl, "--tokenizer", tmp_path / "noeos.json", "--eos", "<nope>", tokenizer=False)
     assert "is not a token of" in line
-    proc = run_packerd("run", "--cache-dir", tmp_path / "ok", "--source", corpus_jsonl, "--tokenizer", tmp_path / "noeos.json",
+    run_packerd("run", "--cache-dir", tmp_path / "ok", "--source", corpus_jsonl, "--tokenizer", tmp_path / "noeos.json",
                        "--eos", "<sep>", "--workers", 1, "--endpoint", free_endpoint(tmp_path))
     assert load_manifest(tmp_path / "ok").tokenizer["eos_id"] == 0
 
