@@ -669,13 +669,13 @@ def test_the_data_state_stays_small_however_often_the_cache_grew(cache):
             assert resumed.get_batch(s).seq_ids == plan.get_batch(s).seq_ids
 
 
-def legacy_position(cache, seed, order0, bounds, o):
-    """(chunk, index) at epoch-0 offset o under a format-1 state: `order0` cut at `bounds`, each window's
-    rows permuted by (seed, 0, window kind, its first chunk): written out here as that format defined it."""
+def legacy_position(cache, seed, order0, bounds, o, epoch=0):
+    """(chunk, index) at offset o of `epoch` under a format-1 state: `order0` cut at `bounds`, each window's
+    rows permuted by (seed, epoch, window kind, its first chunk): written out here as that format defined it."""
     sizes = [cache.chunks[c].sequences for c in order0]
     win_pos = [sum(sizes[:b]) for b in bounds]
     w = max(i for i, p in enumerate(win_pos[:-1]) if p <= o)
-    perm = data_mod._rng(seed, 0, data_mod._WINDOW, int(order0[bounds[w]])).permutation(win_pos[w + 1] - win_pos[w])
+    perm = data_mod._rng(seed, epoch, data_mod._WINDOW, int(order0[bounds[w]])).permutation(win_pos[w + 1] - win_pos[w])
     r = int(perm[o - win_pos[w]])
     for c in order0[bounds[w]:bounds[w + 1]]:
         if r < cache.chunks[c].sequences:
@@ -690,14 +690,14 @@ def test_a_format_1_state_resumes_in_its_own_order(cache):
     order0 = np.random.default_rng(0).permutation(known)
     seals0 = [0, 6]
     seqs = sum(e.sequences for e in cache.chunks[:known])
-    state = {"format": 1, "seed": seed, "global_batch": G, "world_size": 1, "window_chunks": 4,
-             "shuffle_window": OLD_WINDOW, "target_epochs": 1.0, "epoch_fraction": 1.0, "sample_format": 2,
+    state = {"format": 1, "seed": seed, "global_batch": G, "world_size": 1, "window_chunks": 3,
+             "shuffle_window": 48, "target_epochs": 1.0, "epoch_fraction": 1.0, "sample_format": 2,
              "known_chunks": known, "known_sequences": seqs, "finished": False,
              "est_total_sequences": sum(e.sequences for e in cache.chunks), "total_steps": seqs // G, "step": 5,
              "order0": order0.tolist(), "seals0": seals0, "events": [{"step": 5, "known_chunks": known}]}
-    plan = DataPlan(cache, seed=seed, global_batch=G, rank=0, world_size=1)
+    plan = DataPlan(cache, seed=seed, global_batch=G, rank=0, world_size=1, shuffle_window=48)
     plan.load_state_dict(state)
-    bounds = [0, 4, 6, 10, 14, 18, 20]  # 4 chunks from each seal point
+    bounds = [0, 3, 6, 9, 12, 15, 18, 20]  # 3 chunks from each seal point
     k = 7
     got = [x for s in range(k, seqs // G) for x in plan.get_batch(s).seq_ids]
     assert got == [legacy_position(cache, seed, order0, bounds, o) for o in range(k * G, seqs // G * G)]
@@ -708,3 +708,21 @@ def test_a_format_1_state_resumes_in_its_own_order(cache):
     n = sum(e.sequences for e in cache.chunks)
     assert len(stream) == len(set(stream)) == n - n % G
     assert len(json.dumps(plan.state_dict())) < len(json.dumps(state))  # the old order is gone once trained
+    # a later epoch is cut as format 1 cut it: windows of 3 chunks from the start of its order, the last short
+    two = DataPlan(cache, seed=seed, global_batch=G, rank=0, world_size=1, target_epochs=2, shuffle_window=48)
+    two.load_state_dict({**state, "target_epochs": 2.0})
+    two.grow(len(cache.chunks), True, seqs // G)
+    N = len(cache.chunks)
+    order1 = data_mod._rng(seed, 1, data_mod._ORDER, 0).permutation(N)
+    assert N % 3  # else even windows would be these too
+    bounds1 = [*range(0, N, 3), N]
+    first = -(-n // G)  # the first step wholly in epoch 1
+    got1 = [x for s in range(first, two.total_steps) for x in two.get_batch(s).seq_ids]
+    assert got1 == [legacy_position(cache, seed, order1, bounds1, o - n, epoch=1) for o in range(first * G, two.total_steps * G)]
+    # saved again in epoch 1 (format 2, the old order no longer in use) and resumed: still format 1's cut
+    two.grow(len(cache.chunks), True, first)
+    again = two.state_dict()
+    assert "legacy_order" not in again and again["cut"] == "legacy"
+    three = DataPlan(cache, seed=seed, global_batch=G, rank=0, world_size=1, target_epochs=2, shuffle_window=48)
+    three.load_state_dict(again)
+    assert [x for s in range(first, two.total_steps) for x in three.get_batch(s).seq_ids] == got1

@@ -671,7 +671,7 @@ class DataPlan:
             else:
                 seed = _rng(self.seed, 0, _ORDER, a, b) if epoch == 0 else _rng(self.seed, epoch, _ORDER, 0)
                 order = a + seed.permutation(b - a)
-                bounds = _legacy_cut([0], b - a, self.window_chunks) if self._legacy else _balanced(b - a, self.window_chunks)
+                bounds = _legacy_cut([0], b - a, self.window_chunks) if self._legacy_cut and epoch else _balanced(b - a, self.window_chunks)
             lay = self._built[key] = _Layout(self.seed, epoch, order, bounds, self._takes, base)
         return lay
 
