@@ -728,7 +728,9 @@ def test_packerd_survives_20_random_kill_9s(tmp_path, corpus_texts, tokenizer_di
         write_jsonl(src / f"part{k}.jsonl", part)
         texts += part
     cache, ep = tmp_path / "cache", endpoint(tmp_path)
-    cmd = packerd(cache, src, tokenizer_dir, ep)
+    # paced, so that 20 kills land before it finishes however fast the packer has become (unpaced it packed
+    # this cache in under 8 s on this box and sometimes finished after 16)
+    cmd = packerd(cache, src, tokenizer_dir, ep, "--max-tokens-per-s", "100000")
     rng = random.Random(SEED)
     modes = ["time"] * 6 + ["commit"] * 7 + ["window"] * 7
     rng.shuffle(modes)
@@ -739,8 +741,8 @@ def test_packerd_survives_20_random_kill_9s(tmp_path, corpus_texts, tokenizer_di
             have = len(manifest_of(cache).chunks) if manifest_of(cache) else 0
             t0 = time.monotonic()
             if mode == "time":
-                # a random instant, but before 40 more chunks: the whole cache is 1,273 chunks, about 8 s of
-                # packing on this 2-core box, so six delays of up to 4 s could let it finish before 20 kills
+                # a random instant, but before 40 more chunks: the whole cache is 1,273 chunks, about 13 s of
+                # paced packing, so six delays of up to 4 s could let it finish before 20 kills
                 delay, cap = rng.uniform(0.2, 4.0), have + 40
                 while time.monotonic() - t0 < delay and proc.poll() is None:
                     m = manifest_of(cache)
