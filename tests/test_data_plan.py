@@ -545,7 +545,7 @@ def test_a_chunk_quarantined_by_another_rank_reports_where_it_went(tmp_path, cac
 
 def test_the_shuffle_window_is_a_number_of_sequences_in_whole_chunks(cache):
     """data.shuffle_window counts sequences; an epoch's order is cut into windows of whole chunks holding at
-    least that many, so a batch draws from about that many sequences' chunks."""
+    least that many (and fewer than twice), so a batch draws from about that many sequences' chunks."""
     G = 32
     n = sum(e.sequences for e in cache.chunks)
     for window, chunks in ((1, 1), (16, 1), (17, 2), (40, 3), (OLD_WINDOW, 4)):
@@ -553,7 +553,10 @@ def test_the_shuffle_window_is_a_number_of_sequences_in_whole_chunks(cache):
         assert plan.window_chunks == chunks
         per_step = [{c for c, _ in plan.get_batch(s).seq_ids} for s in range(plan.total_steps)]
         spans = -(-G // (16 * chunks)) + 1  # the windows a batch can span
-        assert max(len(x) for x in per_step) <= spans * chunks
+        lay = plan._layout(0, 0)
+        sizes = [b - a for a, b in zip(lay.bounds, lay.bounds[1:])]  # chunks of each window
+        assert min(sizes) >= chunks and max(sizes) < 2 * chunks  # at least the window, fewer than twice it
+        assert max(len(x) for x in per_step) <= spans * (2 * chunks - 1)
     # the default: this whole small cache is one window; a batch of 32 draws from many chunks, every
     # sequence still once and every chunk still decoded once in the epoch
     plan = data_mod.DataPlan(cache, seed=2, global_batch=G, rank=0, world_size=1)

@@ -101,10 +101,10 @@ class ModelConfig:
 # packerd's default 1024 sequences and 2,048 chunks of 32, so a batch draws from 64 chunks or more. The cost
 # is memory, per rank: its 1/W share of a window (2^16 x seq_len x 2 bytes / W: 128 MiB at seq_len 1024 on
 # one rank, as uint16) times the windows kept (3), and one window's decompression at a time in the prefetch
-# thread (every chunk is still decoded once per epoch). A growing cache does not wait for a window to fill:
-# a growth seals the window in use as it is (trainerd/data.py, Growth) and the chunks that arrived join the
-# windows after it; so while the trainer waits for the packer, a window holds what arrived since the last
-# growth (as before), and once the packer is ahead, whole windows.
+# thread (every chunk is still decoded once per epoch). In a growing cache the trainer begins each block of
+# new chunks once it holds a whole window (the first blocks 1, 2, 4, ... chunks, and never more than the
+# estimate says are coming: trainerd/data.py, Growth), so a trainer that keeps up with its packer still draws
+# each batch from a whole window.
 SHUFFLE_WINDOW = 1 << 16
 LEGACY_WINDOW_CHUNKS = 4   # the window, in chunks, of the checkpoints saved before data.shuffle_window existed
 

@@ -11,7 +11,8 @@ Order
     growing cache would not do: each arrival would reshuffle a pool that holds mostly older chunks, and the
     last chunks to arrive would be sampled least.) Epoch 0's order is a list of blocks (below); a later
     epoch is one block of every chunk. A block is a permutation of a range of chunk ids, cut into windows
-    of near-equal size, ceil(chunks / window_chunks) of them, window_chunks = ceil(shuffle_window /
+    of near-equal size, floor(chunks / window_chunks) of them (at least window_chunks chunks each, fewer
+    than twice that; one window when the block is smaller), window_chunks = ceil(shuffle_window /
     chunk_sequences) (data.shuffle_window, in sequences; its default is explained at
     trainerd.config.SHUFFLE_WINDOW); the sequences of one window are permuted among themselves (local
     shuffle). A rank reads from at most two windows at a time; a window is decoded once per epoch and
@@ -97,7 +98,7 @@ from .config import SHUFFLE_WINDOW
 
 log = logging.getLogger("trainerd.data")
 
-STATE_FORMAT = 2   # 1: epoch 0's whole chunk order with its seal points (read, see _legacy_layout)
+STATE_FORMAT = 2   # 1: epoch 0's whole chunk order with its seal points (read, see _epoch0_from_state)
 IGNORE_INDEX = -100
 MANIFEST_WAIT_SECONDS = 10.0   # a rank whose manifest lags the broadcast count waits this long for it
 FEW_DOCUMENTS = 128            # up to this many document starts, positions restart with one slice assignment
@@ -350,9 +351,10 @@ class _Window:
 
 
 def _balanced(n: int, window: int) -> list[int]:
-    """Bounds cutting n chunks into ceil(n / window) windows whose sizes differ by one at most (a block of
-    window + 1 chunks makes two windows of about half, not a full one and a window of one chunk)."""
-    k = max(1, -(-n // window))
+    """Bounds cutting n chunks into floor(n / window) windows (one when n < window) whose sizes differ by one at
+    most: each holds at least `window` chunks and fewer than twice that (a block of window + 1 chunks is one
+    window, not a full one and a window of one chunk)."""
+    k = max(1, n // window)
     return [n * i // k for i in range(k + 1)]
 
 
@@ -528,10 +530,10 @@ class DataPlan:
         self._decoded = 0
         self._buffers = _BufferPool((2, self.rows, self.seq_len), np.int32)
         # window token arrays: the windows kept plus those being built or read by another thread, each this
-        # rank's share of a window's rows (more rows than chunk_sequences per chunk is not expected; such a
-        # window gets fresh arrays)
-        # (a cache smaller than the window, by its estimate, needs no buffer of the whole window)
-        rows = min(self.window_chunks * cache.manifest.chunk_sequences,
+        # rank's share of a window's rows: a window holds fewer than 2 x window_chunks chunks (more rows than
+        # chunk_sequences per chunk is not expected; such a window gets fresh arrays). Only the rows written
+        # take memory. A cache smaller than the window, by its estimate, needs no buffer of the whole window.
+        rows = min(2 * self.window_chunks * cache.manifest.chunk_sequences,
                    max(cache.manifest.estimated_total_sequences(), cache.manifest.chunk_sequences))
         shape = (-(-rows // world_size), self.seq_len)
         self._window_tokens = _BufferPool(shape, cache.manifest.dtype, keep=8)
@@ -919,7 +921,7 @@ class DataPlan:
         for key, mine in (("seed", self.seed), ("epoch_fraction", self.epoch_fraction)):
             if d[key] != mine:
                 raise ValueError(f"the data state was saved with {key} {d[key]!r}, this run has {mine!r}")
-        # the window decides the order of the epoch in progress (and of epoch 0's sealed windows): a resume
+        # the window decides the order of the epoch in progress (and of epoch 0's blocks): a resume
         # keeps it. Compared in chunks, what the order depends on (a state older than the setting has no
         # shuffle_window; its run's config is given the legacy window, see start._resumed_config)
         if d["window_chunks"] != self.window_chunks:

@@ -21,8 +21,8 @@ Weights
 
 Growth and waiting
     grow(step, views) takes rank 0's (known chunks, finished, estimate) of each cache, agreed at a step
-    boundary; each source plan seals the window holding its own position at that step. A step is ready when
-    every source holds the positions it draws there: a source whose packer is behind makes the run wait
+    boundary; each source plan grows at its own position at that step (its block in use stays as it is). A
+    step is ready when every source holds the positions it draws there (DataPlan.holds): a source whose packer is behind makes the run wait
     (never shifting its share to others, which would make the mix depend on packing speed).
 
 Totals
