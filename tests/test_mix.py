@@ -450,3 +450,26 @@ def test_the_state_of_a_size_weighted_mixture_stays_small_as_estimates_move(cach
     for s in range(39, min(plan.total_steps, 60)):
         if plan.ready(s):
             assert resumed.get_batch(s).seq_ids == plan.get_batch(s).seq_ids
+
+
+def test_with_a_final_interleave_each_rank_decodes_only_the_rows_it_draws(caches):
+    """Fixed weights: the interleave never changes, so each rank's windows of a source hold only the rows that
+    rank draws (their rows split between the ranks), and every batch is still the single-rank batch's share."""
+    G, W = 12, 2
+    kw = {"seed": 3, "global_batch": G, "weights": [0.6, 0.4], "target_epochs": 2, "shuffle_window": 64}
+    one = grown(MixPlan(opened(caches), rank=0, world_size=1, **kw))
+    ranks = [grown(MixPlan(opened(caches), rank=r, world_size=W, **kw)) for r in range(W)]
+    compared = 0
+    for s in range(one.total_steps):
+        b = one.get_batch(s)
+        for r, p in enumerate(ranks):
+            rb = p.get_batch(s)
+            assert rb.seq_ids == b.seq_ids[r::W] and torch.equal(rb.input_ids, b.input_ids[r::W])
+            assert torch.equal(rb.position_ids, b.position_ids[r::W]) and torch.equal(rb.labels, b.labels[r::W])
+        for i in (0, 1):
+            wins = [p.plans[i]._windows for p in (one, *ranks)]
+            for key in set(wins[0]) & set(wins[1]) & set(wins[2]):
+                whole, a, c = (len(w[key].tokens) for w in wins)
+                assert a + c == whole and max(a, c) < whole
+                compared += 1
+    assert compared > 20

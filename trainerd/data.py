@@ -253,12 +253,13 @@ class _Window:
     slice assignment each, and its many documents (short ones) with _positions.
     """
     __slots__ = ("tokens", "chunk", "index", "lengths", "short", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs",
-                 "_doc_rows", "_doc_lo")
+                 "_doc_rows", "_doc_lo", "kept")
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
         self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
         self.chunk, self.index = chunk, index  # source of each row (int64 [n]); -1 for a corrupt chunk's rows
         self.lengths: np.ndarray | None = None  # real length of each row, only once a short row was added
+        self.kept: np.ndarray | None = None   # a mixture source's window: the reading positions it holds
         self.seq_ids: list[tuple[int, int]] = []
         self._docs: list[tuple[np.ndarray, np.ndarray]] = []   # (window row, start) of each document start
 
@@ -557,6 +558,9 @@ class DataPlan:
         self._legacy_cut = False          # later epochs cut as format-1 states did (a resumed format-1 run)
         self._digest = xxhash.xxh64()     # of the known chunks' checksums
         self._built: OrderedDict[tuple, _Layout] = OrderedDict()   # layouts of blocks and later epochs
+        # a mixture's source (one rank's plan read by gather): which stream positions this rank draws, so that
+        # its windows hold those rows only (set once the mixture's interleave can no longer change)
+        self.row_filter = None
         self._est_seqs = 0
         known = len(cache.chunks) if known_chunks is None else int(known_chunks)
         if finished is None:
@@ -775,7 +779,16 @@ class DataPlan:
                     pieces.append((lay, wa, offs[a:b] - lay.win_pos[wa], np.arange(i + a, i + b)))
                 i = j
         self._keep_windows = max(self._cache_windows, 2 * len(pieces) + 1)
-        return [(self._window(lay, w, 0), q, sel) for lay, w, q, sel in pieces]
+        out = []
+        for lay, w, q, sel in pieces:
+            win = self._window(lay, w, 0)
+            if win.kept is not None:  # rows of a window that holds only this rank's draws
+                at = np.searchsorted(win.kept, q)
+                if at[-1] >= len(win.kept) or not np.array_equal(win.kept[at], q):
+                    raise RuntimeError(f"a window of {self.cache.dir} lacks rows this rank draws (row filter changed)")
+                q = at
+            out.append((win, q, sel))
+        return out
 
     def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
         return assemble(parts, self._buffers.take(), self._arange)
@@ -793,6 +806,10 @@ class DataPlan:
         # the rows this rank reads: the rows the epoch takes of the window's chunks, one chunk after another
         # (a corrupt chunk's rows become padding rows one for one, so the manifest's sizes hold for every chunk)
         src = lay.perm(w)[j0::self.world_size]
+        kept = None
+        if self.row_filter is not None:  # a mixture's source: only the rows this rank draws
+            kept = np.flatnonzero(self.row_filter(lay.epoch * self._m + lay.win_pos[w] + np.arange(len(src))))
+            src = src[kept]
         bounds = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum(self._takes[list(chunks)], out=bounds[1:])
         slot = np.searchsorted(bounds, src, side="right") - 1
@@ -805,6 +822,7 @@ class DataPlan:
         pool = self._window_tokens
         tokens = pool.take()[:len(src)] if len(src) <= pool.shape[0] else np.empty((len(src), self.seq_len), pool.dtype)
         win = _Window(tokens, np.asarray(chunks, dtype=np.int64)[slot], index)   # pad() marks only its own rows
+        win.kept = kept
         order = np.argsort(src, kind="stable")       # reading positions sorted by source: a run per chunk
         cuts = np.searchsorted(src[order], bounds).tolist()
         for i, c in enumerate(chunks):

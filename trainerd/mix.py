@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from functools import partial
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ class Pattern:
         times = np.concatenate([(2 * np.arange(u) + 1) / (2 * u) for u in units if u])
         owner = np.concatenate([np.full(u, i, dtype=np.int64) for i, u in enumerate(units) if u])
         self.source = owner[np.lexsort((owner, times))]        # by ideal time, ties to the lower source
+        self.at = [np.flatnonzero(self.source == i) for i in range(len(units))]  # each source's places in a period
         self.before = np.zeros((len(units), self.period + 1), dtype=np.int64)
         for i in range(len(units)):
             np.cumsum(self.source == i, out=self.before[i, 1:])
@@ -170,6 +172,19 @@ class MixPlan:
             i = end
         return src, spos
 
+    def _mine(self, i: int, p: np.ndarray) -> np.ndarray:
+        """Which of source i's draws p this rank reads: the run position of each, modulo the ranks (draws
+        before the first segment kept, those of a resumed run's past, are nobody's)."""
+        n = np.full(len(p), -1, dtype=np.int64)
+        seg = np.searchsorted([b[i] for _, _, b in self.segments], p, side="right") - 1
+        for j in np.unique(seg[seg >= 0]).tolist():
+            first, units, base = self.segments[j]
+            if units[i]:
+                sel = seg == j
+                q, k = np.divmod(p[sel] - base[i], units[i])
+                n[sel] = first * self.global_batch + q * self._pattern(units).period + self._pattern(units).at[i][k]
+        return (n >= 0) & (n % self.world_size == self.rank)
+
     def step_sources(self, step: int) -> list[int]:
         """Sequences of each source in global step `step` (every rank's rows)."""
         G = self.global_batch
@@ -188,6 +203,9 @@ class MixPlan:
                 if p.finished and not p._m and (self.weights is None or self.weights[i] > 0):
                     raise ValueError(f"the cache {p.cache.dir} is finished without a sequence: it cannot be drawn")
             self._reweigh(step, at)
+            if self.world_size > 1 and self.segments and (self.weights is not None or self.finished):
+                for i, p in enumerate(self.plans):  # the interleave is final: windows of this rank's rows only
+                    p.row_filter = partial(self._mine, i)
             self.step = step
             self.total_steps = max(self.total_steps, self._total(self._sizes(estimate=False)))
             # a new segment (size weights moved with an estimate) changes the batches from `step` on even when
