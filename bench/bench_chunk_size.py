@@ -1,4 +1,5 @@
-"""Bytes per token on disk of chunk formats v3 (today's), v2 and v1, on paragraph-sized documents; decode speed.
+"""Bytes per token on disk of chunk formats v3 (opt-in, `--chunk-format 3`), v2 (the default) and v1, on
+paragraph-sized documents; decode speed.
 
     python bench/bench_chunk_size.py [--seq-len 1024] [--chunk-sequences 64] [--lz4-level 9] [--rounds 5]
 

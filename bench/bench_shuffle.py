@@ -151,7 +151,7 @@ def global_shuffle(a, cache_dir: Path, lrs: list[float], out: Path, data_seed: i
     class SameLoss(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             y = inputs["labels"]
-            s = summed_loss(model, inputs["input_ids"], inputs["position_ids"], y, use_flash=False, mixed="no")
+            s = summed_loss(model, inputs["input_ids"], inputs["position_ids"], y, attention="sdpa", mixed="no")
             return s / (y[:, 1:] != -100).sum()   # trainerd: the summed loss over the batch's targets
 
         def _get_train_sampler(self, *args):
@@ -182,7 +182,7 @@ def evaluate(model, cache_dir: Path, sequences: int, a) -> float:
     cache = open_cache(cache_dir)
     cfg = load_config(None, {"data.cache_dir": str(cache_dir), "eval.cache_dir": str(cache_dir),
                              "eval.sequences": sequences, "train.micro_batch_size": 64})
-    ev = Evaluator(cfg, cache, rank=0, world=1, device=torch.device("cpu"), mixed="no", use_flash=False,
+    ev = Evaluator(cfg, cache, rank=0, world=1, device=torch.device("cpu"), mixed="no", attention="sdpa",
                    fail=lambda msg, alone=False: sys.exit(msg))
     model.eval()
     return ev.evaluate(model)["val_loss"]

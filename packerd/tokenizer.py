@@ -58,7 +58,6 @@ class Engine:
 
     def __init__(self, name: str, tok: TokenizerInfo, encoding=None, specials: frozenset = frozenset()):
         self.name = name
-        self.tok = tok
         self.hf = tok.backend
         self.core = encoding._core_bpe if encoding is not None else None
         self.specials = specials

@@ -81,12 +81,14 @@ def replaced_reason(old: Manifest, new: Manifest) -> str | None:
     return None
 
 
-def unlike(m: Manifest, ref: Manifest) -> str | None:
-    """What keeps cache m from being read beside cache ref by one model: "seq_len" or "tokenizer", or None."""
+def unlike(m: Manifest, ref: Manifest, name: str, ref_name: str) -> str | None:
+    """What keeps cache m (called `name` in the answer) from being read beside cache ref (`ref_name`) by one
+    model, in words: another seq_len or another tokenizer; None when nothing does."""
     if m.seq_len != ref.seq_len:
-        return "seq_len"
+        return f"{name} has seq_len {m.seq_len}, {ref_name} {ref.seq_len}"
     if m.tokenizer.get("vocab_hash") != ref.tokenizer.get("vocab_hash"):
-        return "tokenizer"
+        return (f"{name} was packed with another tokenizer ({m.tokenizer.get('name')}) than {ref_name} "
+                f"({ref.tokenizer.get('name')})")
     return None
 
 

@@ -1,6 +1,7 @@
 """The chunk file: a fixed header, the index of sequences and documents, and an LZ4 block of token ids.
 
-Version 3 (written today), all little-endian:
+Version 3 (written for caches started with `packerd run --chunk-format 3`; new caches get version 2,
+FORMAT_VERSION), all little-endian:
 
     header   64 bytes  see HEADER_V3 below
     index    LZ4 block of varints (LEB128): for each sequence seq_len - its length (0 except a final

@@ -98,19 +98,18 @@ if fcntl is not None:
     def _unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
 else:
-    def _lock(fd: int) -> None:
+    def _region(fd: int, take: bool) -> None:
         os.lseek(fd, REGION_BYTE, os.SEEK_SET)
         if msvcrt is not None:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK if take else msvcrt.LK_UNLCK, 1)
         else:
-            os.lockf(fd, os.F_TLOCK, 1)
+            os.lockf(fd, os.F_TLOCK if take else os.F_ULOCK, 1)
+
+    def _lock(fd: int) -> None:
+        _region(fd, True)
 
     def _unlock(fd: int) -> None:
-        os.lseek(fd, REGION_BYTE, os.SEEK_SET)
-        if msvcrt is not None:
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
-        else:
-            os.lockf(fd, os.F_ULOCK, 1)
+        _region(fd, False)
 
 # a probe opens a lock file without creating it; os.lockf's exclusive lock needs it open for writing
 _PROBE_FLAGS = os.O_RDONLY if fcntl is not None else os.O_RDWR

@@ -655,7 +655,7 @@ def test_the_newest_block_waits_for_the_chunks_it_needs_unless_no_more_are_comin
 def test_the_data_state_stays_small_however_often_the_cache_grew(cache):
     G = 16
     plan = DataPlan(cache, seed=4, global_batch=G, rank=0, world_size=1, known_chunks=1, finished=False)
-    sizes = []
+    sizes, grows, resumed = [], [], None
     step, known = 0, 1
     while known < len(cache.chunks):
         if plan.ready(step):
@@ -664,12 +664,21 @@ def test_the_data_state_stays_small_however_often_the_cache_grew(cache):
         known += 1
         plan.grow(known, False, step)
         sizes.append(len(json.dumps(plan.state_dict())))
+        if resumed is not None:
+            grows.append((known, False, step))
+        elif known == len(cache.chunks) // 2:  # a checkpoint half way, resumed
+            resumed, at = DataPlan(cache, seed=4, global_batch=G, rank=0, world_size=1), step
+            resumed.load_state_dict(plan.state_dict())
     assert len(sizes) > 50 and max(sizes) < 1000 and max(sizes) - min(sizes) < 100
-    resumed = DataPlan(cache, seed=4, global_batch=G, rank=0, world_size=1)
-    resumed.load_state_dict(plan.state_dict())
-    for s in range(step, plan.total_steps):
-        if plan.ready(s):
-            assert resumed.get_batch(s).seq_ids == plan.get_batch(s).seq_ids
+    plan.grow(known, True, step)
+    grows.append((known, True, step))
+    # the resumed plan, given the same grows at the same steps, gives the batches the plan gave
+    assert plan.total_steps - at > 10
+    for s in range(at, plan.total_steps):
+        for g in grows:
+            if g[2] == s:
+                resumed.grow(*g)
+        assert resumed.get_batch(s).seq_ids == plan.get_batch(s).seq_ids
 
 
 def legacy_position(cache, seed, order0, bounds, o, epoch=0):

@@ -215,3 +215,10 @@ def test_manifest_shard_and_endpoint_are_optional(tmp_path, make_cache):
     raw = json.loads((cache / "manifest.json").read_text())
     assert "shard" not in raw  # an unsharded cache has no shard field
     assert raw["endpoint"] == free_endpoint(tmp_path)
+    old = load_manifest(cache).to_json()
+    del old["endpoint"]  # a manifest written before the field: read as no endpoint, no shard
+    for name in ("manifest.json", "manifest.log"):
+        (cache / name).unlink()
+    (cache / "manifest.json").write_text(json.dumps(old))
+    m = load_manifest(cache)
+    assert m.endpoint is None and m.shard is None and len(m.chunks) == len(old["chunks"]["id"]) > 0

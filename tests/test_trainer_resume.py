@@ -134,7 +134,6 @@ def test_exact_resume_after_kill_9_and_a_kill_during_a_save(tmp_path, cache, uni
 def test_resumed_from_an_older_checkpoint_the_new_line_is_kept(tmp_path, cache, uninterrupted):
     """ref kept steps 15, 20, 24. Resumed from step 15 and saving every 3 steps, the new line's saves are the
     ones kept (by step, the prune after step 21 would delete the new step 18), and the resume warns."""
-    import shutil
     runs = tmp_path / "runs"
     shutil.copytree(uninterrupted, runs)
     p = run_trainer(cache, runs, tmp_path, "--resume", "ref-step00000015", "--max-steps", MAX_STEPS,
@@ -156,7 +155,6 @@ def test_resumed_from_an_older_checkpoint_the_new_line_is_kept(tmp_path, cache, 
 def test_a_resumed_line_saves_beside_the_steps_it_repeats(tmp_path, cache, uninterrupted):
     """Resumed from step 20, line 2 of ref reaches step 24 again: it saves ref-step00000024_run_2 beside the
     first line's step 24 and never touches that folder; --resume ref then takes line 2's (the newest)."""
-    import shutil
     runs = tmp_path / "runs"
     shutil.copytree(uninterrupted, runs)
     cks = runs / "checkpoints"
@@ -180,7 +178,6 @@ def test_steps_made_only_of_corrupt_chunks_do_not_move_the_weights(tmp_path, cac
     """The four chunks of the first shuffle window are corrupt: the first 8 global batches (64 rows) are
     padding rows only. Those steps log a null loss and an empty_step event and take no optimizer step (the
     checkpoint at step 8 has no optimizer state yet); training goes on after them."""
-    import shutil
     import torch
     from shared.cache import open_cache
     from trainerd.config import load_config

@@ -399,11 +399,6 @@ class _Layout:
             start += stride * k
         return out
 
-    def where(self, offset: int) -> tuple[int, int]:
-        """(window, row in window) of one epoch offset."""
-        w = bisect.bisect_right(self.win_pos, offset) - 1
-        return w, offset - self.win_pos[w]
-
 
 def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.ndarray) -> Batch:
     """A batch of the rows (window, first row, count) of `parts` in that order, in buf ([2, n, L] int32: ids,
@@ -552,7 +547,7 @@ class DataPlan:
         self._frac = self.epoch_fraction * min(self.target_epochs, 1.0)
         # epoch 0's blocks [first chunk, end chunk, epoch offset, chunks needed to begin it], and their offsets
         self._blocks: list[list[int]] = [[0, 0, 0, 1]]
-        self._bases: list[int] = [0]
+        self._bases: list[int] = [0]  # each block's epoch offset (its [2]), kept apart for bisect
         self._first_block = 0        # blocks before _blocks[0] (a resumed plan keeps the live ones only)
         self._legacy: dict | None = None  # a format-1 state's order, while it is still in use
         self._legacy_cut = False          # later epochs cut as format-1 states did (a resumed format-1 run)
@@ -600,7 +595,6 @@ class DataPlan:
             self.known_chunks = known
             self._known_seqs += int(new_sizes.sum())
             self._m += int(new_takes.sum())
-            self._built.clear()
         self.finished = finished
         if est is None and changed:
             est = self.cache.manifest.estimated_total_sequences()  # this rank's manifest: pass rank 0's instead
@@ -667,7 +661,7 @@ class DataPlan:
             a, b, base, _ = self._blocks[j]
             key = (0, a, b)
         else:
-            a, b, base, key = 0, self.known_chunks, 0, (epoch,)
+            a, b, base, key = 0, self.known_chunks, 0, (epoch, self.known_chunks)
         lay = self._built.get(key)
         if lay is None:
             if len(self._built) >= 4:
@@ -677,7 +671,8 @@ class DataPlan:
             else:
                 seed = _rng(self.seed, 0, _ORDER, a, b) if epoch == 0 else _rng(self.seed, epoch, _ORDER, 0)
                 order = a + seed.permutation(b - a)
-                bounds = _legacy_cut([0], b - a, self.window_chunks) if self._legacy_cut and epoch else _balanced(b - a, self.window_chunks)
+                cut = _legacy_cut([0], b - a, self.window_chunks) if self._legacy_cut and epoch else None
+                bounds = cut or _balanced(b - a, self.window_chunks)
             lay = self._built[key] = _Layout(self.seed, epoch, order, bounds, self._takes, base)
         return lay
 

@@ -49,13 +49,7 @@ def check_validation_cache(cfg, train: Manifest) -> None:
 
 
 def incompatible(val: Manifest, train: Manifest, vdir: Path) -> str | None:
-    what = unlike(val, train)
-    if what == "seq_len":
-        return f"the validation cache {vdir} has seq_len {val.seq_len}, the training cache {train.seq_len}"
-    if what == "tokenizer":
-        return (f"the validation cache {vdir} was packed with another tokenizer ({val.tokenizer.get('name')}) "
-                f"than the training cache ({train.tokenizer.get('name')})")
-    return None
+    return unlike(val, train, f"the validation cache {vdir}", "the training cache")
 
 
 class Evaluator:

@@ -180,9 +180,9 @@ class MixPlan:
         for j in np.unique(seg[seg >= 0]).tolist():
             first, units, base = self.segments[j]
             if units[i]:
-                sel = seg == j
+                sel, pattern = seg == j, self._pattern(units)
                 q, k = np.divmod(p[sel] - base[i], units[i])
-                n[sel] = first * self.global_batch + q * self._pattern(units).period + self._pattern(units).at[i][k]
+                n[sel] = first * self.global_batch + q * pattern.period + pattern.at[i][k]
         return (n >= 0) & (n % self.world_size == self.rank)
 
     def step_sources(self, step: int) -> list[int]:

@@ -209,13 +209,8 @@ def _raise(msg: str):
 
 def caches_differ(first: Manifest, cache_dir, m: Manifest) -> str | None:
     """Why the cache `cache_dir` (manifest m) cannot be mixed with the first cache of the run, or None."""
-    what = unlike(m, first)
-    if what == "seq_len":
-        return f"cache {cache_dir} has seq_len {m.seq_len}, the first cache {first.seq_len}: the caches of a run share it"
-    if what == "tokenizer":
-        return (f"cache {cache_dir} was packed with another tokenizer ({m.tokenizer.get('name')}) than the first "
-                f"cache ({first.tokenizer.get('name')}): the caches of a run share it")
-    return None
+    why = unlike(m, first, f"cache {cache_dir}", "the first cache")
+    return why and f"{why}: the caches of a run share it"
 
 
 def mixed_precision_asked(asked: str) -> str:
