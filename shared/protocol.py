@@ -136,8 +136,9 @@ class Publisher:
     sends a heartbeat after a second without a message.
 
     Announcing from the caller's thread, rather than queueing for the heartbeat thread, saves a hand-over that
-    waited for that thread to get a core and the interpreter lock behind the packer's tokenizer threads: up to
-    18 ms at p99 with 4 packers on 2 cores (bench/bench_notify.py). ZeroMQ sockets are not thread-safe; every
+    waited for that thread to get a core and the interpreter lock behind the packer's tokenizer threads: the
+    packer's share of the latency fell from 18 to 3.5 ms at p99 with 4 packers on 2 cores (bench/bench_notify.py
+    on tmpfs, the two publishers in runs minutes apart). ZeroMQ sockets are not thread-safe; every
     use of this one holds self._lock, whose acquire and release are the full memory barrier ZeroMQ asks for
     when a socket moves between threads."""
 
