@@ -47,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+from shared.chunk import FORMAT_VERSION  # noqa: E402
 
 
 def corpus() -> tuple[list[str], str, str]:
@@ -443,7 +444,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=32, help="corpus repeats for the loader cache")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--chunk-sequences", type=int, default=1024, help="sequences per chunk (packerd's default)")
-    ap.add_argument("--chunk-format", type=int, default=3, help="packerd --chunk-format of the caches (3 or 2)")
+    ap.add_argument("--chunk-format", type=int, default=FORMAT_VERSION,
+                    help=f"packerd --chunk-format of the caches (2 or 3; default {FORMAT_VERSION}, what packerd writes)")
     ap.add_argument("--global-batch", type=int, default=32, help="rows per step (one rank)")
     ap.add_argument("--epochs", type=int, default=10, help="epochs the loader runs over the cache")
     ap.add_argument("--world-size", type=int, default=1, help="the loader is rank 0 of this many ranks")

@@ -95,18 +95,21 @@ class Chunk:
 
     def padded(self, pad_id: int) -> np.ndarray:
         """All sequences as a [num_sequences, seq_len] array, short ones padded with pad_id."""
+        head, tail = self.padded_parts(pad_id)
+        return np.concatenate([head, tail]) if len(tail) else head.copy()
+
+    def padded_parts(self, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """padded() as two arrays: the rows before the first short one (a view of the tokens: nothing
+        copied) and the rest, padded with pad_id (a new array; in a packed chunk only its last row is short)."""
         n, L = self.num_sequences, self.seq_len
-        out = np.empty((n, L), dtype=self.tokens.dtype)
         lengths = np.asarray(self.lengths)
         short = np.flatnonzero(lengths < L)
-        full = int(short[0]) if short.size else n   # the rows before the first short one: one copy
-        out[:full] = self.tokens[:full * L].reshape(full, L)
-        rest = out[full:]
-        rest[:] = pad_id
+        full = int(short[0]) if short.size else n
+        rest = np.full((n - full, L), pad_id, dtype=self.tokens.dtype)
         # the tokens fill each row's first `length` slots, row after row: exactly the True places of this mask in
         # row-major order (one numpy assignment instead of a Python loop over the rows)
         rest[np.arange(L) < lengths[full:, None]] = self.tokens[full * L:]
-        return out
+        return self.tokens[:full * L].reshape(full, L), rest
 
 
 # -- varints (LEB128: 7 bits a byte, low bits first, the high bit set on every byte but a value's last) ---

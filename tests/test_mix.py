@@ -407,9 +407,14 @@ def test_new_size_weights_change_the_plan_even_when_no_total_moves(caches):
     assert not plan.grow_sources(0, [(2, False, 3000), (1, False, 3000)])  # nothing new: no change
 
 
-def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches):
+@pytest.mark.parametrize("few", [None, 0], ids=["few-documents", "many-documents"])
+def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches, few, monkeypatch):
     """Each row of a mixture's batch holds the tokens of the (cache, chunk, index) it names, positions that
-    restart at that row's document starts, and labels masked past its real length only."""
+    restart at that row's document starts, and labels masked past its real length only; with few document
+    starts in a batch (one slice each) and with many (the whole-array path, forced here by a threshold of 0)."""
+    if few is not None:
+        monkeypatch.setattr("trainerd.mix.FEW_DOCUMENTS", few)
+        monkeypatch.setattr("trainerd.data.FEW_DOCUMENTS", few)
     cs = opened(caches)
     G = 24
     plan = grown(MixPlan(cs, seed=3, global_batch=G, rank=0, world_size=1, weights=[0.5, 0.5],

@@ -80,6 +80,7 @@ State
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import sys
@@ -228,15 +229,32 @@ def _take_csr(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np
 
 
 class _Decoded:
-    """A decoded chunk: [n, seq_len] tokens (padded), real lengths, and its document starts (CSR by row)."""
-    __slots__ = ("tokens", "lengths", "full", "doc_ptr", "doc_starts", "n")
+    """A decoded chunk: [n, seq_len] tokens as its full rows (a view of the decoded tokens) and, from its
+    first short row on, padded rows (a small copy); real lengths, and its document starts (CSR by row)."""
+    __slots__ = ("head", "tail", "lengths", "full", "doc_ptr", "doc_starts", "n")
 
     def __init__(self, chunk, pad_id: int):
         n, L = chunk.num_sequences, chunk.seq_len
         self.full = chunk.num_tokens == n * L       # every sequence is seq_len long (all but a last chunk)
-        self.tokens = chunk.tokens.reshape(n, L) if self.full else chunk.padded(pad_id)  # reshape is a view
+        if self.full:
+            self.head, self.tail = chunk.tokens.reshape(n, L), None
+        else:
+            self.head, self.tail = chunk.padded_parts(pad_id)
         self.lengths, self.doc_ptr, self.doc_starts = chunk.lengths, chunk.doc_ptr, chunk.doc_starts
         self.n = n
+
+    def copy_rows(self, out: np.ndarray, dest: np.ndarray, src: np.ndarray | None) -> None:
+        """out[dest] = rows src of the chunk (all of them in order when None)."""
+        if self.tail is None:
+            out[dest] = self.head if src is None else self.head[src]
+            return
+        h = len(self.head)
+        if src is None:
+            out[dest[:h]], out[dest[h:]] = self.head, self.tail
+            return
+        early = src < h
+        out[dest[early]] = self.head[src[early]]
+        out[dest[~early]] = self.tail[src[~early] - h]
 
 
 class _Window:
@@ -253,7 +271,7 @@ class _Window:
     slice assignment each, and its many documents (short ones) with _positions.
     """
     __slots__ = ("tokens", "chunk", "index", "lengths", "short", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs",
-                 "_doc_rows", "_doc_lo", "kept")
+                 "_doc_rows", "_doc_lo", "_doc_len", "kept")
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
         self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
@@ -266,10 +284,10 @@ class _Window:
     def add(self, c: int, d: _Decoded, dest: np.ndarray, src: np.ndarray | None) -> None:
         """Copy rows `src` of chunk d (all of them in order when None) to window rows `dest`."""
         if src is None:
-            self.tokens[dest] = d.tokens
+            d.copy_rows(self.tokens, dest, None)
             self._docs.append((np.repeat(dest, np.diff(d.doc_ptr)), d.doc_starts))
         else:
-            self.tokens[dest] = d.tokens[src]
+            d.copy_rows(self.tokens, dest, src)
             counts, starts = _take_csr(d.doc_ptr, d.doc_starts, src)
             self._docs.append((np.repeat(dest, counts), starts))
         if not d.full:
@@ -287,7 +305,7 @@ class _Window:
             self.lengths = np.full(len(self.tokens), self.tokens.shape[1], dtype=np.int64)
         return self.lengths
 
-    def finish(self) -> "_Window":
+    def finish(self, source: int | None = None) -> "_Window":
         n, L = self.tokens.shape
         none = np.zeros(0, dtype=np.int64)
         rows = np.concatenate([none] + [r for r, _ in self._docs]).astype(np.int64, copy=False)
@@ -296,12 +314,13 @@ class _Window:
         lo = rows[keep] * L + starts[keep]
         lo.sort()
         hi = np.minimum(np.append(lo[1:], n * L), (lo // L + 1) * L)  # the next start, or the end of the row
-        self._doc_rows, self._doc_lo = lo // L, lo
-        self.doc_rows, self.doc_lo, self.doc_len = self._doc_rows.tolist(), lo.tolist(), (hi - lo).tolist()
+        self._doc_rows, self._doc_lo, self._doc_len = lo // L, lo, hi - lo
+        self.doc_rows, self.doc_lo, self.doc_len = self._doc_rows.tolist(), lo.tolist(), self._doc_len.tolist()
         if self.lengths is not None and bool((self.lengths == L).all()):
             self.lengths = None  # a short chunk's rows that this rank reads are all full
         self.short = [] if self.lengths is None else np.flatnonzero(self.lengths < L).tolist()  # short rows, ascending
-        self.seq_ids = list(zip(self.chunk.tolist(), self.index.tolist()))
+        ids = (self.chunk.tolist(), self.index.tolist())
+        self.seq_ids = list(zip(*ids) if source is None else zip(itertools.repeat(source), *ids))
         self._docs = []
         return self
 
@@ -319,36 +338,27 @@ class _Window:
         for lo, n in zip(self.doc_lo[i0:i1], self.doc_len[i0:i1]):
             flat[lo + shift:lo + shift + n] = ar[:n]
 
-    def restart(self, pos: np.ndarray, q: np.ndarray, dest: np.ndarray, ar: np.ndarray) -> None:
-        """Restart the positions of batch rows `dest` (pos holds ar in every row) at the document starts of
-        their window rows q (ascending)."""
-        q0, k = int(q[0]), len(q)
-        i0 = bisect.bisect_left(self.doc_rows, q0)
-        i1 = bisect.bisect_left(self.doc_rows, int(q[-1]) + 1, i0)
-        if i1 - i0 > FEW_DOCUMENTS:  # many short documents: vectorised
-            pos[dest] = self.positions_of(q, ar)
-            return
-        run = int(q[-1]) - q0 == k - 1
-        row = None if run else dict(zip(q.tolist(), dest.tolist()))
-        L = len(ar)
-        for lo, n in zip(self.doc_lo[i0:i1], self.doc_len[i0:i1]):
-            d = int(dest[lo // L - q0]) if run else row.get(lo // L)
-            if d is not None:
-                pos[d, lo % L:lo % L + n] = ar[:n]
-
-    def positions_of(self, q: np.ndarray, ar: np.ndarray) -> np.ndarray:
-        """[len(q), L] positions of the rows q (ascending, any gaps) in ar's dtype."""
-        L = len(ar)
-        out = np.empty((len(q), L), dtype=ar.dtype)
+    def starts_in(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The document starts past position 0 in rows q (ascending, any gaps): for each, which of q holds
+        it, its position in the row and the length of its stretch (to the next start or the row's end)."""
         lo = np.searchsorted(self._doc_rows, q, side="left")
         counts = np.searchsorted(self._doc_rows, q, side="right") - lo
-        if not counts.any():
-            out[:] = ar
-            return out
+        total = int(counts.sum())
+        if not total:
+            none = np.zeros(0, dtype=np.int64)
+            return none, none, none
         first = np.cumsum(counts) - counts
-        idx = np.arange(int(counts.sum())) + np.repeat(lo - first, counts)
-        _positions(out, np.repeat(np.arange(len(q)), counts), self._doc_lo[idx] % L)
-        return out
+        idx = np.arange(total) + np.repeat(lo - first, counts)
+        return (np.repeat(np.arange(len(q)), counts), self._doc_lo[idx] - self._doc_rows[idx] * self.tokens.shape[1],
+                self._doc_len[idx])
+
+    def short_in(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(which of q, real length) of the short rows among rows q (ascending), or None when there is none."""
+        if self.lengths is None or bisect.bisect_left(self.short, int(q[0])) == bisect.bisect_right(self.short, int(q[-1])):
+            return None
+        lengths = self.lengths[q]
+        which = np.flatnonzero(lengths < self.tokens.shape[1])
+        return which, lengths[which]
 
 
 def _balanced(n: int, window: int) -> list[int]:
@@ -440,26 +450,26 @@ def selector(a: np.ndarray) -> slice | np.ndarray:
     return slice(first, last + 1) if last - first == len(a) - 1 else a  # ascending: no gap between such ends
 
 
-def gather(groups: list[tuple], buf: np.ndarray, arange: np.ndarray, seq_ids: list, short: list, empty: int) -> Batch:
-    """A batch whose rows `dest` are the rows q of a window, for each (window, q, dest, selector(q),
-    selector(dest)) of `groups` (the rows of a mixture's sources, interleaved), in buf ([2, n, L] int32: ids,
-    positions, from a pool). The caller knows the rows' seq_ids, (row, real length) of its short rows and how
-    many are empty (see short_rows)."""
+def gather(groups: list[tuple], restarts: tuple, buf: np.ndarray, arange: np.ndarray, seq_ids: list,
+           short: list, empty: int) -> Batch:
+    """A batch whose rows dsel are the rows qsel of a window, for each (window, qsel, dsel) of `groups` (the
+    rows of a mixture's sources, interleaved), in buf ([2, n, L] int32: ids, positions, from a pool).
+    restarts: the batch's document starts past position 0, (flat start row*L+s, stretch length) as two
+    lists, or as two arrays when there are more than FEW_DOCUMENTS. The caller knows the rows' seq_ids,
+    (row, real length) of its short rows and how many are empty."""
     ids, pos = buf[0], buf[1]
-    pos[:] = arange
-    for win, q, dest, qsel, dsel in groups:
+    for win, qsel, dsel in groups:
         ids[dsel] = win.tokens[qsel]
-        win.restart(pos, q, dest, arange)
+    lo, n = restarts
+    if isinstance(lo, np.ndarray):
+        L = pos.shape[1]
+        _positions(pos, lo // L, lo % L)
+    else:
+        pos[:] = arange
+        flat = pos.reshape(-1)
+        for a, k in zip(lo, n):
+            flat[a:a + k] = arange[:k]
     return _batch(ids, pos, short, empty, seq_ids)
-
-
-def short_rows(win: _Window, q: np.ndarray, dest: np.ndarray) -> tuple[list[tuple[int, int]], int]:
-    """(batch row, real length) of the rows q of win that are short, going to rows dest; and how many are empty."""
-    if win.lengths is None or bisect.bisect_left(win.short, int(q[0])) == bisect.bisect_right(win.short, int(q[-1])):
-        return [], 0
-    lengths, L = win.lengths[q], win.tokens.shape[1]
-    return ([(int(dest[r]), int(lengths[r])) for r in np.flatnonzero(lengths < L).tolist()],
-            int((lengths == 0).sum()))
 
 
 class _BufferPool:
@@ -556,6 +566,7 @@ class DataPlan:
         # a mixture's source (one rank's plan read by gather): which stream positions this rank draws, so that
         # its windows hold those rows only (set once the mixture's interleave can no longer change)
         self.row_filter = None
+        self.source: int | None = None  # a mixture's source: its index, first in each row's seq_ids
         self._est_seqs = 0
         known = len(cache.chunks) if known_chunks is None else int(known_chunks)
         if finished is None:
@@ -825,7 +836,7 @@ class DataPlan:
             if a < b:
                 full = b - a == int(self._sizes[c])
                 self._add_chunk(win, c, order[a:b], None if full else index[order[a:b]])
-        win.finish()
+        win.finish(self.source)
         with self._wlock:
             self._windows[key] = win
             while len(self._windows) > self._keep_windows:

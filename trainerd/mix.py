@@ -47,10 +47,10 @@ import torch
 from shared.cache import Cache
 from shared.protocol import DEFAULT_ENDPOINT
 
-from .data import DataPlan, _BufferPool, _floor, gather, selector, short_rows
+from .data import FEW_DOCUMENTS, DataPlan, _BufferPool, _floor, gather
 
 MIX_FORMAT = 1
-BLOCK_STEPS = 16  # steps planned together (the interleave and the sources' windows looked up once for them)
+BLOCK_STEPS = 64  # steps planned together (the interleave and the sources' windows looked up once for them)
 PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
 
 
@@ -129,6 +129,8 @@ class MixPlan:
         self.plans = [DataPlan(c, seed=source_seed(seed, i), global_batch=1, rank=0, world_size=1,
                                epoch_fraction=epoch_fraction, known_chunks=0, finished=False,
                                cache_windows=cache_windows, **kw) for i, c in enumerate(caches)]
+        for i, p in enumerate(self.plans):
+            p.source = i
         self._lock = threading.RLock()
         self._buffers = _BufferPool((2, self.rows, self.seq_len), np.int32)
         self._arange = np.arange(self.seq_len, dtype=np.int32)
@@ -137,6 +139,7 @@ class MixPlan:
         self._starts: list[int] = []
         self._changes: list[int] = []
         self._planned: dict[int, tuple] = {}  # the next steps' groups, made together (build)
+        self._ready_known = (-1, -1)  # (version, a step ready at that version)
         self.total_steps, self.step = 0, 0
 
     # -- the interleave ----------------------------------------------------------------------------
@@ -276,7 +279,15 @@ class MixPlan:
 
     def ready(self, step: int) -> bool:
         with self._lock:
-            return 0 <= step < self.total_steps and bool(self.segments) and not self.waiting_for(step)
+            if not (0 <= step < self.total_steps and self.segments):
+                return False
+            version = len(self._changes)
+            if self._ready_known[0] == version and step <= self._ready_known[1]:
+                return True
+            if self.waiting_for(step):
+                return False
+            self._ready_known = (version, step)  # the steps before it are ready too: sources hold prefixes
+            return True
 
     def take_events(self) -> list[dict]:
         return [dict(ev, source=i) for i, p in enumerate(self.plans) for ev in p.take_events()]
@@ -304,40 +315,57 @@ class MixPlan:
         if planned is None or planned[0] != version:  # windows are decoded outside the lock
             self._planned = planned = self._plan_steps(step, version, *places)
             planned = planned[step]
-        _, groups, sources, seq_ids, short, empty = planned
-        batch = gather(groups, self._buffers.take(), self._arange, seq_ids, short, empty)
+        _, groups, restarts, sources, seq_ids, short, empty = planned
+        batch = gather(groups, restarts, self._buffers.take(), self._arange, seq_ids, short, empty)
         batch.sources = sources
         return batch, version
 
     def _plan_steps(self, step: int, version: int, src: np.ndarray, spos: np.ndarray) -> dict:
-        """{step: (version, groups, sources, seq_ids, short, empty)} for the steps from `step` whose rows have
-        sources `src` at source positions `spos`: each step's groups (window, its rows, the batch rows they
-        fill), its rows' sources and (cache, chunk, index), its short rows and empty rows. Looking up the
-        sources' windows for several steps at once costs about what one step did."""
-        R = self.rows
+        """{step: (version, groups, restarts, sources, seq_ids, short, empty)} for the steps from `step` whose
+        rows have sources `src` at source positions `spos` (gather's arguments for each step, and its rows'
+        sources). Looking up the sources' windows, document starts and short rows for several steps at once,
+        with whole-array operations, costs about what one step did."""
+        R, L = self.rows, len(self._arange)
         k = len(src) // R
         groups: list[list] = [[] for _ in range(k)]
-        short: list[list] = [[] for _ in range(k)]
-        empty = [0] * k
-        chunk, index = np.empty_like(src), np.empty_like(src)
+        seq_ids: list = [None] * len(src)  # (source, chunk, index) of each row: the windows' own tuples
+        starts, shorts = [], []  # (block row, position in row, stretch) of document starts; (block row, length)
         for i in np.unique(src).tolist():
             idx = np.flatnonzero(src == i)
             for win, q, sel in self.plans[i].gather(spos[idx]):
                 rows = idx[sel]
-                chunk[rows], index[rows] = win.chunk[q], win.index[q]
-                at = (rows // R).tolist()          # the step of each row, ascending
-                cuts = [0, *(np.flatnonzero(np.diff(rows // R)) + 1).tolist(), len(rows)]
-                for a, b in zip(cuts, cuts[1:]):
-                    j = at[a]
-                    q_, dest = q[a:b], rows[a:b] - j * R
-                    groups[j].append((win, q_, dest, selector(q_), selector(dest)))
-                    rows_short, rows_empty = short_rows(win, q_, dest)
-                    short[j] += rows_short
-                    empty[j] += rows_empty
-        ids = list(zip(src.tolist(), chunk.tolist(), index.tolist()))
+                which, at, n = win.starts_in(q)
+                starts.append((rows[which], at, n))
+                if (s := win.short_in(q)) is not None:
+                    shorts.append((rows[s[0]], s[1]))
+                q0, run = int(q[0]), int(q[-1]) - int(q[0]) == len(q) - 1  # consecutive rows: slices
+                ws = win.seq_ids
+                for r, t in zip(rows.tolist(), ws[q0:q0 + len(q)] if run else map(ws.__getitem__, q.tolist())):
+                    seq_ids[r] = t
+                dest = rows % R
+                j0, j1 = int(rows[0]) // R, int(rows[-1]) // R + 1  # the steps these rows are in
+                cuts = np.searchsorted(rows, np.arange(j0, j1 + 1) * R).tolist()
+                for j, c0, c1 in zip(range(j0, j1), cuts, cuts[1:]):
+                    if c1 > c0:
+                        groups[j].append((win, slice(q0 + c0, q0 + c1) if run else q[c0:c1], dest[c0:c1]))
+        flat = np.concatenate([r * L + a for r, a, _ in starts])  # in the block's rows
+        order = np.argsort(flat, kind="stable")
+        flat, n = flat[order], np.concatenate([n for _, _, n in starts])[order]
+        cut = np.searchsorted(flat, np.arange(k + 1) * R * L).tolist()
+        flat %= R * L                                             # in its step's rows
+        few = (flat.tolist(), n.tolist())
+        short = [[] for _ in range(k)]
+        for rows, lengths in shorts:  # rare: a chunk's short final sequence
+            for r, length in zip(rows.tolist(), lengths.tolist()):
+                short[r // R].append((r % R, length))
         sources = src.reshape(k, R).tolist()
-        return {step + j: (version, groups[j], sources[j], ids[j * R:(j + 1) * R], short[j], empty[j])
-                for j in range(k)}
+        out = {}
+        for j in range(k):
+            lo, hi = cut[j], cut[j + 1]
+            restarts = (flat[lo:hi], n[lo:hi]) if hi - lo > FEW_DOCUMENTS else (few[0][lo:hi], few[1][lo:hi])
+            empty = sum(length == 0 for _, length in short[j]) if short[j] else 0
+            out[step + j] = (version, groups[j], restarts, sources[j], seq_ids[j * R:(j + 1) * R], short[j], empty)
+        return out
 
     # -- state -----------------------------------------------------------------------------------------
     def _live_segment(self) -> int:
