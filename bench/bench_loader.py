@@ -47,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
-from shared.chunk import FORMAT_VERSION  # noqa: E402
+from shared.chunk import FORMAT_VERSION
 
 
 def corpus() -> tuple[list[str], str, str]:
