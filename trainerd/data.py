@@ -271,7 +271,7 @@ class _Window:
     slice assignment each, and its many documents (short ones) with _positions.
     """
     __slots__ = ("tokens", "chunk", "index", "lengths", "short", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs",
-                 "_doc_rows", "_doc_lo", "_doc_len", "kept")
+                 "_doc_rows", "_doc_lo", "_doc_len", "_row_first", "kept")
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
         self.tokens = tokens                  # [n, seq_len] in the chunks' dtype (a pooled buffer), filled by add()
@@ -315,6 +315,8 @@ class _Window:
         lo.sort()
         hi = np.minimum(np.append(lo[1:], n * L), (lo // L + 1) * L)  # the next start, or the end of the row
         self._doc_rows, self._doc_lo, self._doc_len = lo // L, lo, hi - lo
+        self._row_first = np.zeros(n + 1, dtype=np.int64)  # row r's starts: _doc_rows[_row_first[r]:_row_first[r + 1]]
+        np.cumsum(np.bincount(self._doc_rows, minlength=n), out=self._row_first[1:])
         self.doc_rows, self.doc_lo, self.doc_len = self._doc_rows.tolist(), lo.tolist(), self._doc_len.tolist()
         if self.lengths is not None and bool((self.lengths == L).all()):
             self.lengths = None  # a short chunk's rows that this rank reads are all full
@@ -341,16 +343,18 @@ class _Window:
     def starts_in(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The document starts past position 0 in rows q (ascending, any gaps): for each, which of q holds
         it, its position in the row and the length of its stretch (to the next start or the row's end)."""
-        lo = np.searchsorted(self._doc_rows, q, side="left")
-        counts = np.searchsorted(self._doc_rows, q, side="right") - lo
+        first, L = self._row_first, self.tokens.shape[1]
+        q0, k = int(q[0]), len(q)
+        if int(q[-1]) - q0 == k - 1:  # consecutive rows (the usual case): one stretch of the starts
+            a, b = int(first[q0]), int(first[q0 + k])
+            rows = self._doc_rows[a:b]
+            return rows - q0, self._doc_lo[a:b] - rows * L, self._doc_len[a:b]
+        lo = first[q]
+        counts = first[q + 1] - lo
         total = int(counts.sum())
-        if not total:
-            none = np.zeros(0, dtype=np.int64)
-            return none, none, none
-        first = np.cumsum(counts) - counts
-        idx = np.arange(total) + np.repeat(lo - first, counts)
-        return (np.repeat(np.arange(len(q)), counts), self._doc_lo[idx] - self._doc_rows[idx] * self.tokens.shape[1],
-                self._doc_len[idx])
+        start = np.cumsum(counts) - counts
+        idx = np.arange(total) + np.repeat(lo - start, counts)
+        return np.repeat(np.arange(k), counts), self._doc_lo[idx] - self._doc_rows[idx] * L, self._doc_len[idx]
 
     def short_in(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(which of q, real length) of the short rows among rows q (ascending), or None when there is none."""
