@@ -92,9 +92,11 @@ def wikitext_jsonl() -> Path:
     return p
 
 
-def run_packerd(*args, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """Run the real `packerd` CLI in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "packerd", *map(str, args)], capture_output=True, text=True,
+def run_packerd(*args, check: bool = True, timeout: float = 300, start=("-m", "packerd"),
+                **kw) -> subprocess.CompletedProcess:
+    """Run the real `packerd` CLI in a subprocess. start: Python's arguments that run it (a test may give
+    ("-c", code, ...) that patches packerd before it calls packerd.cli.main)."""
+    proc = subprocess.run([sys.executable, *map(str, start), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"packerd {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
