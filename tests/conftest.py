@@ -103,6 +103,23 @@ def run_packerd(*args, check: bool = True, timeout: float = 300, start=("-m", "p
     return proc
 
 
+def run_trainerd(*args, fault: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the real `trainerd` in a subprocess. fault: the trainer's fault hook TRAINERD_FAULT (a kill at a
+    known step); unset otherwise, so that one in the outer environment never reaches a test's trainer."""
+    env = dict(os.environ)
+    env.pop("TRAINERD_FAULT", None)
+    if fault:
+        env["TRAINERD_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "trainerd", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=env)
+
+
+def records(run_dir: Path, run: str, k: int) -> list[dict]:
+    """The lines of the training log of run `run`'s k-th start (steps and events)."""
+    with open(run_dir / "training_logs" / f"{run}_run_{k}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 def free_port() -> int:
     """A TCP port free now on the loopback (for accelerate's rendezvous)."""
     import socket
