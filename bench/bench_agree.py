@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _stats import percentile  # noqa: E402
 from bench_scale import entry, synthetic  # noqa: E402
 
 from shared.cache import open_cache  # noqa: E402
@@ -39,11 +40,6 @@ from shared.protocol import Publisher  # noqa: E402
 from trainerd.follow import CacheFollower, PlanSync  # noqa: E402
 
 STEP_SECONDS = 0.002
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q / 100 * len(s)))] if s else float("nan")
 
 
 def run(n: int, folder: Path, steps: int, every: int, way: str) -> tuple[list[float], list[float], int]:
@@ -108,7 +104,7 @@ def main() -> None:
             for way in ("new", "old"):
                 flat, grew, heard = run(n, Path(tmp), a.steps, a.commit_every, way)
                 g = f"{statistics.median(grew) / 1000:.2f}" if grew else "-"
-                print(f"{n:>10,} | {way} | {pct(flat, 50):33.1f} {pct(flat, 99):7.1f} {max(flat):7.1f} | "
+                print(f"{n:>10,} | {way} | {percentile(flat, 50):33.1f} {percentile(flat, 99):7.1f} {max(flat):7.1f} | "
                       f"{g:>17} | {heard} of {commits}", flush=True)
 
 

@@ -47,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+from _stats import percentile
 from shared.chunk import FORMAT_VERSION
 
 
@@ -404,8 +405,7 @@ def fsync_cost(work: Path, size: int) -> list[float]:
 def pct(xs) -> str:
     if not len(xs):
         return f"{0:5d} {'-':>8s} {'-':>8s} {'-':>8s}"
-    a = np.asarray(xs)
-    return f"{len(a):5d} {np.percentile(a, 50):8.2f} {np.percentile(a, 99):8.2f} {a.max():8.2f}"
+    return f"{len(xs):5d} {percentile(xs, 50):8.2f} {percentile(xs, 99):8.2f} {max(xs):8.2f}"
 
 
 def latencies(work: Path, texts, tok_dir: str, args) -> dict:

@@ -23,7 +23,6 @@ fdatasynced, now and then a snapshot rewrite), timed on an idle machine before t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import statistics
@@ -38,6 +37,7 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _stats import percentile  # noqa: E402
 from shared.manifest import ChunkEntry, Manifest, ManifestWriter, load_manifest  # noqa: E402
 from shared.protocol import Subscriber  # noqa: E402
 
@@ -131,12 +131,6 @@ def main() -> None:
     print(f"  packer: commit -> sent (ms):   {summary([a for a, _ in pairs])}")
     print(f"  sent -> received (ms):         {summary([b for _, b in pairs])}")
     print(f"latency commit -> received (ms): {summary([a + b for a, b in pairs])}")
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile, nearest rank."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import socket
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import click
@@ -85,13 +86,17 @@ class PackerConfig:
             raise ConfigError(f"endpoint must start with tcp:// or ipc:// (got {self.endpoint!r})")
         if self.holdout is not None and not 0 < self.holdout <= MAX_FRACTION:
             raise ConfigError(f"holdout must be in (0, {MAX_FRACTION}] (got {self.holdout})")
-        if self.shard is not None:
-            try:
-                Shard.parse(self.shard)
-            except ShardError as e:
-                raise ConfigError(str(e)) from None
+        try:
+            self.parsed_shard  # parsed here so that a bad spec is a config error, before anything is touched
+        except ShardError as e:
+            raise ConfigError(str(e)) from None
         if self.curve_dir and not (Path(self.curve_dir) / "server.key_secret").exists():
             raise ConfigError(f"curve_dir {self.curve_dir} has no server.key_secret (create one with `packerd keys DIR`)")
+
+    @cached_property
+    def parsed_shard(self) -> Shard | None:
+        """`shard` parsed, or None. How local files are split is left undecided: _shard() adds it per cache."""
+        return None if self.shard is None else Shard.parse(self.shard)
 
 
 def _fail(msg: str) -> click.ClickException:
@@ -216,10 +221,11 @@ def _known_files(*manifests: Manifest | None) -> list[dict] | None:
 def _shard(cfg: PackerConfig, *manifests: Manifest | None) -> Shard | None:
     """cfg's shard, with how the cache splits local files as its manifests recorded (None on a first run:
     Source decides)."""
-    if cfg.shard is None:
+    if cfg.parsed_shard is None:
         return None
     recorded = next((m.shard for m in manifests if m is not None and m.shard), {})
-    return Shard.parse(cfg.shard, recorded.get("files"))
+    # a copy: Source decides the split on its own Shard, and the config's stays undecided for the next cache
+    return replace(cfg.parsed_shard, files=recorded.get("files"))
 
 
 def _pack_locked(cfg: PackerConfig, cache_dir: Path, tok, engine, force_rebuild: bool, yes: bool) -> None:
@@ -398,7 +404,7 @@ def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok, folder: 
                              ("tokenizer vocabulary", manifest.tokenizer["vocab_hash"], tok.vocab_hash),
                              ("eos", manifest.tokenizer["eos_id"], tok.eos_id),
                              ("holdout", held.get("fraction"), cfg.holdout),
-                             ("shard", (manifest.shard or {}).get("spec"), cfg.shard and str(Shard.parse(cfg.shard))),
+                             ("shard", (manifest.shard or {}).get("spec"), cfg.parsed_shard and str(cfg.parsed_shard)),
                              ("shard hash", (manifest.shard or {}).get("hash", FILE_HASH), FILE_HASH),
                              ("holdout hash", held.get("hash") if both else None, HOLDOUT_HASH if both else None)]:
         if have != want:

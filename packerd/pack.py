@@ -388,9 +388,8 @@ class Packer:
             raise error
 
     def _encode_checked(self, b: Batch, guard: bool) -> tuple[np.ndarray, np.ndarray]:
-        first = int(b.idx[0]) if len(b.idx) else None
         try:
-            return self._encode(b.texts, first, guard)
+            return self._encode(b.texts, guard)
         except Diverged as e:
             raise PackError(f"tokenizer engines differ: {self.engine.name} and tokenizers encode document "
                             f"{int(b.idx[e.position])} differently; nothing of its batch was committed "

@@ -19,9 +19,6 @@ from .tiktoken_convert import NotConvertible, to_tiktoken
 
 ENGINES = ("auto", "tiktoken", "hf")
 GUARD_EVERY = 100  # batches of a session between two guarded ones (the first is guarded): about 1% of them
-# test hook, read once at start: the tiktoken ids of this source document get their first id changed, so
-# tests can watch the guard stop a real divergence (tests/test_engines.py); never set in production
-DIVERGE_ENV = "PACKERD_TEST_DIVERGE_DOC"
 
 
 class EngineError(ValueError):
@@ -61,21 +58,14 @@ class Engine:
         self.hf = tok.backend
         self.core = encoding._core_bpe if encoding is not None else None
         self.specials = specials
-        diverge = os.environ.get(DIVERGE_ENV)
-        self.diverge = int(diverge) if diverge else None
 
-    def encode(self, texts: list[str], first_index: int | None = None) -> list[np.ndarray]:
-        """Token ids of each text (no EOS). first_index: the source index of texts[0], for the test hook."""
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text (no EOS)."""
         if self.core is None:
             return self.encode_hf(texts)
         core, specials = self.core, self.specials
         # the buffer call skips a list of Python ints per token; the GIL is released while it encodes
-        ids = [np.frombuffer(core.encode_to_tiktoken_buffer(t, specials), dtype=np.uint32) for t in texts]
-        if self.diverge is not None and first_index is not None and 0 <= self.diverge - first_index < len(ids):
-            k = self.diverge - first_index
-            ids[k] = ids[k].copy()
-            ids[k][:1] ^= 1
-        return ids
+        return [np.frombuffer(core.encode_to_tiktoken_buffer(t, specials), dtype=np.uint32) for t in texts]
 
     def encode_hf(self, texts: list[str]) -> list[np.ndarray]:
         encs = self.hf.encode_batch_fast(texts, add_special_tokens=False)
@@ -124,12 +114,11 @@ class BatchEncoder:
         self.eos = np.array([eos_id], dtype=np.uint32)
         self.dtype = np.dtype(dtype)
 
-    def __call__(self, texts: list[str], first_index: int | None = None,
-                 guard: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, texts: list[str], guard: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of all texts, each followed by EOS, concatenated; and each document's length.
 
         guard: compare with `tokenizers` first; Diverged names the first differing text."""
-        ids = self.engine.encode(texts, first_index)
+        ids = self.engine.encode(texts)
         if guard and self.engine.core is not None:
             bad = self.engine.differs(texts, ids)
             if bad is not None:

@@ -92,13 +92,32 @@ def wikitext_jsonl() -> Path:
     return p
 
 
-def run_packerd(*args, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    """Run the real `packerd` CLI in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "packerd", *map(str, args)], capture_output=True, text=True,
+def run_packerd(*args, check: bool = True, timeout: float = 300, start=("-m", "packerd"),
+                **kw) -> subprocess.CompletedProcess:
+    """Run the real `packerd` CLI in a subprocess. start: Python's arguments that run it (a test may give
+    ("-c", code, ...) that patches packerd before it calls packerd.cli.main)."""
+    proc = subprocess.run([sys.executable, *map(str, start), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"packerd {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def run_trainerd(*args, fault: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the real `trainerd` in a subprocess. fault: the trainer's fault hook TRAINERD_FAULT (a kill at a
+    known step); unset otherwise, so that one in the outer environment never reaches a test's trainer."""
+    env = dict(os.environ)
+    env.pop("TRAINERD_FAULT", None)
+    if fault:
+        env["TRAINERD_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "trainerd", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=env)
+
+
+def records(run_dir: Path, run: str, k: int) -> list[dict]:
+    """The lines of the training log of run `run`'s k-th start (steps and events)."""
+    with open(run_dir / "training_logs" / f"{run}_run_{k}.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def free_port() -> int:

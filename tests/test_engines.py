@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from conftest import ROOT, free_endpoint, run_packerd, write_jsonl
 
 from packerd.tiktoken_convert import KNOWN_SPLIT_PATTERNS
-from packerd.tokenizer import DIVERGE_ENV, choose_engine, probe_texts
+from packerd.tokenizer import choose_engine, probe_texts
 from shared.manifest import load_manifest
 from shared.tokenizer import load_tokenizer
 
@@ -78,10 +77,10 @@ def cache_bytes(cache: Path) -> tuple[dict, list]:
     return files, [(c.id, c.checksum, c.bytes, c.tokens, c.start, c.end) for c in m.chunks]
 
 
-def pack(tmp_path, name, src, tok, engine, *extra, check=True, env=None):
+def pack(tmp_path, name, src, tok, engine, *extra, check=True, start=("-m", "packerd")):
     return run_packerd("run", "--cache-dir", tmp_path / name, "--source", src, "--tokenizer", tok,
                        "--tokenizer-engine", engine, "--seq-len", 64, "--chunk-sequences", 16, "--workers", 2,
-                       "--endpoint", free_endpoint(tmp_path), *extra, check=check, env=env)
+                       "--endpoint", free_endpoint(tmp_path), *extra, check=check, start=start)
 
 
 def test_cache_is_byte_identical_with_either_engine_and_a_switch_mid_pack(tmp_path, tokenizer_dir, corpus_texts):
@@ -145,17 +144,42 @@ def test_tiktoken_forced_on_a_tokenizer_it_cannot_express_is_refused(tmp_path, t
     assert load_manifest(tmp_path / "cache").tokenizer_engines == [{"engine": "hf", "from_chunk": 0}]
 
 
+# `packerd run` in which the tiktoken engine gets the first id of one document (the text in the file named by
+# argv[1]) wrong, as a conversion with a flaw the start-up probe missed would: what the guard is there to
+# stop. Patched here, in the test's subprocess, so that the packer's encode path carries no test hook.
+DIVERGING_PACKERD = """
+import sys
+from pathlib import Path
+import numpy as np
+from packerd.cli import main
+from packerd.tokenizer import Engine
+
+target = Path(sys.argv.pop(1)).read_text(encoding="utf-8")
+encode = Engine.encode
+
+def diverging(self, texts):
+    ids = encode(self, texts)
+    if self.core is None:  # the hf engine is `tokenizers` itself, what the guard compares with
+        return ids
+    return [np.concatenate([a[:1] ^ 1, a[1:]]) if t == target else a for t, a in zip(texts, ids)]
+
+Engine.encode = diverging
+main(prog_name="packerd")
+"""
+
+
 def test_guard_stops_a_divergence_while_packing(tmp_path, tokenizer_dir, corpus_texts):
     src = write_jsonl(tmp_path / "src.jsonl", corpus_texts)
-    env = {**os.environ, DIVERGE_ENV: "7"}  # tiktoken's ids of document 7 altered (test hook)
-    proc = pack(tmp_path, "cache", src, tokenizer_dir, "auto", check=False, env=env)
+    (tmp_path / "diverging.txt").write_text(corpus_texts[7], encoding="utf-8")  # document 7, once in the corpus
+    diverging = ("-c", DIVERGING_PACKERD, tmp_path / "diverging.txt")
+    proc = pack(tmp_path, "cache", src, tokenizer_dir, "auto", check=False, start=diverging)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr
     assert lines[-1].startswith("Error: tokenizer engines differ: tiktoken and tokenizers encode document 7 "
                                 "differently")
     assert not (tmp_path / "cache").exists()  # document 7 is in the first batch: nothing was committed
-    # the hf engine is not guarded against itself, and the hook only touches tiktoken's ids
-    pack(tmp_path, "cache", src, tokenizer_dir, "hf", env=env)
+    # the hf engine is not guarded against itself, and the patch only touches tiktoken's ids
+    pack(tmp_path, "cache", src, tokenizer_dir, "hf", start=diverging)
 
 
 def incomplete_merges_tokenizer(folder: Path) -> Path:

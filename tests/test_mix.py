@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, free_endpoint, run_packerd, write_jsonl
+from conftest import ROOT, free_endpoint, records, run_packerd, run_trainerd, write_jsonl
 from shared.cache import open_cache
 from shared.manifest import load_manifest
 from trainerd.mix import PERIOD, MixPlan, Pattern, allocate, quantize, resolve_endpoints, source_seed
@@ -204,25 +204,15 @@ TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4
         "--micro-batch-size", "4", "--grad-accum", "2", "--threads", "1", "--deterministic", "--log-every", "1000"]
 
 
-def trainerd(tmp, *args, fault=None, timeout=240) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("TRAINERD_FAULT", None)
-    if fault:
-        env["TRAINERD_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "trainerd", *TINY, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=env, check=False)
-
-
-def records(runs, run, k):
-    with open(runs / "training_logs" / f"{run}_run_{k}.jsonl") as f:
-        return [json.loads(line) for line in f]
+def trainerd(*args, fault=None, timeout=240) -> subprocess.CompletedProcess:
+    return run_trainerd(*TINY, *args, fault=fault, timeout=timeout)
 
 
 def test_a_run_on_two_weighted_caches_records_each_share_and_resumes_exactly(tmp_path, caches):
     runs = tmp_path / "runs"
     mix = ["--cache-dir", caches[0], "--cache-dir", caches[1], "--weights", "0.75,0.25", "--run-dir", runs,
            "--endpoint", f"ipc://{tmp_path}/a.sock", "--endpoint", f"ipc://{tmp_path}/b.sock", "--max-steps", 10]
-    p = trainerd(tmp_path, *mix, "--new", "ref")
+    p = trainerd(*mix, "--new", "ref")
     assert p.returncode == 0, p.stderr
     ref = {r["step"]: r for r in records(runs, "ref", 1) if "event" not in r}
     assert sorted(ref) == list(range(1, 11))
@@ -231,9 +221,9 @@ def test_a_run_on_two_weighted_caches_records_each_share_and_resumes_exactly(tmp
         assert all(isinstance(x, float) for x in r["source_loss"])
     total = np.sum([r["source_sequences"] for r in ref.values()], axis=0)
     assert total.tolist() == [60, 20]  # 0.75 / 0.25 of 80 sequences
-    p = trainerd(tmp_path, *mix, "--new", "b", "--checkpoint-every", 4, fault="kill-at-step:6")
+    p = trainerd(*mix, "--new", "b", "--checkpoint-every", 4, fault="kill-at-step:6")
     assert p.returncode != 0
-    p = trainerd(tmp_path, *mix, "--resume", "b")
+    p = trainerd(*mix, "--resume", "b")
     assert p.returncode == 0, p.stderr
     got = {r["step"]: r for r in records(runs, "b", 2) if "event" not in r}
     assert sorted(got) == list(range(5, 11))
@@ -243,7 +233,7 @@ def test_a_run_on_two_weighted_caches_records_each_share_and_resumes_exactly(tmp
     fin = lambda run, k: next(r for r in records(runs, run, k) if r.get("event") == "finished")
     assert fin("b", 2)["weights_xxh64"] == fin("ref", 1)["weights_xxh64"]
     # one cache's checkpoint cannot go on with two, nor two caches' with other weights
-    p = trainerd(tmp_path, *mix[:-2], "--max-steps", 12, "--weights", "0.5,0.5", "--resume", "b")
+    p = trainerd(*mix[:-2], "--max-steps", 12, "--weights", "0.5,0.5", "--resume", "b")
     assert p.returncode == 1 and p.stderr.count("Error: ") == 1 and "weights" in p.stderr
 
 
@@ -368,14 +358,14 @@ def test_a_resume_after_a_cache_grew_while_stopped_is_the_same_every_time(tmp_pa
         packer.communicate(timeout=60)
     assert not load_manifest(a).finished
     both = ["--cache-dir", a, "--cache-dir", caches[1], "--run-dir", runs, "--keep", 0, "--set", "log.data_trace=true"]
-    p = trainerd(tmp_path, *both, "--new", "g", "--max-steps", 6, "--checkpoint-every", 3)
+    p = trainerd(*both, "--new", "g", "--max-steps", 6, "--checkpoint-every", 3)
     assert p.returncode == 0, p.stderr
     chunks_before = len(load_manifest(a).chunks)
     write_jsonl(src / "part-1.jsonl", corpus_texts[half:])
     run_packerd("run", "--cache-dir", a, "--workers", 1, "--endpoint", endpoint)  # packs the rest, finishes
     assert len(load_manifest(a).chunks) > chunks_before
     for _ in range(2):
-        p = trainerd(tmp_path, *both, "--resume", "g-step00000006", "--max-steps", 14)
+        p = trainerd(*both, "--resume", "g-step00000006", "--max-steps", 14)
         assert p.returncode == 0, p.stderr
     lines = [records(runs, "g", k) for k in (1, 2, 3)]
     grown = [e for e in lines[1] if e.get("event") in ("plan", "plan_expanded") and e.get("source") == 0]

@@ -160,17 +160,20 @@ def test_a_wildcard_bind_is_recorded_with_the_host_name(tmp_path, corpus_texts, 
                              "--tokenizer", str(tokenizer_dir), *PACK, "--endpoint", f"tcp://*:{port}", "--follow"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
+        deadline = time.monotonic() + 60
         while not (cache / "manifest.json").exists():  # the first commit writes it
             assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, f"no {cache / 'manifest.json'} within 60 s (the packer's first commit)"
             time.sleep(0.1)
         endpoint = load_manifest(cache).endpoint
         host = endpoint[len("tcp://"):].rpartition(":")[0]
         assert endpoint.endswith(f":{port}") and host in (socket.getfqdn(), socket.gethostname()), endpoint
         sub = Subscriber(endpoint)
         try:
-            heard = []
+            heard, deadline = [], time.monotonic() + 60
             while not heard:  # a heartbeat comes every second
                 assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, f"no message heard on {endpoint} within 60 s"
                 heard = sub.poll(1000)
         finally:
             sub.close()

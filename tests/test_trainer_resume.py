@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_endpoint, run_packerd
+from conftest import ROOT, free_endpoint, records, run_packerd, run_trainerd
 from shared.manifest import load_manifest
 
 TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
@@ -26,23 +26,18 @@ TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4
 MAX_STEPS = 24
 
 
-def trainer_cmd(cache, run_dir, tmp, *args):
-    return [sys.executable, "-m", "trainerd", "--cache-dir", str(cache), "--run-dir", str(run_dir),
-            "--endpoint", free_endpoint(tmp), *TINY, *map(str, args)]
+def trainer_args(cache, run_dir, tmp, *args) -> list[str]:
+    return ["--cache-dir", str(cache), "--run-dir", str(run_dir), "--endpoint", free_endpoint(tmp), *TINY,
+            *map(str, args)]
+
+
+def trainer_cmd(cache, run_dir, tmp, *args) -> list[str]:
+    """The command line, for the trainers a test starts itself (Popen)."""
+    return [sys.executable, "-m", "trainerd", *trainer_args(cache, run_dir, tmp, *args)]
 
 
 def run_trainer(cache, run_dir, tmp, *args, fault: str | None = None, timeout=180) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("TRAINERD_FAULT", None)
-    if fault:
-        env["TRAINERD_FAULT"] = fault
-    return subprocess.run(trainer_cmd(cache, run_dir, tmp, *args), capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env=env)
-
-
-def records(run_dir: Path, run: str, k: int) -> list[dict]:
-    with open(run_dir / "training_logs" / f"{run}_run_{k}.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return run_trainerd(*trainer_args(cache, run_dir, tmp, *args), fault=fault, timeout=timeout)
 
 
 def steps(recs) -> dict[int, dict]:
