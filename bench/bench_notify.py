@@ -1,6 +1,6 @@
 """Notification latency with several packers announcing at once (`packerd run --shard I/N`, N packers).
 
-    python bench/bench_notify.py [--packers 4] [--rounds 3] [--max-tokens-per-s 10000] [--work-dir DIR]
+    python bench/bench_notify.py [--packers 4] [--rounds 3] [--max-tokens-per-s 10000] [--work-dir DIR] [--busy K]
 
 Starts N real packer processes on the shards 0/N .. N-1/N of one source (default builtin:pydoc with the
 builtin:bpe tokenizer, small chunks of 4 x 64 tokens, so each packer commits a chunk every few tens of ms),
@@ -19,6 +19,8 @@ received: ZeroMQ's I/O threads, TCP on loopback, this process waking). Beside th
 run, the manifest commit alone: ManifestWriter.commit of one more chunk (a commit-log record appended and
 fdatasynced, now and then a snapshot rewrite), timed on an idle machine before the packers start.
 `--work-dir /dev/shm` puts the caches on tmpfs, where fsync costs nothing, to show the rest on its own.
+`--busy K` runs every round twice, alternating: as it is, and with K more processes spinning on the CPU
+(nice 0, like another job's), so that a loaded machine is measured beside an unloaded one in the same run.
 """
 from __future__ import annotations
 
@@ -113,24 +115,40 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-s", type=int, default=10000,
                     help="per packer: spreads the commits over a few seconds, as a streamed source does")
     ap.add_argument("--work-dir", default=None, help="folder for the caches (default: the system's temporary folder)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="also run every round with this many processes spinning on the CPU (a loaded machine)")
     args = ap.parse_args()
     # the figures depend on what else runs: say how busy the machine was
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start; caches in "
           f"{args.work_dir or tempfile.gettempdir()}")
     print(f"manifest commit of one chunk alone (ms): {summary(manifest_commit_ms(args.work_dir))}")
-    pairs, heard, committed = [], 0, 0
+    cases = [0] if not args.busy else [0, args.busy]
+    pairs = {k: [] for k in cases}
+    heard, committed, loads = dict.fromkeys(cases, 0), dict.fromkeys(cases, 0), {k: [] for k in cases}
     for r in range(args.rounds):
-        with tempfile.TemporaryDirectory(prefix="bench_notify_", dir=args.work_dir) as tmp:
-            got, c = one_round(args, Path(tmp))
-        pairs += got
-        heard += len(got)
-        committed += c
-        print(f"round {r + 1}: {len(got)} of {c} chunk messages heard, p99 {percentile([a + b for a, b in got], 99):.2f} ms")
-    print(f"{args.packers} packers at once, {args.rounds} rounds: {heard} of {committed} chunk messages heard; "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"  packer: commit -> sent (ms):   {summary([a for a, _ in pairs])}")
-    print(f"  sent -> received (ms):         {summary([b for _, b in pairs])}")
-    print(f"latency commit -> received (ms): {summary([a + b for a, b in pairs])}")
+        for k in cases:
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+            try:
+                time.sleep(1.0 if k else 0.0)  # the spinners running before the packers start
+                with tempfile.TemporaryDirectory(prefix="bench_notify_", dir=args.work_dir) as tmp:
+                    got, c = one_round(args, Path(tmp))
+                loads[k].append(os.getloadavg()[0])
+            finally:
+                for p in spinners:
+                    p.kill()
+                    p.wait()
+            pairs[k] += got
+            heard[k] += len(got)
+            committed[k] += c
+            print(f"round {r + 1}, {k} spinning: {len(got)} of {c} chunk messages heard, "
+                  f"p99 {percentile([a + b for a, b in got], 99):.2f} ms, load average {loads[k][-1]:.1f}")
+    for k in cases:
+        print(f"{args.packers} packers at once, {k} processes spinning, {args.rounds} rounds: {heard[k]} of "
+              f"{committed[k]} chunk messages heard; load average at the rounds' ends "
+              f"{min(loads[k]):.1f} to {max(loads[k]):.1f}")
+        print(f"  packer: commit -> sent (ms):   {summary([a for a, _ in pairs[k]])}")
+        print(f"  sent -> received (ms):         {summary([b for _, b in pairs[k]])}")
+        print(f"latency commit -> received (ms): {summary([a + b for a, b in pairs[k]])}")
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ class _Window:
         self.chunk, self.index = chunk, index  # source of each row (int64 [n]); -1 for a corrupt chunk's rows
         self.lengths: np.ndarray | None = None  # real length of each row, only once a short row was added
         self.kept: np.ndarray | None = None   # a mixture source's window: the reading positions it holds
-        self.seq_ids: list[tuple[int, int]] = []
+        self.seq_ids = np.zeros(0, dtype=object)  # (chunk, index) of each row, or (source, chunk, index)
         self._docs: list[tuple[np.ndarray, np.ndarray]] = []   # (window row, start) of each document start
 
     def add(self, c: int, d: _Decoded, dest: np.ndarray, src: np.ndarray | None) -> None:
@@ -322,7 +322,9 @@ class _Window:
             self.lengths = None  # a short chunk's rows that this rank reads are all full
         self.short = [] if self.lengths is None else np.flatnonzero(self.lengths < L).tolist()  # short rows, ascending
         ids = (self.chunk.tolist(), self.index.tolist())
-        self.seq_ids = list(zip(*ids) if source is None else zip(itertools.repeat(source), *ids))
+        # tuples in an object array: a mixture's block picks its rows' tuples by index, without a Python loop
+        self.seq_ids = np.fromiter(zip(*ids) if source is None else zip(itertools.repeat(source), *ids),
+                                   dtype=object, count=n)
         self._docs = []
         return self
 
@@ -428,7 +430,7 @@ def assemble(parts: list[tuple[_Window, int, int]], buf: np.ndarray, arange: np.
             lengths = win.lengths[q0:q0 + k]
             short += [(r0 + r, int(lengths[r])) for r in np.flatnonzero(lengths < L).tolist()]
             empty += int((lengths == 0).sum())
-        seq_ids += win.seq_ids[q0:q0 + k]
+        seq_ids += win.seq_ids[q0:q0 + k].tolist()
         r0 = r1
     return _batch(ids, pos, short, empty, seq_ids)
 

@@ -328,7 +328,7 @@ class MixPlan:
         R, L = self.rows, len(self._arange)
         k = len(src) // R
         groups: list[list] = [[] for _ in range(k)]
-        seq_ids: list = [None] * len(src)  # (source, chunk, index) of each row: the windows' own tuples
+        seq_ids = np.empty(len(src), dtype=object)  # (source, chunk, index) of each row: the windows' own tuples
         starts, shorts = [], []  # (block row, position in row, stretch) of document starts; (block row, length)
         for i in np.unique(src).tolist():
             idx = np.flatnonzero(src == i)
@@ -339,9 +339,7 @@ class MixPlan:
                 if (s := win.short_in(q)) is not None:
                     shorts.append((rows[s[0]], s[1]))
                 q0, run = int(q[0]), int(q[-1]) - int(q[0]) == len(q) - 1  # consecutive rows: slices
-                ws = win.seq_ids
-                for r, t in zip(rows.tolist(), ws[q0:q0 + len(q)] if run else map(ws.__getitem__, q.tolist())):
-                    seq_ids[r] = t
+                seq_ids[rows] = win.seq_ids[q0:q0 + len(q)] if run else win.seq_ids[q]
                 dest = rows % R
                 j0, j1 = int(rows[0]) // R, int(rows[-1]) // R + 1  # the steps these rows are in
                 cuts = np.searchsorted(rows, np.arange(j0, j1 + 1) * R).tolist()
@@ -364,7 +362,7 @@ class MixPlan:
             lo, hi = cut[j], cut[j + 1]
             restarts = (flat[lo:hi], n[lo:hi]) if hi - lo > FEW_DOCUMENTS else (few[0][lo:hi], few[1][lo:hi])
             empty = sum(length == 0 for _, length in short[j]) if short[j] else 0
-            out[step + j] = (version, groups[j], restarts, sources[j], seq_ids[j * R:(j + 1) * R], short[j], empty)
+            out[step + j] = (version, groups[j], restarts, sources[j], seq_ids[j * R:(j + 1) * R].tolist(), short[j], empty)
         return out
 
     # -- state -----------------------------------------------------------------------------------------
