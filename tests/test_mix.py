@@ -199,6 +199,26 @@ def test_caches_growing_on_their_own_each_sequence_once_and_the_run_waits_for_th
         assert stream(resumed, [s]) == batches[s]
 
 
+def test_a_step_found_ready_is_asked_again_after_any_grow(caches):
+    """A grow that only raises a cache's estimate can make the newest block wait for more chunks (it needs
+    what the estimate says is coming) without changing the totals or the units: a step found ready before
+    it must then not be ready, whatever was asked earlier (ranks that asked at different moments agree)."""
+    cs = opened(caches)
+    have = lambda k: sum(e.sequences for e in cs[0].chunks[:k])  # noqa: E731 -- an estimate of what exists
+    small = (len(cs[1].chunks), True, cs[1].manifest.estimated_total_sequences())
+    plans = [MixPlan(cs, seed=2, global_batch=8, rank=0, world_size=1, weights=[0.5, 0.5], shuffle_window=64)
+             for _ in range(2)]
+    for asked, plan in zip((True, False), plans):
+        plan.grow_sources(0, [(2, False, have(2)), small])
+        plan.grow_sources(1, [(3, False, have(3)), small])
+        last = max(s for s in range(plan.total_steps) if plan.ready(s)) if asked else None
+        version = plan.version
+        plan.grow_sources(1, [(3, False, have(3) + 1), small])  # one more sequence announced: a chunk to come
+        assert plan.version == version  # nothing the view holds moved
+    ready = [[s for s in range(p.total_steps) if p.ready(s)] for p in plans]
+    assert ready[0] == ready[1] and last not in ready[0]  # the newest block now waits for its chunks
+
+
 # -- the trainer on two caches ----------------------------------------------------------------------------
 TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
         "--micro-batch-size", "4", "--grad-accum", "2", "--threads", "1", "--deterministic", "--log-every", "1000"]
@@ -398,21 +418,29 @@ def test_new_size_weights_change_the_plan_even_when_no_total_moves(caches):
 
 
 @pytest.mark.parametrize("few", [None, 0], ids=["few-documents", "many-documents"])
-def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches, few, monkeypatch):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-rank", "rank-1-of-2-while-packing"])
+def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches, few, ranks, monkeypatch):
     """Each row of a mixture's batch holds the tokens of the (cache, chunk, index) it names, positions that
-    restart at that row's document starts, and labels masked past its real length only; with few document
-    starts in a batch (one slice each) and with many (the whole-array path, forced here by a threshold of 0)."""
+    restart at that row's document starts, labels masked past its real length only, and the batch counts its
+    real tokens; with few document starts in a batch (one slice each) and with many (the whole-array path,
+    forced here by a threshold of 0); on one rank (a window's rows read in a run), and on rank 1 of 2 with
+    size weights while the caches still pack (every other row of a whole window)."""
     if few is not None:
         monkeypatch.setattr("trainerd.mix.FEW_DOCUMENTS", few)
         monkeypatch.setattr("trainerd.data.FEW_DOCUMENTS", few)
     cs = opened(caches)
     G = 24
-    plan = grown(MixPlan(cs, seed=3, global_batch=G, rank=0, world_size=1, weights=[0.5, 0.5],
-                         shuffle_window=40))
+    plan = MixPlan(cs, seed=3, global_batch=G, rank=ranks - 1, world_size=ranks,
+                   weights=[0.5, 0.5] if ranks == 1 else None, shuffle_window=40)
+    if ranks == 1:
+        grown(plan)
+    else:  # not finished: the interleave may still change, so no rank's windows are filtered to its rows
+        plan.grow_sources(0, [(len(c.chunks), False, c.manifest.estimated_total_sequences()) for c in cs])
     chunks: dict = {}
     restarts = short = 0
     for s in range(plan.total_steps):
         b = plan.get_batch(s)
+        real = 0
         for r, (i, c, k) in enumerate(b.seq_ids):
             ch = chunks.get((i, c)) or chunks.setdefault((i, c), cs[i].read_chunk(c))
             n = int(ch.lengths[k])
@@ -425,7 +453,10 @@ def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches, 
             assert b.position_ids[r].tolist() == want.tolist(), f"step {s} row {r}"
             assert (b.labels[r, n:] == -100).all() and torch.equal(b.labels[r, :n], b.input_ids[r, :n])
             short += n < 64
-    assert restarts > 50 and short >= 1  # documents ending mid-row, and a cache's short last row, were seen
+            real += n
+        assert b.num_tokens == real and b.empty_rows == 0
+    assert restarts > 50 // ranks and short >= 1  # documents ending mid-row, and a cache's short last row, were seen
+    assert ranks == 1 or not all(p.row_filter for p in plan.plans)  # rank 1 read every other row of whole windows
 
 
 def test_the_state_of_a_size_weighted_mixture_stays_small_as_estimates_move(caches):

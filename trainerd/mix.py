@@ -50,7 +50,9 @@ from shared.protocol import DEFAULT_ENDPOINT
 from .data import FEW_DOCUMENTS, DataPlan, _BufferPool, _floor, gather
 
 MIX_FORMAT = 1
-BLOCK_STEPS = 64  # steps planned together (the interleave and the sources' windows looked up once for them)
+BLOCK_POSITIONS = 2048  # run positions planned together (the interleave and the sources' windows looked up
+                        # once for them): 64 steps of 32 sequences, fewer of larger batches, so that a block's
+                        # steps keep few windows alive
 PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
 
 
@@ -199,6 +201,7 @@ class MixPlan:
         """Take in rank 0's (known chunks, finished, estimate) of every cache from global step `step` on
         (every rank, the same step and values); True when the plan or its totals changed."""
         with self._lock:
+            self._ready_known = (-1, -1)  # an estimate alone can make a source's newest block wait for more chunks
             before = self._view()
             at = self.draws(step * self.global_batch) if self.segments else np.zeros(len(self.plans), np.int64)
             for i, (p, (known, finished, est), pos) in enumerate(zip(self.plans, views, at.tolist())):
@@ -307,7 +310,7 @@ class MixPlan:
             version = len(self._changes)
             planned = self._planned.get(step)
             if planned is None or planned[0] != version:
-                last = min(step + BLOCK_STEPS, self.total_steps)
+                last = min(step + max(1, BLOCK_POSITIONS // self.global_batch), self.total_steps)
                 while not self.ready(last - 1):  # the steps ready are those up to some step (one test, usually)
                     last = (step + 1 + last) // 2
                 G = self.global_batch
@@ -315,6 +318,7 @@ class MixPlan:
         if planned is None or planned[0] != version:  # windows are decoded outside the lock
             self._planned = planned = self._plan_steps(step, version, *places)
             planned = planned[step]
+        self._planned.pop(step - 1, None)  # a step taken: its windows need not stay alive for it
         _, groups, restarts, sources, seq_ids, short, empty = planned
         batch = gather(groups, restarts, self._buffers.take(), self._arange, seq_ids, short, empty)
         batch.sources = sources
