@@ -572,6 +572,7 @@ class DataPlan:
         # a mixture's source (one rank's plan read by gather): which stream positions this rank draws, so that
         # its windows hold those rows only (set once the mixture's interleave can no longer change)
         self.row_filter = None
+        self._filter_gen = 0  # bumped by each new row filter: windows built under an older one are not used
         self.source: int | None = None  # a mixture's source: its index, first in each row's seq_ids
         self._est_seqs = 0
         known = len(cache.chunks) if known_chunks is None else int(known_chunks)
@@ -802,6 +803,14 @@ class DataPlan:
             out.append((win, q, sel))
         return out
 
+    def set_row_filter(self, row_filter) -> None:
+        """A mixture's source: keep in each window only the rows whose reading positions row_filter(positions)
+        marks (this rank's draws); windows built before hold another set of rows, so they are dropped."""
+        with self._wlock:
+            self.row_filter = row_filter
+            self._filter_gen += 1
+            self._windows.clear()
+
     def _assemble(self, parts: list[tuple[_Window, int, int]]) -> Batch:
         return assemble(parts, self._buffers.take(), self._arange)
 
@@ -809,7 +818,7 @@ class DataPlan:
         """This rank's rows j0, j0+W, ... of window w of an epoch, decoded (each is built once while it is
         in use: a small LRU)."""
         chunks = lay.chunks_of(w)
-        key = (lay.epoch, chunks, j0)
+        key = (lay.epoch, chunks, j0, self._filter_gen)  # read before the filter: a newer one never gets this window
         with self._wlock:
             win = self._windows.get(key)
             if win is not None:

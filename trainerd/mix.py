@@ -15,9 +15,15 @@ Interleave
 Weights
     data.weights, or each cache's size: its epoch's sequences over the full-dataset estimate (its known
     sequences once finished), so several caches act as one dataset. Size weights change as the estimates
-    do; a change takes effect at the step every rank grows at (a new segment: from there on, the periodic
-    pattern of the new units, counted from the draws made so far), so the allocation stays a function of
-    (segments, n), and the segments are the state.
+    do, once some cache's share has moved by more than SHARE_TOLERANCE of itself; a change takes effect at
+    the step every rank grows at (a new segment: from there on, the periodic pattern of the new units,
+    counted from the draws made so far), so the allocation stays a function of (segments, n), and the
+    segments are the state.
+
+Ranks
+    With several ranks, each rank's windows of a source hold only the rows it draws under the segments so
+    far (the last one taken to go on); a new segment moves rows between ranks, so each rank drops its
+    windows and decodes them again. The tolerance keeps that rare.
 
 Growth and waiting
     grow(step, views) takes rank 0's (known chunks, finished, estimate) of each cache, agreed at a step
@@ -54,6 +60,8 @@ BLOCK_POSITIONS = 2048  # run positions planned together (the interleave and the
                         # once for them): 64 steps of 32 sequences, fewer of larger batches, so that a block's
                         # steps keep few windows alive
 PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
+SHARE_TOLERANCE = 0.01  # size weights move the interleave only when a cache's share moves by more than 1% of
+                        # itself: each move makes every rank decode its windows again (its rows change)
 
 
 def source_seed(seed: int, i: int) -> int:
@@ -97,6 +105,13 @@ class Pattern:
         """Draws of each source among the first t positions."""
         q, r = divmod(int(t), self.period)
         return q * self.units + self.before[:, r]
+
+
+def _close(units: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """Whether the shares of `new` are those of `units` within SHARE_TOLERANCE of each (a share of zero only
+    by another zero)."""
+    a, b = sum(units), sum(new)
+    return all(abs(y / b - x / a) <= SHARE_TOLERANCE * (x / a) for x, y in zip(units, new))
 
 
 def allocate(weights: list[float], n: int) -> np.ndarray:
@@ -208,10 +223,9 @@ class MixPlan:
                 p.grow(known, finished, pos, est_total_sequences=est)
                 if p.finished and not p._m and (self.weights is None or self.weights[i] > 0):
                     raise ValueError(f"the cache {p.cache.dir} is finished without a sequence: it cannot be drawn")
-            self._reweigh(step, at)
-            if self.world_size > 1 and self.segments and (self.weights is not None or self.finished):
-                for i, p in enumerate(self.plans):  # the interleave is final: windows of this rank's rows only
-                    p.row_filter = partial(self._mine, i)
+            if self._reweigh(step, at) and self.world_size > 1:
+                for i, p in enumerate(self.plans):  # windows of the rows this rank draws under these segments
+                    p.set_row_filter(partial(self._mine, i))
             self.step = step
             self.total_steps = max(self.total_steps, self._total(self._sizes(estimate=False)))
             # a new segment (size weights moved with an estimate) changes the batches from `step` on even when
@@ -233,18 +247,21 @@ class MixPlan:
     def _total(self, sizes: list[int]) -> int:
         return _floor(self.target_epochs * sum(sizes)) // self.global_batch
 
-    def _reweigh(self, step: int, at: np.ndarray) -> None:
-        """Start a segment at `step` when the units change (size weights) or when there is none yet."""
+    def _reweigh(self, step: int, at: np.ndarray) -> bool:
+        """Start a segment at `step` when there is none yet, or when the units change: fixed weights never,
+        size weights once some cache's share moved by more than SHARE_TOLERANCE of itself. True when the
+        segments changed."""
         weights = self.weights if self.weights is not None else self._sizes(estimate=True)
         if not math.fsum(weights) > 0:
-            return  # no sequence known anywhere yet: nothing to interleave
+            return False  # no sequence known anywhere yet: nothing to interleave
         units = quantize(weights)
-        if self.segments and self.segments[-1][1] == units:
-            return
+        if self.segments and _close(self.segments[-1][1], units):
+            return False
         if self.segments and self.segments[-1][0] == step:
             self.segments.pop()  # replaced before any position of it was planned
         self.segments.append((step, units, [int(x) for x in at]))
         self._starts = []
+        return True
 
     # -- the trainer's interface (as DataPlan's) ---------------------------------------------------------
     @property
@@ -400,6 +417,9 @@ class MixPlan:
                 p.load_state_dict(s)
             self.segments = [(int(s), tuple(int(x) for x in u), [int(x) for x in b]) for s, u, b in d["segments"]]
             self._starts = []
+            if self.world_size > 1 and self.segments:
+                for i, p in enumerate(self.plans):
+                    p.set_row_filter(partial(self._mine, i))
             self.total_steps, self.step = int(d["total_steps"]), int(d["step"])
             self._changes.append(0)
 
