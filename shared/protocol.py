@@ -10,10 +10,11 @@ one packer run carries the run's id and a `seq` that grows by one, so a subscrib
 
 Optional fields (OPTIONAL), checked when present: `"cache": str` on `chunk` and `finished` names the cache the
 message is about when it is not the main one: "holdout" for the held-out cache in CACHE/holdout/
-(`packerd run --holdout`). `"sent_at": float` on `chunk` is the time the publisher sent it, which splits a
-notification's latency into the packer's share (committed_at to sent_at: the durable manifest write and the
-hand-over to the socket) and the transport's and subscriber's (sent_at to received). The main cache's messages carry no such field; a subscriber that follows the main cache ignores messages
-that name another (trainerd's CacheFollower does).
+(`packerd run --holdout`). The main cache's messages carry no such field; a subscriber that follows the main
+cache ignores messages that name another (trainerd's CacheFollower does). `"sent_at": float` on `chunk` is the
+time the publisher sent it, which splits a notification's latency into the packer's share (committed_at to
+sent_at: the durable manifest write and the hand-over to the socket) and the transport's and subscriber's
+(sent_at to received).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -221,6 +222,18 @@ def commit_chunks(writer: ManifestWriter, m: Manifest, n: int) -> None:
         writer.commit(m)
 
 
+def packed(tmp_path, chunks: int) -> tuple[Path, Manifest, ManifestWriter]:
+    """A cache folder whose manifest lists `chunks` chunk entries, committed through a packer's writer (still
+    open, for more)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_manifest(cache, 0)
+    m = load_manifest(cache)
+    writer = ManifestWriter(cache)
+    commit_chunks(writer, m, chunks)
+    return cache, m, writer
+
+
 def rank0_sync(cache, endpoint, log_path, reconcile_seconds):
     """A one-rank PlanSync over `cache`, with a real DataPlan, training log and failure path."""
     from shared.cache import open_cache
@@ -261,12 +274,7 @@ def test_a_blocked_manifest_read_does_not_hold_up_agree(tmp_path):
     """The manifest is swapped for a FIFO whose reader blocks (a read stuck on a slow or dead file system): the
     follow thread waits in it, and every agree() still returns, with the last state; once the read goes on, the
     chunks committed meanwhile reach the plan."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    write_manifest(cache, 0)
-    m = load_manifest(cache)
-    writer = ManifestWriter(cache)
-    commit_chunks(writer, m, 3)
+    cache, m, writer = packed(tmp_path, 3)
     log_path = tmp_path / "train.jsonl"
     # nobody publishes: the thread reads on its 0.1 s timer
     sync = rank0_sync(cache, f"ipc://{tmp_path}/nobody.sock", log_path, reconcile_seconds=0.1)
@@ -305,12 +313,7 @@ def test_an_error_in_the_follow_thread_fails_the_next_agree(tmp_path):
     """The cache is rebuilt with another seq_len under the run: the follow thread meets CacheReplaced, and the
     training thread's next agree() fails the run with the one-line error; close() then returns."""
     from trainerd.rundir import TrainError
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    write_manifest(cache, 0)
-    m = load_manifest(cache)
-    writer = ManifestWriter(cache)
-    commit_chunks(writer, m, 2)
+    cache, m, writer = packed(tmp_path, 2)
     writer.close()
     sync = rank0_sync(cache, f"ipc://{tmp_path}/nobody.sock", tmp_path / "train.jsonl", reconcile_seconds=0.1)
     try:

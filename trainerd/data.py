@@ -266,11 +266,12 @@ class _Window:
     rows of other ranks). Chunks are added one at a time, each dropped before the next is read, so
     that the next decompression reuses memory still in the CPU cache.
 
-    Document starts past position 0 are kept sorted by row as Python lists (row, flat start row*L+s,
-    stretch length up to the next start or the row's end): a batch restarts its few documents with one
-    slice assignment each, and its many documents (short ones) with _positions.
+    Document starts past position 0 are kept sorted by flat start row*L+s, with each one's stretch length up
+    to the next start or the row's end (as arrays, and as Python lists for the loop), and where each row's
+    starts begin (_row_first): a batch restarts its few documents with one slice assignment each, and its
+    many documents (short ones) with _positions.
     """
-    __slots__ = ("tokens", "chunk", "index", "lengths", "short", "seq_ids", "doc_rows", "doc_lo", "doc_len", "_docs",
+    __slots__ = ("tokens", "chunk", "index", "lengths", "short", "seq_ids", "doc_lo", "doc_len", "_docs",
                  "_doc_rows", "_doc_lo", "_doc_len", "_row_first", "kept")
 
     def __init__(self, tokens: np.ndarray, chunk: np.ndarray, index: np.ndarray):
@@ -317,7 +318,7 @@ class _Window:
         self._doc_rows, self._doc_lo, self._doc_len = lo // L, lo, hi - lo
         self._row_first = np.zeros(n + 1, dtype=np.int64)  # row r's starts: _doc_rows[_row_first[r]:_row_first[r + 1]]
         np.cumsum(np.bincount(self._doc_rows, minlength=n), out=self._row_first[1:])
-        self.doc_rows, self.doc_lo, self.doc_len = self._doc_rows.tolist(), lo.tolist(), self._doc_len.tolist()
+        self.doc_lo, self.doc_len = lo.tolist(), self._doc_len.tolist()
         if self.lengths is not None and bool((self.lengths == L).all()):
             self.lengths = None  # a short chunk's rows that this rank reads are all full
         self.short = [] if self.lengths is None else np.flatnonzero(self.lengths < L).tolist()  # short rows, ascending
@@ -331,8 +332,7 @@ class _Window:
     def positions(self, out: np.ndarray, q0: int, ar: np.ndarray) -> None:
         """Fill out [k, L] with the positions of rows q0 .. q0+k-1 (ar: arange(L) in out's dtype)."""
         k, L = out.shape
-        i0 = bisect.bisect_left(self.doc_rows, q0)
-        i1 = bisect.bisect_left(self.doc_rows, q0 + k, i0)
+        i0, i1 = int(self._row_first[q0]), int(self._row_first[q0 + k])
         if i1 - i0 > FEW_DOCUMENTS:  # many short documents: vectorised
             lo = np.asarray(self.doc_lo[i0:i1], dtype=np.int64)
             _positions(out, lo // L - q0, lo % L)
@@ -450,12 +450,6 @@ def _batch(ids: np.ndarray, pos: np.ndarray, short: list[tuple[int, int]], empty
     return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids, empty)
 
 
-def selector(a: np.ndarray) -> slice | np.ndarray:
-    """Ascending row numbers as a slice where they are consecutive (a slice copies rows faster)."""
-    first, last = int(a[0]), int(a[-1])
-    return slice(first, last + 1) if last - first == len(a) - 1 else a  # ascending: no gap between such ends
-
-
 def gather(groups: list[tuple], restarts: tuple, buf: np.ndarray, arange: np.ndarray, seq_ids: list,
            short: list, empty: int) -> Batch:
     """A batch whose rows dsel are the rows qsel of a window, for each (window, qsel, dsel) of `groups` (the
@@ -569,8 +563,8 @@ class DataPlan:
         self._legacy_cut = False          # later epochs cut as format-1 states did (a resumed format-1 run)
         self._digest = xxhash.xxh64()     # of the known chunks' checksums
         self._built: OrderedDict[tuple, _Layout] = OrderedDict()   # layouts of blocks and later epochs
-        # a mixture's source (one rank's plan read by gather): which stream positions this rank draws, so that
-        # its windows hold those rows only (set once the mixture's interleave can no longer change)
+        # a mixture's source (one rank's plan read by gather) on several ranks: which stream positions this rank
+        # draws under the mixture's segments so far, so that its windows hold those rows only (set_row_filter)
         self.row_filter = None
         self._filter_gen = 0  # bumped by each new row filter: windows built under an older one are not used
         self.source: int | None = None  # a mixture's source: its index, first in each row's seq_ids

@@ -156,7 +156,7 @@ class MixPlan:
         self._starts: list[int] = []
         self._changes: list[int] = []
         self._planned: dict[int, tuple] = {}  # the next steps' groups, made together (build)
-        self._ready_known = (-1, -1)  # (version, a step ready at that version)
+        self._ready_upto = -1  # a step found ready since the last grow: so are those before it
         self.total_steps, self.step = 0, 0
 
     # -- the interleave ----------------------------------------------------------------------------
@@ -216,7 +216,7 @@ class MixPlan:
         """Take in rank 0's (known chunks, finished, estimate) of every cache from global step `step` on
         (every rank, the same step and values); True when the plan or its totals changed."""
         with self._lock:
-            self._ready_known = (-1, -1)  # an estimate alone can make a source's newest block wait for more chunks
+            self._ready_upto = -1  # an estimate alone can make a source's newest block wait for more chunks
             before = self._view()
             at = self.draws(step * self.global_batch) if self.segments else np.zeros(len(self.plans), np.int64)
             for i, (p, (known, finished, est), pos) in enumerate(zip(self.plans, views, at.tolist())):
@@ -301,12 +301,11 @@ class MixPlan:
         with self._lock:
             if not (0 <= step < self.total_steps and self.segments):
                 return False
-            version = len(self._changes)
-            if self._ready_known[0] == version and step <= self._ready_known[1]:
+            if step <= self._ready_upto:
                 return True
             if self.waiting_for(step):
                 return False
-            self._ready_known = (version, step)  # the steps before it are ready too: sources hold prefixes
+            self._ready_upto = step  # the steps before it are ready too: sources hold prefixes
             return True
 
     def take_events(self) -> list[dict]:
@@ -416,7 +415,7 @@ class MixPlan:
             for p, s in zip(self.plans, d["sources"]):
                 p.load_state_dict(s)
             self.segments = [(int(s), tuple(int(x) for x in u), [int(x) for x in b]) for s, u, b in d["segments"]]
-            self._starts = []
+            self._starts, self._ready_upto = [], -1
             if self.world_size > 1 and self.segments:
                 for i, p in enumerate(self.plans):
                     p.set_row_filter(partial(self._mine, i))
