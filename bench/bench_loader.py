@@ -3,6 +3,7 @@
     python bench/bench_loader.py [--copies 32] [--seq-len 1024] [--chunk-sequences 1024] [--global-batch 32] [--epochs 10]
                                  [--world-size 1] [--rounds 5] [--skip-latency] [--breakdown]
                                  [--mix-only | --skip-mix] [--mix-rounds 5] [--mix-seconds 2] [--mix-steps 0]
+                                 [--mix-slice 64]
 
 Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-threaded here), so that
 "tokens/s" is per core:
@@ -18,8 +19,10 @@ Prints one table, all on one thread (torch.set_num_threads(1); numpy is single-t
      Prefetcher calls it, by one cache's DataPlan and by a MixPlan over 4 caches holding the same data (the
      same documents split in 4 contiguous shards, each packed alone with the same seq_len and chunk size),
      once with size weights (the 4 act as one dataset) and once with weights 0.4,0.3,0.2,0.1; same global
-     batch, window and --epochs. The three alternate in --mix-rounds rounds; the medians, the median of the
-     per-round ratios against one cache (target >= 0.9) and each one's median get_batch time are printed.
+     batch, window and --epochs. The three take turns every --mix-slice steps (each keeps its plan from turn to
+     turn, so its windows' decoding is timed in proportion) for --mix-rounds rounds of at least --mix-seconds
+     each; the medians, the median of the per-round ratios against one cache (target >= 0.9) and each one's
+     median get_batch time are printed.
      --mix-only packs the caches and runs this part alone (about a minute); --skip-mix leaves it out.
 With --breakdown, one more run of the loader prints the wall time spent inside each of its parts, in ns per
 token (file read, checksum + LZ4, rows copied into a window, the int32 batch and its positions), and apart
@@ -204,30 +207,43 @@ def bench_mix(cache_dir: Path, quarters: list[Path], args) -> dict:
              (f"{k} caches: MixPlan, size weights (one dataset)", mix_plan(None)),
              (f"{k} caches: MixPlan, weights {','.join(map(str, MIX_WEIGHTS))}", mix_plan(MIX_WEIGHTS))]
 
-    def measure(make, seconds: float) -> tuple[float, float, float, float]:
-        steps = tokens = 0
-        wall = cpu = 0.0
-        each = []  # every get_batch's time: the median is a step that builds no window (decodes nothing)
-        clock = time.perf_counter
-        while not steps or wall < seconds:
-            plan = make()
-            n = plan.total_steps if args.mix_steps <= 0 else min(args.mix_steps, plan.total_steps)
-            t0, c0 = clock(), time.process_time()
-            for s in range(n):
-                t = clock()
-                tokens += plan.get_batch(s).num_tokens
-                each.append(clock() - t)
-            wall += clock() - t0
-            cpu += time.process_time() - c0
-            steps += n
-        return steps / wall, tokens / wall, cpu / wall, float(np.median(each))
+    # The cases take turns every --mix-slice steps, so that the box's drift (other jobs, clock phases) falls
+    # on all of them alike; each keeps its plan across turns and rounds, and a plan that ran out of steps is
+    # made anew (another seed) outside the timing.
+    live = {name: [None, 0, 0] for name, _ in cases}  # plan, next step, steps to run
 
-    for _, make in cases:
-        measure(make, 0.0)  # warm up: page cache, allocator, buffer pools
+    def turn(name: str, make, acc: list) -> None:
+        cur = live[name]
+        if cur[0] is None or cur[1] >= cur[2]:
+            plan = make()
+            cur[:] = [plan, 0, plan.total_steps if args.mix_steps <= 0 else min(args.mix_steps, plan.total_steps)]
+        plan, s0 = cur[0], cur[1]
+        s1 = min(s0 + args.mix_slice, cur[2])
+        clock = time.perf_counter
+        t0, c0 = clock(), time.process_time()
+        for s in range(s0, s1):
+            t = clock()
+            acc[1] += plan.get_batch(s).num_tokens
+            acc[4].append(clock() - t)  # the median is a step that builds no window (decodes nothing)
+        acc[2] += clock() - t0
+        acc[3] += time.process_time() - c0
+        acc[0] += s1 - s0
+        cur[1] = s1
+
+    def measure_round(seconds: float) -> dict:
+        acc = {name: [0, 0, 0.0, 0.0, []] for name, _ in cases}  # steps, tokens, wall, cpu, each step's time
+        while True:
+            for name, make in cases:
+                turn(name, make, acc[name])
+            if min(a[2] for a in acc.values()) >= seconds:
+                break
+        return {name: (a[0] / a[2], a[1] / a[2], a[3] / a[2], float(np.median(a[4]))) for name, a in acc.items()}
+
+    measure_round(0.5)  # warm up: page cache, allocator, buffer pools
     out: dict = {name: [] for name, _ in cases}
     for _ in range(args.mix_rounds):
-        for name, make in cases:
-            out[name].append(measure(make, args.mix_seconds))
+        for name, r in measure_round(args.mix_seconds).items():
+            out[name].append(r)
     sizes = {"one": (len(one.chunks), one.manifest.total_tokens, data_plan().total_steps),
              "quarters": [(len(c.chunks), c.manifest.total_tokens) for c in qs],
              "mix_steps": mix_plan(None)().total_steps}
@@ -241,7 +257,7 @@ def print_mix(res: dict, args) -> None:
     W = args.world_size
     print(f"\nbatches built per second, plan.get_batch(step) over consecutive steps (as the Prefetcher), one "
           f"thread, {args.global_batch} x {args.seq_len} per step (rank 0 of {W}), {args.epochs} epochs, "
-          f"{args.mix_rounds} alternating rounds of >= {args.mix_seconds} s each:")
+          f"{args.mix_rounds} rounds of >= {args.mix_seconds} s each, the plans taking turns every {args.mix_slice} steps:")
     print(f"  1 cache: {sz['one'][0]} chunks, {sz['one'][1]:,} tokens, {sz['one'][2]} steps; {len(sz['quarters'])} "
           f"caches: " + " + ".join(f"{c} chunks/{t:,}" for c, t in sz["quarters"])
           + f" tokens, {sz['mix_steps']} steps")
@@ -457,9 +473,10 @@ def main() -> None:
     only.add_argument("--mix-only", action="store_true",
                       help="measure only batches/s of one cache's DataPlan against a MixPlan over the same data in 4 caches")
     only.add_argument("--skip-mix", action="store_true", help="leave out the 1-cache vs 4-cache batches/s part")
-    ap.add_argument("--mix-rounds", type=int, default=5, help="alternating rounds of the batches/s part")
+    ap.add_argument("--mix-rounds", type=int, default=5, help="rounds of the batches/s part")
     ap.add_argument("--mix-seconds", type=float, default=2.0, help="seconds of get_batch per case and round (at least)")
     ap.add_argument("--mix-steps", type=int, default=0, help="steps timed per plan (0: all of its --epochs epochs)")
+    ap.add_argument("--mix-slice", type=int, default=64, help="steps each case runs before the next one's turn")
     ap.add_argument("--work", help="work folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
 

@@ -272,6 +272,19 @@ def test_a_step_found_ready_is_asked_again_after_any_grow(caches):
     assert ready[0] == ready[1] and last not in ready[0]  # the newest block now waits for its chunks
 
 
+def test_a_step_asked_again_after_its_block_released_a_window_is_the_same_batch(caches):
+    """A block of planned steps lets go of a source window once its steps have taken all of the window's
+    rows; a step asked for again after that (a retry, out of order) is planned again, never built short."""
+    kw = {"seed": 4, "global_batch": 8, "rank": 0, "world_size": 1, "weights": [0.5, 0.5], "shuffle_window": 16}
+    plan, fresh = grown(MixPlan(opened(caches), **kw)), grown(MixPlan(opened(caches), **kw))
+    batches = [plan.get_batch(s) for s in range(40)]  # windows of 16 rows: many released within the block
+    assert plan._block.low > 0 and plan._block.first == 0  # some already released, the block still the first
+    for s in (0, 13, 39, 27):
+        again, other = plan.get_batch(s), fresh.get_batch(s)
+        assert again.seq_ids == batches[s].seq_ids == other.seq_ids
+        assert torch.equal(again.input_ids, other.input_ids) and torch.equal(again.position_ids, other.position_ids)
+
+
 # -- the trainer on two caches ----------------------------------------------------------------------------
 TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
         "--micro-batch-size", "4", "--grad-accum", "2", "--threads", "1", "--deterministic", "--log-every", "1000"]

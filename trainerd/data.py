@@ -450,28 +450,6 @@ def _batch(ids: np.ndarray, pos: np.ndarray, short: list[tuple[int, int]], empty
     return Batch(input_ids, torch.from_numpy(pos), labels, num_tokens, seq_ids, empty)
 
 
-def gather(groups: list[tuple], restarts: tuple, buf: np.ndarray, arange: np.ndarray, seq_ids: list,
-           short: list, empty: int) -> Batch:
-    """A batch whose rows dsel are the rows qsel of a window, for each (window, qsel, dsel) of `groups` (the
-    rows of a mixture's sources, interleaved), in buf ([2, n, L] int32: ids, positions, from a pool).
-    restarts: the batch's document starts past position 0, (flat start row*L+s, stretch length) as two
-    lists, or as two arrays when there are more than FEW_DOCUMENTS. The caller knows the rows' seq_ids,
-    (row, real length) of its short rows and how many are empty."""
-    ids, pos = buf[0], buf[1]
-    for win, qsel, dsel in groups:
-        ids[dsel] = win.tokens[qsel]
-    lo, n = restarts
-    if isinstance(lo, np.ndarray):
-        L = pos.shape[1]
-        _positions(pos, lo // L, lo % L)
-    else:
-        pos[:] = arange
-        flat = pos.reshape(-1)
-        for a, k in zip(lo, n):
-            flat[a:a + k] = arange[:k]
-    return _batch(ids, pos, short, empty, seq_ids)
-
-
 class _BufferPool:
     """Recycled arrays (batches: [2, rows, seq_len] int32; windows: [rows, seq_len] tokens): a buffer is
     reused only once nothing refers to it.

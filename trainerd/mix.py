@@ -53,11 +53,11 @@ import torch
 from shared.cache import Cache
 from shared.protocol import DEFAULT_ENDPOINT
 
-from .data import FEW_DOCUMENTS, DataPlan, _BufferPool, _floor, gather
+from .data import FEW_DOCUMENTS, Batch, DataPlan, _batch, _BufferPool, _floor, _positions
 
 MIX_FORMAT = 1
-BLOCK_POSITIONS = 2048  # run positions planned together (the interleave and the sources' windows looked up
-                        # once for them): 64 steps of 32 sequences, fewer of larger batches, so that a block's
+BLOCK_POSITIONS = 8192  # run positions planned together (the interleave and the sources' windows looked up
+                        # once for them): 256 steps of 32 sequences, fewer of larger batches, so that a block's
                         # steps keep few windows alive
 PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
 SHARE_TOLERANCE = 0.01  # size weights move the interleave only when a cache's share moves by more than 1% of
@@ -120,6 +120,81 @@ def allocate(weights: list[float], n: int) -> np.ndarray:
     return np.resize(p.source, n)
 
 
+class _Block:
+    """Consecutive steps of one plan version, planned together: for each source, its windows and the rows each
+    step takes of them (looked up with whole-array operations for all the steps at once, which costs about
+    what one step did), the steps' document restarts, short rows, sources and seq_ids. A step's batch is then
+    one copy per source window (batch)."""
+    __slots__ = ("first", "low", "k", "version", "pieces", "flat", "n", "few", "cut", "short", "sources", "seq_ids")
+
+    def __init__(self, plan: "MixPlan", first: int, version: int, src: np.ndarray, spos: np.ndarray):
+        """Rows with sources `src` at source positions `spos`: this rank's rows of the steps from `first`."""
+        R, L = plan.rows, plan.seq_len
+        self.first, self.version, self.k = first, version, len(src) // R
+        self.low = 0  # the first of its steps it still holds every window of
+        k = self.k
+        # per source window: (window, its first row when its rows are consecutive, else None; its rows; the
+        # rows of the step they fill; where each step's rows begin among them)
+        self.pieces: list[tuple] = []
+        seq_ids = np.empty(len(src), dtype=object)  # (source, chunk, index) of each row: the windows' own tuples
+        starts, shorts = [], []  # (block row, position in row, stretch) of document starts; (block row, length)
+        step_starts = np.arange(k + 1) * R
+        for i in np.unique(src).tolist():
+            idx = np.flatnonzero(src == i)
+            for win, q, sel in plan.plans[i].gather(spos[idx]):
+                rows = idx[sel]
+                which, at, n = win.starts_in(q)
+                starts.append((rows[which], at, n))
+                if (s := win.short_in(q)) is not None:
+                    shorts.append((rows[s[0]], s[1]))
+                q0 = int(q[0])
+                run = int(q[-1]) - q0 == len(q) - 1  # consecutive rows: slices
+                seq_ids[rows] = win.seq_ids[q0:q0 + len(q)] if run else win.seq_ids[q]
+                cuts = np.searchsorted(rows, step_starts).tolist()
+                self.pieces.append((win, q0 if run else None, q, rows % R, cuts))
+        flat = np.concatenate([r * L + a for r, a, _ in starts])  # in the block's rows
+        order = np.argsort(flat, kind="stable")
+        flat, self.n = flat[order], np.concatenate([n for _, _, n in starts])[order]
+        self.cut = np.searchsorted(flat, step_starts * L).tolist()
+        flat %= R * L                                             # in its step's rows
+        self.flat, self.few = flat, (flat.tolist(), self.n.tolist())
+        self.short: list[list] = [[] for _ in range(k)]
+        for rows, lengths in shorts:  # rare: a chunk's short final sequence
+            for r, length in zip(rows.tolist(), lengths.tolist()):
+                self.short[r // R].append((r % R, length))
+        self.sources, self.seq_ids = src.reshape(k, R).tolist(), seq_ids.tolist()
+
+    def holds(self, step: int, version: int) -> bool:
+        return version == self.version and self.first + self.low <= step < self.first + self.k
+
+    def batch(self, j: int, buf: np.ndarray, arange: np.ndarray) -> Batch:
+        """The batch of the block's step j, in buf ([2, rows, L] int32: ids, positions, from a pool)."""
+        ids, pos = buf[0], buf[1]
+        done = False
+        for win, q0, q, dest, cuts in self.pieces:
+            c0, c1 = cuts[j], cuts[j + 1]
+            if c1 > c0:
+                ids[dest[c0:c1]] = win.tokens[q0 + c0:q0 + c1] if q0 is not None else win.tokens[q[c0:c1]]
+            done |= c1 == cuts[-1]
+        if done:  # a window the next steps take nothing of need not stay alive; the steps up to j are then
+            self.pieces = [p for p in self.pieces if p[4][j + 1] < p[4][-1]]  # planned again if asked for
+            self.low = j + 1
+        lo, hi = self.cut[j], self.cut[j + 1]
+        if hi - lo > FEW_DOCUMENTS:
+            L = pos.shape[1]
+            _positions(pos, self.flat[lo:hi] // L, self.flat[lo:hi] % L)
+        else:
+            pos[:] = arange
+            flat = pos.reshape(-1)
+            for a, n in zip(self.few[0][lo:hi], self.few[1][lo:hi]):
+                flat[a:a + n] = arange[:n]
+        short = self.short[j]
+        R = len(ids)
+        batch = _batch(ids, pos, short, sum(length == 0 for _, length in short), self.seq_ids[j * R:(j + 1) * R])
+        batch.sources = self.sources[j]
+        return batch
+
+
 class MixPlan:
     """The step plan over several caches: DataPlan's interface (grow through grow_sources)."""
 
@@ -155,7 +230,7 @@ class MixPlan:
         self.segments: list[tuple[int, tuple[int, ...], list[int]]] = []  # (first step, units, draws before it)
         self._starts: list[int] = []
         self._changes: list[int] = []
-        self._planned: dict[int, tuple] = {}  # the next steps' groups, made together (build)
+        self._block: _Block | None = None  # the next steps, planned together (build)
         self._ready_upto = -1  # a step found ready since the last grow: so are those before it
         self.total_steps, self.step = 0, 0
 
@@ -321,69 +396,20 @@ class MixPlan:
     def build(self, step: int):
         """This rank's rows of global step `step` and the plan version it was planned at."""
         with self._lock:
-            if not self.ready(step):
+            if not 0 <= step <= self._ready_upto and not self.ready(step):
                 raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
             version = len(self._changes)
-            planned = self._planned.get(step)
-            if planned is None or planned[0] != version:
+            block = self._block
+            if block is None or not block.holds(step, version):
                 last = min(step + max(1, BLOCK_POSITIONS // self.global_batch), self.total_steps)
                 while not self.ready(last - 1):  # the steps ready are those up to some step (one test, usually)
                     last = (step + 1 + last) // 2
                 G = self.global_batch
                 places = self._places(np.arange(step * G + self.rank, last * G, self.world_size, dtype=np.int64))
-        if planned is None or planned[0] != version:  # windows are decoded outside the lock
-            self._planned = planned = self._plan_steps(step, version, *places)
-            planned = planned[step]
-        self._planned.pop(step - 1, None)  # a step taken: its windows need not stay alive for it
-        _, groups, restarts, sources, seq_ids, short, empty = planned
-        batch = gather(groups, restarts, self._buffers.take(), self._arange, seq_ids, short, empty)
-        batch.sources = sources
-        return batch, version
-
-    def _plan_steps(self, step: int, version: int, src: np.ndarray, spos: np.ndarray) -> dict:
-        """{step: (version, groups, restarts, sources, seq_ids, short, empty)} for the steps from `step` whose
-        rows have sources `src` at source positions `spos` (gather's arguments for each step, and its rows'
-        sources). Looking up the sources' windows, document starts and short rows for several steps at once,
-        with whole-array operations, costs about what one step did."""
-        R, L = self.rows, len(self._arange)
-        k = len(src) // R
-        groups: list[list] = [[] for _ in range(k)]
-        seq_ids = np.empty(len(src), dtype=object)  # (source, chunk, index) of each row: the windows' own tuples
-        starts, shorts = [], []  # (block row, position in row, stretch) of document starts; (block row, length)
-        for i in np.unique(src).tolist():
-            idx = np.flatnonzero(src == i)
-            for win, q, sel in self.plans[i].gather(spos[idx]):
-                rows = idx[sel]
-                which, at, n = win.starts_in(q)
-                starts.append((rows[which], at, n))
-                if (s := win.short_in(q)) is not None:
-                    shorts.append((rows[s[0]], s[1]))
-                q0, run = int(q[0]), int(q[-1]) - int(q[0]) == len(q) - 1  # consecutive rows: slices
-                seq_ids[rows] = win.seq_ids[q0:q0 + len(q)] if run else win.seq_ids[q]
-                dest = rows % R
-                j0, j1 = int(rows[0]) // R, int(rows[-1]) // R + 1  # the steps these rows are in
-                cuts = np.searchsorted(rows, np.arange(j0, j1 + 1) * R).tolist()
-                for j, c0, c1 in zip(range(j0, j1), cuts, cuts[1:]):
-                    if c1 > c0:
-                        groups[j].append((win, slice(q0 + c0, q0 + c1) if run else q[c0:c1], dest[c0:c1]))
-        flat = np.concatenate([r * L + a for r, a, _ in starts])  # in the block's rows
-        order = np.argsort(flat, kind="stable")
-        flat, n = flat[order], np.concatenate([n for _, _, n in starts])[order]
-        cut = np.searchsorted(flat, np.arange(k + 1) * R * L).tolist()
-        flat %= R * L                                             # in its step's rows
-        few = (flat.tolist(), n.tolist())
-        short = [[] for _ in range(k)]
-        for rows, lengths in shorts:  # rare: a chunk's short final sequence
-            for r, length in zip(rows.tolist(), lengths.tolist()):
-                short[r // R].append((r % R, length))
-        sources = src.reshape(k, R).tolist()
-        out = {}
-        for j in range(k):
-            lo, hi = cut[j], cut[j + 1]
-            restarts = (flat[lo:hi], n[lo:hi]) if hi - lo > FEW_DOCUMENTS else (few[0][lo:hi], few[1][lo:hi])
-            empty = sum(length == 0 for _, length in short[j]) if short[j] else 0
-            out[step + j] = (version, groups[j], restarts, sources[j], seq_ids[j * R:(j + 1) * R].tolist(), short[j], empty)
-        return out
+                block = None
+        if block is None:  # windows are decoded outside the lock
+            self._block = block = _Block(self, step, version, *places)
+        return block.batch(step - block.first, self._buffers.take(), self._arange), version
 
     # -- state -----------------------------------------------------------------------------------------
     def _live_segment(self) -> int:
