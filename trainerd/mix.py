@@ -395,21 +395,21 @@ class MixPlan:
 
     def build(self, step: int):
         """This rank's rows of global step `step` and the plan version it was planned at."""
-        with self._lock:
+        with self._lock:  # a block lets go of windows as its steps are built: the check and the build go together
             if not 0 <= step <= self._ready_upto and not self.ready(step):
                 raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
             version = len(self._changes)
-            block = self._block
-            if block is None or not block.holds(step, version):
-                last = min(step + max(1, BLOCK_POSITIONS // self.global_batch), self.total_steps)
-                while not self.ready(last - 1):  # the steps ready are those up to some step (one test, usually)
-                    last = (step + 1 + last) // 2
-                G = self.global_batch
-                places = self._places(np.arange(step * G + self.rank, last * G, self.world_size, dtype=np.int64))
-                block = None
-        if block is None:  # windows are decoded outside the lock
-            self._block = block = _Block(self, step, version, *places)
-        return block.batch(step - block.first, self._buffers.take(), self._arange), version
+            if self._block is not None and self._block.holds(step, version):
+                return self._block.batch(step - self._block.first, self._buffers.take(), self._arange), version
+            last = min(step + max(1, BLOCK_POSITIONS // self.global_batch), self.total_steps)
+            while not self.ready(last - 1):  # the steps ready are those up to some step (one test, usually)
+                last = (step + 1 + last) // 2
+            G = self.global_batch
+            places = self._places(np.arange(step * G + self.rank, last * G, self.world_size, dtype=np.int64))
+        block = _Block(self, step, version, *places)  # windows are decoded outside the lock
+        with self._lock:
+            self._block = block
+            return block.batch(step - block.first, self._buffers.take(), self._arange), version
 
     # -- state -----------------------------------------------------------------------------------------
     def _live_segment(self) -> int:
