@@ -240,6 +240,31 @@ def test_while_size_weights_move_each_rank_decodes_only_the_rows_it_draws(caches
     assert len(one.segments) > 3 and compared > 20  # the shares moved several times while windows were split
 
 
+def test_two_ranks_on_growing_caches_with_windows_of_one_chunk_match_one_rank(caches):
+    """While caches grow, the newest block of a source's first epoch is laid out again at every grow, so a
+    window of the same chunks can come back at another place in the stream: with several ranks it then holds
+    other rows (a rank keeps the rows it draws, and those follow the place), and must be built again."""
+    G, W = 8, 2
+    cs = opened(caches)
+    full = [(len(c.chunks), c.manifest.estimated_total_sequences()) for c in cs]
+    kw = {"seed": 5, "global_batch": G, "shuffle_window": 16}  # 16 sequences a chunk: one chunk a window
+    one = MixPlan(opened(caches), rank=0, world_size=1, **kw)
+    ranks = [MixPlan(opened(caches), rank=r, world_size=W, **kw) for r in range(W)]
+    frac, step, built = 0.2, 0, 0
+    while not (one.finished and step >= one.total_steps):
+        views = [(max(1, int(n * frac)) if frac < 1 else n, frac >= 1, est) for n, est in full]
+        for p in (one, *ranks):
+            p.grow_sources(step, views)
+        while step < one.total_steps and one.ready(step) and built < 9:
+            b = one.get_batch(step)
+            for r, p in enumerate(ranks):
+                rb = p.get_batch(step)
+                assert rb.seq_ids == b.seq_ids[r::W] and torch.equal(rb.input_ids, b.input_ids[r::W])
+            step, built = step + 1, built + 1
+        built, frac = 0, min(1.0, frac + 0.05)
+    assert step == one.total_steps > 100
+
+
 def test_size_weights_start_a_segment_only_when_a_share_moves_by_more_than_1_percent(caches):
     cs = opened(caches)
     plan = MixPlan(cs, seed=1, global_batch=8, rank=0, world_size=1)

@@ -790,7 +790,11 @@ class DataPlan:
         """This rank's rows j0, j0+W, ... of window w of an epoch, decoded (each is built once while it is
         in use: a small LRU)."""
         chunks = lay.chunks_of(w)
-        key = (lay.epoch, chunks, j0, self._filter_gen)  # read before the filter: a newer one never gets this window
+        # the filter's generation is read before the filter, so a newer filter never gets this window; with a
+        # filter the rows kept follow the window's place in the stream, and a growing cache's newest block is
+        # laid out again at every grow, so the same chunks can come back elsewhere
+        place = lay.win_pos[w] if self.row_filter is not None else 0
+        key = (lay.epoch, chunks, j0, self._filter_gen, place)
         with self._wlock:
             win = self._windows.get(key)
             if win is not None:

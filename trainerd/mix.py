@@ -57,8 +57,8 @@ from .data import FEW_DOCUMENTS, Batch, DataPlan, _batch, _BufferPool, _floor, _
 
 MIX_FORMAT = 1
 BLOCK_POSITIONS = 8192  # run positions planned together (the interleave and the sources' windows looked up
-                        # once for them): 256 steps of 32 sequences, fewer of larger batches, so that a block's
-                        # steps keep few windows alive
+                        # once for them): 256 steps of 32 sequences, fewer of larger batches; a block lets go
+                        # of each window once its steps took the window's rows
 PERIOD = 1 << 16  # weights are quantized to 1/PERIOD
 SHARE_TOLERANCE = 0.01  # size weights move the interleave only when a cache's share moves by more than 1% of
                         # itself: each move makes every rank decode its windows again (its rows change)
@@ -131,10 +131,11 @@ class _Block:
         """Rows with sources `src` at source positions `spos`: this rank's rows of the steps from `first`."""
         R, L = plan.rows, plan.seq_len
         self.first, self.version, self.k = first, version, len(src) // R
-        self.low = 0  # the first of its steps it still holds every window of
+        self.low = 0  # the first of its steps (counted from first) it still holds every window of
         k = self.k
-        # per source window: (window, its first row when its rows are consecutive, else None; its rows; the
-        # rows of the step they fill; where each step's rows begin among them)
+        # per source window: (first step and end of the steps that take its rows; the window; its first row
+        # when its rows are consecutive, else its rows; the rows of the step they fill; where each of those
+        # steps' rows begin among them), by first step
         self.pieces: list[tuple] = []
         seq_ids = np.empty(len(src), dtype=object)  # (source, chunk, index) of each row: the windows' own tuples
         starts, shorts = [], []  # (block row, position in row, stretch) of document starts; (block row, length)
@@ -150,8 +151,10 @@ class _Block:
                 q0 = int(q[0])
                 run = int(q[-1]) - q0 == len(q) - 1  # consecutive rows: slices
                 seq_ids[rows] = win.seq_ids[q0:q0 + len(q)] if run else win.seq_ids[q]
-                cuts = np.searchsorted(rows, step_starts).tolist()
-                self.pieces.append((win, q0 if run else None, q, rows % R, cuts))
+                j0, j1 = int(rows[0]) // R, int(rows[-1]) // R + 1
+                cuts = np.searchsorted(rows, step_starts[j0:j1 + 1]).tolist()
+                self.pieces.append((j0, j1, win, q0 if run else q, rows % R, cuts))
+        self.pieces.sort(key=lambda piece: piece[0])
         flat = np.concatenate([r * L + a for r, a, _ in starts])  # in the block's rows
         order = np.argsort(flat, kind="stable")
         flat, self.n = flat[order], np.concatenate([n for _, _, n in starts])[order]
@@ -170,14 +173,19 @@ class _Block:
     def batch(self, j: int, buf: np.ndarray, arange: np.ndarray) -> Batch:
         """The batch of the block's step j, in buf ([2, rows, L] int32: ids, positions, from a pool)."""
         ids, pos = buf[0], buf[1]
-        done = False
-        for win, q0, q, dest, cuts in self.pieces:
-            c0, c1 = cuts[j], cuts[j + 1]
-            if c1 > c0:
-                ids[dest[c0:c1]] = win.tokens[q0 + c0:q0 + c1] if q0 is not None else win.tokens[q[c0:c1]]
-            done |= c1 == cuts[-1]
-        if done:  # a window the next steps take nothing of need not stay alive; the steps up to j are then
-            self.pieces = [p for p in self.pieces if p[4][j + 1] < p[4][-1]]  # planned again if asked for
+        done, started = False, 0
+        for j0, j1, win, q, dest, cuts in self.pieces:
+            if j < j0:
+                break  # this window's steps and those of the windows after it are still to come
+            started += 1
+            if j < j1:
+                c0, c1 = cuts[j - j0], cuts[j - j0 + 1]
+                if c1 > c0:
+                    ids[dest[c0:c1]] = win.tokens[q + c0:q + c1] if isinstance(q, int) else win.tokens[q[c0:c1]]
+            done |= j + 1 >= j1
+        if done:  # a window the next steps take nothing of need not stay alive; the steps up to j (relative
+            # to first) are then planned again if asked for
+            self.pieces[:started] = [p for p in self.pieces[:started] if p[1] > j + 1]
             self.low = j + 1
         lo, hi = self.cut[j], self.cut[j + 1]
         if hi - lo > FEW_DOCUMENTS:
