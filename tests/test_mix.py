@@ -525,7 +525,7 @@ def test_every_row_of_a_mixed_batch_is_its_chunk_row_with_its_documents(caches, 
                    weights=[0.5, 0.5] if ranks == 1 else None, shuffle_window=40)
     if ranks == 1:
         grown(plan)
-    else:  # not finished: the interleave may still change, so no rank's windows are filtered to its rows
+    else:  # not finished: size weights may still move, and each rank's windows still hold only its rows
         plan.grow_sources(0, [(len(c.chunks), False, c.manifest.estimated_total_sequences()) for c in cs])
     chunks: dict = {}
     restarts = short = 0

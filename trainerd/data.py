@@ -190,6 +190,15 @@ class Batch:
         return ids, wide(self.position_ids), labels
 
 
+def restart(out: np.ndarray, lo: list[int], n: list[int], ar: np.ndarray, shift: int = 0) -> None:
+    """Fill out [k, L] with positions 0.. in every row, restarted for a stretch of n[i] at each flat position
+    lo[i] + shift (few document starts, their stretches known: one slice assignment each)."""
+    out[:] = ar
+    flat = out.reshape(-1)
+    for a, m in zip(lo, n):
+        flat[a + shift:a + shift + m] = ar[:m]
+
+
 def _positions(out: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> None:
     """Fill out [n, L]: positions 0.. from each sequence start, restarting at each (row, start) document start."""
     n, L = out.shape
@@ -334,13 +343,10 @@ class _Window:
         k, L = out.shape
         i0, i1 = int(self._row_first[q0]), int(self._row_first[q0 + k])
         if i1 - i0 > FEW_DOCUMENTS:  # many short documents: vectorised
-            lo = np.asarray(self.doc_lo[i0:i1], dtype=np.int64)
+            lo = self._doc_lo[i0:i1]
             _positions(out, lo // L - q0, lo % L)
-            return
-        out[:] = ar
-        flat, shift = out.reshape(-1), -q0 * L
-        for lo, n in zip(self.doc_lo[i0:i1], self.doc_len[i0:i1]):
-            flat[lo + shift:lo + shift + n] = ar[:n]
+        else:
+            restart(out, self.doc_lo[i0:i1], self.doc_len[i0:i1], ar, -q0 * L)
 
     def starts_in(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The document starts past position 0 in rows q (ascending, any gaps): for each, which of q holds
@@ -790,11 +796,10 @@ class DataPlan:
         """This rank's rows j0, j0+W, ... of window w of an epoch, decoded (each is built once while it is
         in use: a small LRU)."""
         chunks = lay.chunks_of(w)
-        # the filter's generation is read before the filter, so a newer filter never gets this window; with a
-        # filter the rows kept follow the window's place in the stream, and a growing cache's newest block is
-        # laid out again at every grow, so the same chunks can come back elsewhere
-        place = lay.win_pos[w] if self.row_filter is not None else 0
-        key = (lay.epoch, chunks, j0, self._filter_gen, place)
+        # the filter's generation is read before the filter, so a newer filter never gets this window; the
+        # window's place in the stream too, since a growing cache's newest block is laid out again at every grow
+        # and its chunks can come back elsewhere (a mixture's rank then keeps other rows of them)
+        key = (lay.epoch, chunks, j0, self._filter_gen, lay.win_pos[w])
         with self._wlock:
             win = self._windows.get(key)
             if win is not None:

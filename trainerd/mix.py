@@ -53,7 +53,7 @@ import torch
 from shared.cache import Cache
 from shared.protocol import DEFAULT_ENDPOINT
 
-from .data import FEW_DOCUMENTS, Batch, DataPlan, _batch, _BufferPool, _floor, _positions
+from .data import FEW_DOCUMENTS, Batch, DataPlan, _batch, _BufferPool, _floor, _positions, restart
 
 MIX_FORMAT = 1
 BLOCK_POSITIONS = 8192  # run positions planned together (the interleave and the sources' windows looked up
@@ -125,7 +125,7 @@ class _Block:
     step takes of them (looked up with whole-array operations for all the steps at once, which costs about
     what one step did), the steps' document restarts, short rows, sources and seq_ids. A step's batch is then
     one copy per source window (batch)."""
-    __slots__ = ("first", "low", "k", "version", "pieces", "flat", "n", "few", "cut", "short", "sources", "seq_ids")
+    __slots__ = ("first", "low", "k", "version", "pieces", "flat", "few", "cut", "short", "sources", "seq_ids")
 
     def __init__(self, plan: "MixPlan", first: int, version: int, src: np.ndarray, spos: np.ndarray):
         """Rows with sources `src` at source positions `spos`: this rank's rows of the steps from `first`."""
@@ -157,10 +157,10 @@ class _Block:
         self.pieces.sort(key=lambda piece: piece[0])
         flat = np.concatenate([r * L + a for r, a, _ in starts])  # in the block's rows
         order = np.argsort(flat, kind="stable")
-        flat, self.n = flat[order], np.concatenate([n for _, _, n in starts])[order]
+        flat, n = flat[order], np.concatenate([n for _, _, n in starts])[order]
         self.cut = np.searchsorted(flat, step_starts * L).tolist()
         flat %= R * L                                             # in its step's rows
-        self.flat, self.few = flat, (flat.tolist(), self.n.tolist())
+        self.flat, self.few = flat, (flat.tolist(), n.tolist())
         self.short: list[list] = [[] for _ in range(k)]
         for rows, lengths in shorts:  # rare: a chunk's short final sequence
             for r, length in zip(rows.tolist(), lengths.tolist()):
@@ -192,10 +192,7 @@ class _Block:
             L = pos.shape[1]
             _positions(pos, self.flat[lo:hi] // L, self.flat[lo:hi] % L)
         else:
-            pos[:] = arange
-            flat = pos.reshape(-1)
-            for a, n in zip(self.few[0][lo:hi], self.few[1][lo:hi]):
-                flat[a:a + n] = arange[:n]
+            restart(pos, self.few[0][lo:hi], self.few[1][lo:hi], arange)
         short = self.short[j]
         R = len(ids)
         batch = _batch(ids, pos, short, sum(length == 0 for _, length in short), self.seq_ids[j * R:(j + 1) * R])
@@ -404,7 +401,7 @@ class MixPlan:
     def build(self, step: int):
         """This rank's rows of global step `step` and the plan version it was planned at."""
         with self._lock:  # a block lets go of windows as its steps are built: the check and the build go together
-            if not 0 <= step <= self._ready_upto and not self.ready(step):
+            if not self.ready(step):
                 raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
             version = len(self._changes)
             if self._block is not None and self._block.holds(step, version):
