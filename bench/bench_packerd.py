@@ -13,7 +13,11 @@ Prints one table: tokens/s and bytes per token on disk for
      start to a finished manifest (all chunks committed); also its steady rate, first to last chunk commit,
   4. what users write instead: datasets `map(tokenize)` + `group_texts` (transformers' run_clm.py), saved to disk;
   5. with --baseline PATH, packerd --tokenizer-engine tiktoken from another checkout of this repository (an
-     earlier commit, `git archive COMMIT | tar -x -C PATH`), in the same rotation: the change against it.
+     earlier commit, `git archive COMMIT | tar -x -C PATH`), in the same rotation: the change against it,
+  6. short documents (issue 15's bytes-per-token goal): the same copies split into paragraphs, one document per
+     non-empty line, packed by packerd --tokenizer-engine tiktoken into one cache per chunk format (the
+     default, then each other one packerd writes); bytes per token on disk, counted as in the table (the whole
+     cache folder), and the steady rate. Packed once each, after the rounds: bytes do not depend on the load.
 Corpus: ../shared/data/corpora/wikitext-2/valid.jsonl (web-sized documents, about 18 KB each) with the GPT-2
 tokenizer, repeated --copies times (each copy numbered, so nothing is deduplicated), written as jsonl shards
 of 8 copies (about 2 MB each, as datasets ship shards); falls back to builtin:pydoc + builtin:bpe when absent.
@@ -75,7 +79,7 @@ def bench_tiktoken(texts: list[str], tok_dir: str) -> tuple[float, int]:
 
 
 def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int | None,
-                  engine: str, code: Path = ROOT) -> tuple[float, float, int, float, float]:
+                  engine: str, code: Path = ROOT, extra: tuple[str, ...] = ()) -> tuple[float, float, int, float, float]:
     """(end-to-end tokens/s, steady tokens/s, tokens, bytes per token, CPU us per token) of one packerd run
     into a new cache. The CPU time (user + system, all threads, start-up included) moves far less with the
     other jobs on the box than the rates do."""
@@ -87,6 +91,7 @@ def bench_packerd(src: Path, tok_dir: str, work: Path, workers: int, level: int 
         cmd += ["--workers", str(workers)]
     if level is not None:
         cmd += ["--lz4-level", str(level)]
+    cmd += extra
     t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, cwd=code, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(code)))
     dt, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -154,7 +159,30 @@ def rounds(texts: list[str], src: Path, tok_dir: str, work: Path, args) -> dict[
     return out
 
 
-def report(out: dict[str, list], ds: tuple | None, name: str, ntexts: int, args) -> None:
+def write_shards(texts: list[str], folder: Path, per_file: int) -> None:
+    folder.mkdir()
+    for k in range(0, len(texts), per_file):
+        with open(folder / f"part{k // per_file:03d}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[k:k + per_file])
+
+
+def short_documents(texts: list[str], tok_dir: str, work: Path, args) -> list[tuple]:
+    """(chunk format, documents, tokens, bytes per token, steady tokens/s) of packerd over `texts` split into
+    paragraphs, once per chunk format, the default first."""
+    sys.path.insert(0, str(ROOT))
+    from shared.chunk import FORMAT_VERSION
+    paragraphs = [p for t in texts for p in t.split("\n") if p.strip()]
+    src = work / "paragraphs"
+    write_shards(paragraphs, src, max(1, len(paragraphs) // 4))
+    rows = []
+    for fmt in sorted((2, 3), key=lambda v: v != FORMAT_VERSION):
+        _, steady, tokens, bpt, _ = bench_packerd(src, tok_dir, work, args.workers, args.lz4_level, "tiktoken",
+                                                  extra=("--chunk-format", str(fmt)))
+        rows.append((fmt, len(paragraphs), tokens, bpt, steady))
+    return rows
+
+
+def report(out: dict[str, list], ds: tuple | None, short: list[tuple], name: str, ntexts: int, args) -> None:
     med = statistics.median
     raw_hf = [r[0] for r in out["raw hf"]]
     raw_tt = [r[0] for r in out["raw tiktoken"]]
@@ -184,6 +212,12 @@ def report(out: dict[str, list], ds: tuple | None, name: str, ntexts: int, args)
                   f"start-up included; per round {', '.join(f'{r[4]:.3f}' for r in out[e])})")
     if ds is not None:
         row("datasets map + group_texts + save_to_disk", [ds[0]] * len(raw_hf), ds[2])
+    print("\nshort documents: the same copies, one document per non-empty line (packerd --tokenizer-engine tiktoken, "
+          "seq_len 1024, packed once)")
+    print(f"{'chunk format':<24}{'documents':>11}{'tokens':>12}{'tokens/doc':>11}{'bytes/token':>12}{'steady tok/s':>14}")
+    for fmt, docs, tokens, bpt, steady in short:
+        label = f"{fmt} (default)" if fmt == short[0][0] else f"{fmt} (--chunk-format {fmt})"
+        print(f"{label:<24}{docs:>11,}{tokens:>12,}{tokens / docs:>11.1f}{bpt:>12.3f}{steady:>14,.0f}")
     print(f"\ncommand: python bench/bench_packerd.py --copies {args.copies} --rounds {args.rounds}"
           + (f" --workers {args.workers}" if args.workers else "")
           + (f" --lz4-level {args.lz4_level}" if args.lz4_level is not None else "")
@@ -205,16 +239,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = work / "src"
-        src.mkdir()
-        for k in range(0, len(texts), per_file):
-            with open(src / f"part{k // per_file:03d}.jsonl", "w") as f:
-                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[k:k + per_file])
+        write_shards(texts, src, per_file)
         out = rounds(texts, src, tok_dir, work, args)
+        short = short_documents(texts, tok_dir, work, args)
         ds = None
         if not args.no_datasets:
             (work / "p").mkdir()
             ds = bench_datasets(src, tok_dir, work / "p", os.cpu_count())
-    report(out, ds, name, len(texts), args)
+    report(out, ds, short, name, len(texts), args)
 
 
 if __name__ == "__main__":
