@@ -117,6 +117,38 @@ def read_run(run_dir: Path) -> dict:
             "checkpoint": ckpt, "steps": len(steps)}
 
 
+def check_rows(cache, whole, a) -> None:
+    """The rows the Trainer gets (`whole`: every sequence in one batch) are the chunks' own tokens, with positions
+    restarting at each recorded document start and labels -100 on padding only, and equal the rows trainerd
+    builds in batches of --batch with the same window; exits when any row differs."""
+    import numpy as np
+
+    from trainerd.data import DataPlan
+
+    n = len(whole.input_ids)
+    plan = DataPlan(cache, seed=a.seed, global_batch=a.batch, rank=0, world_size=1, shuffle_window=n)
+    small = {sid: (b, i) for b in (plan.get_batch(s) for s in range(plan.total_steps)) for i, sid in enumerate(b.seq_ids)}
+    chunks = {}
+    for i, (c, k) in enumerate(whole.seq_ids):
+        chunk = chunks.get(c) or chunks.setdefault(c, cache.read_chunk(c))
+        length, tokens = int(chunk.lengths[k]), chunk.sequence(k)
+        row = whole.input_ids[i].numpy()
+        pos = np.arange(cache.seq_len)
+        starts = np.asarray(chunk.doc_starts_of(k), dtype=np.int64)
+        pos = pos - np.concatenate([[0], starts])[np.searchsorted(starts, pos, side="right")]
+        want_labels = np.where(np.arange(cache.seq_len) < length, row, -100)
+        b, j = small.get((c, k), (whole, i))  # the last, partial batch of --batch is not planned
+        if not (np.array_equal(row[:length], tokens) and np.array_equal(whole.position_ids[i].numpy()[:length], pos[:length])
+                and np.array_equal(whole.labels[i].numpy(), want_labels) and all(
+                    np.array_equal(getattr(b, f)[j].numpy(), getattr(whole, f)[i].numpy())
+                    for f in ("input_ids", "position_ids", "labels"))):
+            sys.exit(f"row of chunk {c}, sequence {k} differs from the chunk or from trainerd's batches of {a.batch}")
+    if len(small) != n // a.batch * a.batch:
+        sys.exit(f"trainerd's batches of {a.batch} hold {len(small)} sequences of the epoch's {n}")
+    print(f"rows checked: all {n} rows the Trainer gets are the chunks' tokens, positions and labels, and trainerd's "
+          f"rows in batches of {a.batch}", flush=True)
+
+
 def global_shuffle(a, cache_dir: Path, lrs: list[float], out: Path, data_seed: int, window: int | None = None) -> dict:
     """transformers' Trainer over every sequence of the cache (its RandomSampler: a global shuffle, drawn from
     data_seed; the weights from --seed either way). With `window`: in trainerd's own order for that window
@@ -140,6 +172,8 @@ def global_shuffle(a, cache_dir: Path, lrs: list[float], out: Path, data_seed: i
         batches = [plan.get_batch(s) for s in range(plan.total_steps)]   # trainerd's order
     ids, pos, labels = (torch.cat([getattr(b, k).long() for b in batches]) for k in ("input_ids", "position_ids", "labels"))
     n = len(ids)
+    if window is None:
+        check_rows(cache, batches[0], a)
 
     class Sequences(torch.utils.data.Dataset):
         def __len__(self):
