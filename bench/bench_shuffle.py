@@ -20,7 +20,9 @@ In one run it:
      same AdamW groups and hyperparameters, the learning rate of every step read from trainerd's log, the same
      batch, steps, clipping and loss (trainerd.model.summed_loss over the batch's target count); and again
      with another data seed (--global-orders 2), to show how far two global shuffles differ by chance; with
-     --check-order W once more in trainerd's own order for window W, which must end with trainerd's weights,
+     --check-order W once more in trainerd's own order for window W, which must end with trainerd's weights;
+     before training, every row the Trainer gets is checked against the chunks (tokens, positions restarting at
+     each document start, labels) and against trainerd's rows in batches of --batch,
   4. evaluates every final model with trainerd's Evaluator over every sequence of the training cache once,
      and over the first --ood-sequences of an out-of-domain text (tinyshakespeare), and prints the loss of
      each method and its ratio to the global shuffle (issue 14's target: at most 1.01 with the default window),
