@@ -422,6 +422,47 @@ def test_prefetcher_returns_the_plan_batches_and_leaves_global_rng_alone(cache):
     assert torch.equal(torch.get_rng_state(), rng_before[2])
 
 
+def test_prefetcher_waits_again_when_a_grow_lands_between_its_ready_check_and_its_build(cache):
+    # The trainer grows the plan on its own thread. A grow that raises the estimate alone asks the newest block
+    # for more chunks, so a step found ready can wait again; when that grow lands between the prefetch
+    # thread's ready() and its build(), the thread must go back to waiting, not hand the trainer an error.
+    G, W = 8, 8 * 16
+    seqs = lambda k: sum(e.sequences for e in cache.chunks[:k])
+
+    class GrowsBeforeBuild(data_mod.DataPlan):
+        flip = None
+
+        def build(self, step):
+            if step == 2 and self.flip is not None:
+                flip, self.flip = self.flip, None
+                flip()  # the trainer's grow, just after the thread found step 2 ready
+            return super().build(step)
+
+    kw = dict(seed=0, global_batch=G, rank=0, world_size=1, shuffle_window=W, known_chunks=0, finished=False)
+    plan = GrowsBeforeBuild(cache, **kw)
+    plan.grow(1, False, 0, est_total_sequences=seqs(1))
+    with Prefetcher(plan, depth=1, start=0) as pf:
+        pf.get(0)
+        pf.get(1)
+        plan.flip = lambda: plan.grow(2, False, 2, est_total_sequences=seqs(2) + 10_000)
+        plan.grow(2, False, 2, est_total_sequences=seqs(2))  # a chunk arrives: step 2 is ready
+        deadline = time.monotonic() + 60  # ends a hung wait only
+        while plan.flip is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert plan.flip is None and not plan.ready(2)  # the estimate rose: step 2 waits for another chunk
+        plan.grow(3, False, 2, est_total_sequences=seqs(3) + 10_000)
+        assert plan.ready(2)
+        got = pf.get(2)
+        assert pf._thread.is_alive()
+    ref = data_mod.DataPlan(cache, **kw)
+    ref.grow(1, False, 0, est_total_sequences=seqs(1))
+    ref.get_batch(0), ref.get_batch(1)
+    for known, est in ((2, seqs(2)), (2, seqs(2) + 10_000), (3, seqs(3) + 10_000)):
+        ref.grow(known, False, 2, est_total_sequences=est)
+    want = ref.get_batch(2)
+    assert got.seq_ids == want.seq_ids and torch.equal(got.input_ids, want.input_ids)
+
+
 def test_prefetcher_after_a_resume_starts_at_the_resumed_step(cache):
     # a resumed run asks for step k first: nothing of steps 0..k-1 may be decoded or assembled
     G, k = 8, 30

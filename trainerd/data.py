@@ -156,6 +156,11 @@ def _takes(sizes: np.ndarray, before: int, f: float) -> np.ndarray:
     return np.diff(cut)
 
 
+class NotReady(ValueError):
+    """A step asked for before the plan can train it: the plan must grow first. A step can also stop being
+    ready without any chunk arriving, when a risen estimate asks the newest block for more chunks."""
+
+
 @dataclass
 class Batch:
     """One rank's rows of one global step. When no row is padded (every batch but those that reach a short
@@ -722,7 +727,7 @@ class DataPlan:
         """get_batch(step) and the plan version it was planned at (for the prefetcher)."""
         with self._lock:
             if not self.ready(step):
-                raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned, "
+                raise NotReady(f"step {step} is not in the plan yet ({self.total_steps} steps planned, "
                                  f"{self._known_seqs} sequences known, finished={self.finished})")
             version = len(self._changes)
             segments = self._segments(step)
@@ -1063,6 +1068,8 @@ class Prefetcher:
                 batch, version = self.plan.build(step)
                 if self.pin_memory:
                     batch = batch.pin_memory()
+            except NotReady:  # the plan changed since _wanted found the step ready: wait for it again
+                continue
             except BaseException as e:  # handed to the consumer in get()
                 with self._cv:
                     self._error = e
@@ -1093,7 +1100,7 @@ class Prefetcher:
                 if item is not None and self.plan.unchanged_since(step, item[1]):
                     break
                 if not self.plan.ready(step):
-                    raise ValueError(f"step {step} is not in the plan yet: grow the plan before asking for it")
+                    raise NotReady(f"step {step} is not in the plan yet: grow the plan before asking for it")
                 self._cv.wait(0.1)
             del self._ready[step]
             self._next = step + 1

@@ -53,7 +53,7 @@ import torch
 from shared.cache import Cache
 from shared.protocol import DEFAULT_ENDPOINT
 
-from .data import FEW_DOCUMENTS, Batch, DataPlan, _batch, _BufferPool, _floor, _positions, restart
+from .data import FEW_DOCUMENTS, Batch, DataPlan, NotReady, _batch, _BufferPool, _floor, _positions, restart
 
 MIX_FORMAT = 1
 BLOCK_POSITIONS = 8192  # run positions planned together (the interleave and the sources' windows looked up
@@ -402,7 +402,7 @@ class MixPlan:
         """This rank's rows of global step `step` and the plan version it was planned at."""
         with self._lock:  # a block lets go of windows as its steps are built: the check and the build go together
             if not self.ready(step):
-                raise ValueError(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
+                raise NotReady(f"step {step} is not in the plan yet ({self.total_steps} steps planned)")
             version = len(self._changes)
             if self._block is not None and self._block.holds(step, version):
                 return self._block.batch(step - self._block.first, self._buffers.take(), self._arange), version
