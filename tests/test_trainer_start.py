@@ -85,6 +85,62 @@ def test_checkpoint_menu_resumes_a_pick(run_dir):
     assert r.output.splitlines()[-1].startswith("-> resume other ") and r.output.rstrip().endswith("other-step00000050")
 
 
+MENU_UNDER_STOP_HANDLERS = """
+import sys, click
+from trainerd.start import catch_stop_signals, interactive_menu
+catch_stop_signals()  # as trainerd's main does before the menu
+
+@click.command()
+def cmd():
+    s = interactive_menu(sys.argv[1], "tiny_pydoc_64")
+    click.echo(f"-> {s.mode} {s.run}")
+
+cmd([])
+"""
+
+
+def test_ctrl_c_at_the_checkpoint_menu_on_a_terminal_aborts(run_dir):
+    # the trainer's stop handlers only note a signal (so that a run saves first); at the menu that left the
+    # prompt waiting and made the run picked next stop at once
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", MENU_UNDER_STOP_HANDLERS, str(run_dir)], stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+
+    def read(seconds: float) -> bool:
+        nonlocal out
+        if not select.select([master], [], [], seconds)[0]:
+            return False
+        try:
+            out += os.read(master, 4096)
+            return True
+        except OSError:  # EIO: the process closed the terminal
+            return False
+
+    try:
+        deadline = time.monotonic() + 60  # ends a hung read only
+        while b"Choice" not in out and time.monotonic() < deadline:
+            read(0.5)
+        assert b"Choice" in out, out
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        while read(0.2):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+    assert code == 1 and b"Aborted!" in out and b"->" not in out, out
+
+
 def test_status_line_format():
     assert status_line(770, 26_235, 5.58312, 106_212.4, None, 4 * 3600 + 23 * 60 + 59) == \
         "Step 770/26,235 ( 2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h"

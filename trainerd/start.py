@@ -130,7 +130,17 @@ def _menu_new_name(rd: RunDir, suggested: str) -> str | None:
 
 
 def interactive_menu(run_dir: str, suggested: str) -> Start:
-    """The checkpoint menu: pick a checkpoint, start new, or manage checkpoints."""
+    """The checkpoint menu: pick a checkpoint, start new, or manage checkpoints. Ctrl-C there aborts: the
+    stop handlers, which let a training run reach its next save, would only note it while the prompt kept
+    waiting, and the run picked next would stop at once."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _menu(run_dir, suggested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _menu(run_dir: str, suggested: str) -> Start:
     rd = RunDir(run_dir)
     while True:
         cks = rd.checkpoints(complete=True)  # newest first
