@@ -190,6 +190,7 @@ class CacheWriter:
         self._cuts: deque = deque()  # (sequences, tokens, documents, start, end, bytes or pending result)
         self.skipped_at: list[int] = []  # indices of skipped empty records not yet counted in the manifest
         self.tokens_seen = 0  # tokens of the documents routed here, for the size estimate
+        self._files_seen: int | None = None  # how much of source.changed the manifest has taken in
 
     def open(self, since: list[int], base: int) -> None:
         """Start an empty stream at source position `since`, absolute token position `base`."""
@@ -275,9 +276,21 @@ class CacheWriter:
             self.skipped_at = [i for i in self.skipped_at if i >= before]
 
     def save_manifest(self) -> None:
-        self.m.source_files = [f.to_json() for f in self.packer.source.files]
+        files, listed = self.packer.source.files, self.m.source_files
+        if self._files_seen is None:  # the first commit compares every entry with the manifest's
+            self.m.source_files = [f.to_json() for f in files]
+            changed = None
+        else:  # then only the files that came or were counted since the last commit
+            changed = sorted(set(self.packer.source.changed[self._files_seen:]))
+            for i in changed:
+                if i < len(listed):
+                    listed[i] = files[i].to_json()
+                else:
+                    listed.append(files[i].to_json())
+        self._files_seen = len(self.packer.source.changed)
         self.m.estimate = self.packer.estimate(self)
-        self.writer.commit(self.m, snapshot=self.m.finished)  # a finished cache's manifest.json is complete
+        # a finished cache's manifest.json is complete
+        self.writer.commit(self.m, snapshot=self.m.finished, files=changed)
 
     def finish(self) -> None:
         """Mark the cache finished (its last chunk is committed) and announce it."""

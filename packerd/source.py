@@ -140,6 +140,11 @@ class Source:
         self.text_field = text_field
         self.shard = shard
         self.files: list[SourceFile] = [SourceFile(**f) for f in (known_files or [])]
+        self._paths = {f.path for f in self.files}
+        self._file_units = sum(f.units for f in self.files)  # kept as files come: asked at every commit
+        # indexes of self.files added or given their record count, in order: each manifest that lists the
+        # files copies the entries it has not seen yet (a commit costs the files that changed, not all)
+        self.changed: list[int] = []
         self.hf_rows: dict[str, int | None] = {}
         self.builtin_units: dict[str, int] = {}
         for spec in self.specs:
@@ -173,10 +178,13 @@ class Source:
         return self.shard is None or self.shard.files != WHOLE or self.shard.owns_file(rel)
 
     def _add_file(self, path: str) -> bool:
-        if any(f.path == path for f in self.files):
+        if path in self._paths:
             return False
         size, units = _size_units(path)
         self.files.append(SourceFile(path=path, size=size, units=units))
+        self._paths.add(path)
+        self._file_units += units
+        self.changed.append(len(self.files) - 1)
         return True
 
     def rescan(self) -> int:
@@ -218,6 +226,7 @@ class Source:
                     records = self._every_nth(records)
                 index = yield from self._numbered(records, index, start, unit)
                 f.docs = index - first
+                self.changed.append(i)
             i += 1
 
     def _numbered(self, records, index: int, start: int, unit):
@@ -363,7 +372,7 @@ class Source:
                     self.builtin_units[spec] = sum(len(t.encode()) for t in BUILTIN_SOURCES[spec]())
                 total += self.builtin_units[spec] * share
         whole = self.shard is None or self.shard.files == WHOLE  # files listed are then read in full
-        total += sum(f.units for f in self.files) * (1.0 if whole else share)
+        total += self._file_units * (1.0 if whole else share)
         method = "dataset-metadata" if self.has_hf else "file-sizes"
         return total, method
 

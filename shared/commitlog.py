@@ -142,6 +142,8 @@ class LogWriter:
 
     def append(self, payload: bytes) -> int:
         """Append one record and make it durable; returns the offset after it."""
+        if len(payload) > MAX_RECORD:  # every reader would take it for damage and stop before it
+            raise ValueError(f"a commit log record of {len(payload)} bytes (at most {MAX_RECORD})")
         rec = encode_record(self.log_id, payload)
         self.appends += 1
         if self.appends == self._tear_at:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .chunk import FORMAT_VERSION
-from .commitlog import LOG_HEADER_SIZE, LogError, LogWriter, create_log, read_from
+from .commitlog import LOG_HEADER_SIZE, MAX_RECORD, LogError, LogWriter, create_log, read_from
 from .fsutil import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
@@ -217,8 +217,13 @@ def _entry(r: list) -> ChunkEntry:
 
 
 def apply_records(m: Manifest, payloads: list[bytes]) -> None:
-    """Apply commit-log records to `m` in place: all of them, or (ManifestError) none."""
+    """Apply commit-log records to `m` in place: all of them, or (ManifestError) none.
+
+    A record holds "chunks" (rows of the chunks committed), "set" (top-level fields that changed, whole) and
+    "files" ([index, entry] pairs of source_files that changed or came: a source of many files would
+    otherwise put its whole list in every record)."""
     entries, sets, n = [], {}, len(m.chunks)
+    files = None  # a copy of source_files once a record changes it
     try:
         for p in payloads:
             rec = json.loads(p)
@@ -231,6 +236,13 @@ def apply_records(m: Manifest, payloads: list[bytes]) -> None:
             if unknown:
                 raise ManifestError(f"commit log record sets unknown fields {sorted(unknown)}")
             sets.update(rec.get("set", {}))
+            if "source_files" in sets:
+                files = list(sets.pop("source_files"))
+            for i, entry in rec.get("files", ()):
+                files = list(m.source_files) if files is None else files
+                if not isinstance(i, int) or not isinstance(entry, dict) or not 0 <= i <= len(files):
+                    raise ManifestError(f"commit log record changes source file {i!r} of {len(files)}")
+                files[i:i + 1] = [entry]
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, ManifestError):
             raise
@@ -238,6 +250,8 @@ def apply_records(m: Manifest, payloads: list[bytes]) -> None:
     m.chunks.extend(entries)
     for name, value in sets.items():
         setattr(m, name, value)
+    if files is not None:
+        m.source_files = files
 
 
 @dataclass
@@ -312,12 +326,20 @@ class ManifestWriter:
         self.logged: dict = {}     # the top-level fields as of the last record or snapshot
         self.snapshot_offset = self.snapshot_bytes = 0
 
-    def commit(self, m: Manifest, snapshot: bool = False) -> None:
-        """Make `m` durable: its chunks beyond those committed before, and any field that changed."""
+    def commit(self, m: Manifest, snapshot: bool = False, files: list[int] | None = None) -> None:
+        """Make `m` durable: its chunks beyond those committed before, and any field that changed. `files`:
+        the indexes of m.source_files that may have changed or come since the last commit (None: any)."""
         m.updated_at = time.time()
         if self.log is None and not self._open(m):
             return  # a new log: the snapshot just written holds everything
-        self._append(m)
+        rec = self._record(m, files)
+        payload = json.dumps(rec, separators=(",", ":")).encode()
+        # a record larger than a snapshot would be is written as a snapshot (which has no size limit)
+        if len(payload) > min(MAX_RECORD, max(SNAPSHOT_MIN_BYTES, self.snapshot_bytes)):
+            self._snapshot(m)
+            return
+        self.log.append(payload)
+        self._logged(m, rec)
         if snapshot or self.log.end - self.snapshot_offset > max(SNAPSHOT_MIN_BYTES, self.snapshot_bytes):
             self._snapshot(m)
 
@@ -346,16 +368,32 @@ class ManifestWriter:
         self.snapshot_offset, self.snapshot_bytes = pos.snapshot_offset, pos.snapshot_bytes
         return True
 
-    def _append(self, m: Manifest) -> None:
+    def _record(self, m: Manifest, files: list[int] | None) -> dict:
+        """The next commit-log record: the chunks and fields of `m` not logged yet."""
         rec: dict = {}
         if len(m.chunks) > self.logged_chunks:
             rec["chunks"] = [_row(e) for e in m.chunks[self.logged_chunks:]]
-        changed = {name: getattr(m, name) for name in _FIELDS if getattr(m, name) != self.logged.get(name)}
+        changed = {name: getattr(m, name) for name in _FIELDS
+                   if name != "source_files" and getattr(m, name) != self.logged.get(name)}
+        listed, new = self.logged.get("source_files", []), m.source_files
+        if len(new) < len(listed):  # a shorter list (packerd only adds files): logged whole
+            changed["source_files"] = new
+        else:
+            check = range(len(new)) if files is None else sorted(set(files) | set(range(len(listed), len(new))))
+            if delta := [[i, new[i]] for i in check if i >= len(listed) or listed[i] != new[i]]:
+                rec["files"] = delta
         if changed:
             rec["set"] = changed
-        self.log.append(json.dumps(rec, separators=(",", ":")).encode())
+        return rec
+
+    def _logged(self, m: Manifest, rec: dict) -> None:
+        """Count the record `rec` of `m` as logged (once it is durable)."""
         self.logged_chunks = len(m.chunks)
-        self.logged.update(json.loads(json.dumps(changed)))  # a copy: the packer edits its dicts in place
+        # copies: the packer edits its dicts in place
+        self.logged.update(json.loads(json.dumps(rec.get("set", {}))))
+        listed = self.logged.setdefault("source_files", [])
+        for i, entry in json.loads(json.dumps(rec.get("files", []))):
+            listed[i:i + 1] = [entry]
 
     def _snapshot(self, m: Manifest) -> None:
         d = {"log": {"id": self.log.log_id, "offset": self.log.end}, **m.to_json(), "version": SNAPSHOT_VERSION}

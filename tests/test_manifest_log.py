@@ -193,3 +193,75 @@ def test_totals_follow_appends_and_a_replaced_list():
     del m.chunks[2:]
     add_chunk(m)
     assert m.total_tokens == sum(c.tokens for c in m.chunks)
+
+
+def file_entry(k: int, docs=None) -> dict:
+    return {"path": f"/data/part-{k:06d}.jsonl", "size": 1000 + k, "units": 1000.0 + k, "docs": docs}
+
+
+def records_after(tmp_path, offset: int) -> list[dict]:
+    data = (tmp_path / LOG_NAME).read_bytes()
+    return [json.loads(p) for p in parse_records(read_manifest(tmp_path)[1].id, data[offset:], offset)[0]]
+
+
+@pytest.mark.parametrize("hinted", [True, False])
+def test_a_commit_logs_only_the_source_files_that_changed(tmp_path, hinted):
+    # a source of many files: each file's record count is filled in as it is read, one at a time; a record
+    # that repeated the whole list grew with the files (hundreds of KB here, 1.7 MB at 20,000 files)
+    m = new_manifest()
+    m.source_files = [file_entry(k) for k in range(3000)]
+    w = ManifestWriter(tmp_path)
+    add_chunk(m)
+    w.commit(m)                                            # a new log: the snapshot lists every file
+    cache = open_cache(tmp_path)
+    start = (tmp_path / LOG_NAME).stat().st_size
+    for k in range(20):
+        add_chunk(m)
+        m.source_files[k]["docs"] = 10 + k
+        if k % 5 == 4:
+            m.source_files.append(file_entry(3000 + k))    # follow mode: a file appeared
+        w.commit(m, files=[k, len(m.source_files) - 1] if hinted else None)
+        assert same(load_manifest(tmp_path), m), k
+        assert cache.refresh() and same(cache.manifest, m), k
+    recs = records_after(tmp_path, start)
+    assert len(recs) == 20 and max(len(json.dumps(r)) for r in recs) < 600
+    assert [len(r["files"]) for r in recs][:5] == [1, 1, 1, 1, 2]
+
+
+def test_old_records_that_set_the_whole_file_list_are_still_read(tmp_path):
+    m = new_manifest()
+    m.source_files = [file_entry(k) for k in range(3)]
+    w = ManifestWriter(tmp_path)
+    add_chunk(m)
+    w.commit(m)
+    listed = [file_entry(k, docs=5) for k in range(4)]
+    w.log.append(json.dumps({"set": {"source_files": listed}}).encode())          # as written before
+    w.log.append(json.dumps({"files": [[1, file_entry(1, docs=9)]]}).encode())   # then a change of one
+    assert load_manifest(tmp_path).source_files == listed[:1] + [file_entry(1, docs=9)] + listed[2:]
+    w.log.append(json.dumps({"files": [[9, file_entry(9)]]}).encode())           # past the end: damage
+    with pytest.raises(manifest_mod.ManifestError, match="source file 9 of 4"):
+        load_manifest(tmp_path)
+
+
+def test_a_record_larger_than_a_snapshot_is_written_as_a_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_mod, "SNAPSHOT_MIN_BYTES", 4000)
+    m, w = commit_n(tmp_path, 2)
+    size = (tmp_path / LOG_NAME).stat().st_size
+    add_chunk(m)
+    m.source_files = [file_entry(k) for k in range(200)]   # 200 new files at once: a record of about 18 KB
+    w.commit(m)
+    snap = json.loads((tmp_path / MANIFEST_NAME).read_bytes())
+    assert (tmp_path / LOG_NAME).stat().st_size == size == snap["log"]["offset"]  # no record: a snapshot
+    assert same(load_manifest(tmp_path), m)
+    add_chunk(m)
+    w.commit(m)                                            # and the log goes on after it
+    assert (tmp_path / LOG_NAME).stat().st_size > size and same(load_manifest(tmp_path), m)
+
+
+def test_the_log_refuses_a_record_every_reader_would_take_for_damage(tmp_path):
+    from shared.commitlog import MAX_RECORD
+    m, w = commit_n(tmp_path, 2)
+    size = (tmp_path / LOG_NAME).stat().st_size
+    with pytest.raises(ValueError, match="at most"):
+        w.log.append(b" " * (MAX_RECORD + 1))
+    assert (tmp_path / LOG_NAME).stat().st_size == size and same(load_manifest(tmp_path), m)

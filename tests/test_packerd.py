@@ -320,6 +320,30 @@ def test_follow_mode_packs_files_that_appear(tmp_path, corpus_texts, tokenizer_d
     assert_exactly_once(cache, corpus_texts[:40], tokenizer_dir)
 
 
+def test_a_source_of_many_files_logs_each_file_once_and_restarts(tmp_path, corpus_texts, tokenizer_dir):
+    # each commit-log record carried the whole source_files list, so records (and the log) grew with the
+    # number of files; now a record holds the files counted since the last commit
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = [t for t in corpus_texts if t][:60] * 4
+    for k, t in enumerate(texts):
+        write_jsonl(src / f"part-{k:04d}.jsonl", [t])
+    cache = tmp_path / "cache"
+    args = ("run", "--cache-dir", cache, "--source", src, "--tokenizer", tokenizer_dir, "--seq-len", 64,
+            "--chunk-sequences", 4, "--workers", 1, "--endpoint", free_endpoint(tmp_path))
+    proc = run_packerd(*args, check=False, env=dict(os.environ, STREAMPACK_FAULT="torn-append:40"))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr      # killed mid-append, as by kill -9
+    run_packerd(*args)
+    assert_exactly_once(cache, texts, tokenizer_dir)
+    m = load_manifest(cache)
+    assert [f["docs"] for f in m.source_files] == [1] * len(texts)
+    from shared.commitlog import LOG_HEADER_SIZE, parse_records
+    from shared.manifest import read_manifest
+    data = (cache / "manifest.log").read_bytes()
+    payloads, _ = parse_records(read_manifest(cache)[1].id, data[LOG_HEADER_SIZE:], LOG_HEADER_SIZE)
+    assert len(payloads) > 50 and max(map(len, payloads)) < 2000  # the whole list is about 30 KB
+
+
 def test_status_and_config_file(tmp_path, corpus_jsonl, tokenizer_dir):
     cfg = tmp_path / "pack.toml"
     cfg.write_text(f'cache_dir = "{tmp_path / "cache"}"\nsource = ["{corpus_jsonl}"]\ntokenizer = "{tokenizer_dir}"\n'
