@@ -20,7 +20,7 @@ from shared.builtin import BUILTIN_SOURCE, BUILTIN_TOKENIZER
 from shared.cache import Cache, CorruptChunk, open_cache, QUARANTINE_DIR
 from shared.chunk import DEFAULT_LZ4_LEVEL, FORMAT_VERSION, dtype_for_vocab
 from shared.config import ConfigError, build, load_toml, merge, opt
-from shared.fsutil import FolderLock, LockHeld, fsync_dir, remove_temporaries
+from shared.fsutil import TMP_PREFIX, FolderLock, LockHeld, fsync_dir, remove_temporaries
 from shared.manifest import HOLDOUT_DIR, LOG_NAME, MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from shared.protocol import DEFAULT_ENDPOINT, Publisher
 from shared.tokenizer import TokenizerError, load_tokenizer
@@ -145,7 +145,8 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
         data = {k.replace("-", "_"): v for k, v in data.items()}
         flags["source"] = list(flags["source"]) or None
         cache_dir = flags.get("cache_dir") or data.get("cache_dir")
-        existing = _existing_manifest(cache_dir) if cache_dir else None
+        # a rebuild deletes the manifest: one that cannot be read must not stop it
+        existing = _existing_manifest(cache_dir, damaged_ok=force_rebuild) if cache_dir else None
         if existing is not None and existing.holdout_of:
             raise ConfigError(f"{cache_dir} is the held-out cache of {Path(cache_dir).resolve().parent}: "
                               f"run packerd on that folder (with its --holdout)")
@@ -167,11 +168,16 @@ def run(config_file, force_rebuild, yes, **flags) -> None:
     _pack(cfg, force_rebuild, yes)
 
 
-def _existing_manifest(cache_dir) -> Manifest | None:
+def _existing_manifest(cache_dir, damaged_ok: bool = False) -> Manifest | None:
     try:
         return load_manifest(cache_dir) if Path(cache_dir).is_dir() else None
     except ManifestError as e:
+        if damaged_ok:
+            log.warning("%s; --force-rebuild replaces it", e)
+            return None
         raise _fail(str(e))
+    except OSError as e:
+        raise _fail(f"cannot read the manifest in {cache_dir}: {e.strerror or e}")
 
 
 def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
@@ -317,6 +323,10 @@ def _holdout(cfg: PackerConfig, cache_dir: Path, tok) -> tuple[Path, Manifest] |
         raise _fail(f"{folder} holds a cache that is not a held-out one: move it away, or use --force-rebuild")
     if existing is None and cfg.holdout is None:
         return None
+    if folder.exists() and not folder.is_dir():
+        raise _fail(f"{folder} is a file: the held-out cache needs that name for a folder; move it away")
+    if existing is None and (other := _not_cache_files(folder)):
+        raise _fail(f"{folder} holds files that are not a cache's ({', '.join(other[:3])}): move them away")
     manifest = _check_or_create(existing, cfg, tok, folder)
     manifest.holdout_of = manifest.holdout_of or cache_dir.resolve().name
     if not folder.is_dir():
@@ -369,19 +379,34 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
+def _not_cache_files(folder: Path) -> list[str]:
+    """Names in `folder` that packerd and the trainer do not write there (sorted; none when it is absent)."""
+    if not folder.is_dir():
+        return []
+    ours = {MANIFEST_NAME, LOG_NAME, ".lock", QUARANTINE_DIR, HOLDOUT_DIR}
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in ours and not p.name.startswith((TMP_PREFIX, "chunk-")))
+
+
 def _clear(cache_dir: Path, yes: bool) -> None:
+    """Delete what packerd and the trainer wrote in the cache folder and its held-out cache; anything else
+    there stays (a rebuild asked of the wrong folder must not take its other files with it)."""
     if not yes and sys.stdin.isatty():
         click.confirm(f"Delete every chunk and the manifest in {cache_dir}?", abort=True)
+    held = cache_dir / HOLDOUT_DIR
+    folders = [cache_dir] + ([held] if held.is_dir() else [])
     # the manifests go first: from then on no reader trusts the chunk files that follow them; each snapshot
     # before its commit log, so no reader finds a snapshot whose log is gone (it would wait for it)
-    for d in (cache_dir, cache_dir / HOLDOUT_DIR):
+    for d in folders:
         (d / MANIFEST_NAME).unlink(missing_ok=True)
         (d / LOG_NAME).unlink(missing_ok=True)
-    shutil.rmtree(cache_dir / HOLDOUT_DIR, ignore_errors=True)  # a rebuild chooses its holdout anew
-    for p in cache_dir.glob("chunk-*.lz4"):
-        p.unlink()
-    shutil.rmtree(cache_dir / QUARANTINE_DIR, ignore_errors=True)
-    remove_temporaries(cache_dir)
+    for d in reversed(folders):
+        for p in [*d.glob("chunk-*.lz4"), *d.glob(f"{QUARANTINE_DIR}/chunk-*.lz4.*")]:
+            p.unlink()
+        remove_temporaries(d)
+        for empty in (d / QUARANTINE_DIR, held):  # a rebuild chooses its holdout anew
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
 
 
 def _check_or_create(manifest: Manifest | None, cfg: PackerConfig, tok, folder: Path) -> Manifest:

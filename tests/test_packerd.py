@@ -288,6 +288,68 @@ def test_restart_continues_and_refuses_changed_settings(tmp_path, make_cache, co
     assert_exactly_once(cache, corpus_texts, tokenizer_dir)
 
 
+@pytest.mark.parametrize("damage", ["truncated snapshot", "log deleted"])
+def test_force_rebuild_replaces_a_manifest_that_cannot_be_read(tmp_path, make_cache, corpus_texts, corpus_jsonl,
+                                                              tokenizer_dir, damage):
+    cache = make_cache()
+    if damage == "truncated snapshot":
+        (cache / "manifest.json").write_bytes((cache / "manifest.json").read_bytes()[:40])
+    else:
+        (cache / "manifest.log").unlink()
+    proc = run_packerd("run", "--cache-dir", cache, "--endpoint", free_endpoint(tmp_path), check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("Error:")
+    run_packerd("run", "--cache-dir", cache, "--source", corpus_jsonl, "--tokenizer",
+                tokenizer_dir, "--seq-len", 64, "--chunk-sequences", 16, "--force-rebuild", "--yes",
+                "--endpoint", free_endpoint(tmp_path))
+    assert_exactly_once(cache, corpus_texts, tokenizer_dir)
+
+
+def test_force_rebuild_deletes_only_what_packerd_and_the_trainer_wrote(tmp_path, make_cache, corpus_jsonl,
+                                                                       tokenizer_dir):
+    # asked of the wrong folder (or of a cache kept among other files), a rebuild took the folders named
+    # holdout and quarantine whole
+    proj = tmp_path / "proj"
+    (proj / "holdout").mkdir(parents=True)
+    (proj / "quarantine").mkdir()
+    (proj / "holdout" / "eval_set.jsonl").write_text("{}\n")
+    (proj / "quarantine" / "notes.txt").write_text("mine")
+    (proj / "README").write_text("mine")
+    (proj / "quarantine" / "chunk-0000003.lz4.1700000000").write_bytes(b"moved aside by a trainer")
+    args = ("run", "--cache-dir", proj, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir, "--seq-len", 64,
+            "--chunk-sequences", 16, "--endpoint", free_endpoint(tmp_path))
+    run_packerd(*args, "--force-rebuild", "--yes")
+    assert (proj / "holdout" / "eval_set.jsonl").exists() and (proj / "quarantine" / "notes.txt").exists()
+    assert (proj / "README").exists() and not (proj / "quarantine" / "chunk-0000003.lz4.1700000000").exists()
+    assert load_manifest(proj).finished
+    # a held-out cache cannot go where other files are; it is made and rebuilt where there are none
+    proc = run_packerd(*args, "--force-rebuild", "--yes", "--holdout", 0.1, check=False)
+    assert proc.returncode != 0 and "holds files that are not a cache's (eval_set.jsonl)" in proc.stderr
+    (proj / "holdout" / "eval_set.jsonl").unlink()
+    run_packerd(*args, "--force-rebuild", "--yes", "--holdout", 0.1)
+    assert load_manifest(proj / "holdout").holdout_of
+    run_packerd(*args, "--force-rebuild", "--yes")
+    assert not (proj / "holdout").exists() and load_manifest(proj).holdout is None
+
+
+def test_a_file_where_a_folder_of_the_cache_goes_is_a_one_line_error(tmp_path, make_cache, corpus_jsonl,
+                                                                     tokenizer_dir):
+    cache = make_cache()
+    (cache / "holdout").write_text("a stray file")
+    args = ("run", "--cache-dir", cache, "--source", corpus_jsonl, "--tokenizer", tokenizer_dir, "--seq-len", 64,
+            "--chunk-sequences", 16, "--endpoint", free_endpoint(tmp_path))
+    proc = run_packerd(*args, "--force-rebuild", "--yes", "--holdout", 0.1, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error:") and "is a file" in proc.stderr
+    run_packerd(*args, "--force-rebuild", "--yes")          # without --holdout the file is left alone
+    assert (cache / "holdout").read_text() == "a stray file" and load_manifest(cache).finished
+    other = tmp_path / "other"
+    (other / "manifest.json").mkdir(parents=True)
+    for argv in (("status", "--cache-dir", other), ("run", "--cache-dir", other, "--endpoint", free_endpoint(tmp_path))):
+        proc = run_packerd(*argv, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("Error:")
+
+
 def test_follow_mode_packs_files_that_appear(tmp_path, corpus_texts, tokenizer_dir):
     src = tmp_path / "src"
     src.mkdir()
