@@ -205,7 +205,9 @@ class CacheWriter:
         """Append the batch's documents routed here (the mask `mine`) that lie at or after self.since; the
         document at self.since loses the tokens committed before. Returns the tokens appended."""
         self.tokens_seen += int(lengths[mine].sum())
-        self.skipped_at += [i for i, m in zip(batch.empty, mine_empty) if m and i >= self.since[0]]
+        # the manifest counts the empty records before m.documents (a finished cache: past its last chunk)
+        counted = max(self.since[0], self.m.documents)
+        self.skipped_at += [i for i, m in zip(batch.empty, mine_empty) if m and i >= counted]
         keep = mine & (batch.idx >= self.since[0])
         added = 0
         if keep.any():

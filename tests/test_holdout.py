@@ -4,6 +4,7 @@ refusal; the `cache: holdout` notifications; the protocol's and the manifest's o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -292,3 +293,20 @@ def test_manifest_holdout_keys_are_optional():
     m.holdout, m.holdout_of = {"fraction": 0.1, "hash": HOLDOUT_HASH}, "cache"
     back = Manifest.from_json(json.loads(json.dumps(m.to_json())))
     assert back.holdout == m.holdout and back.holdout_of == "cache"
+
+
+def test_empty_records_counted_when_the_held_out_cache_finished_are_not_counted_again(tmp_path, tokenizer_dir):
+    # the held-out cache finishes first, counting the empty records after its last chunk; killed before the
+    # main cache's finish, the restart read those records again and counted them twice
+    n = 40  # the main cache's tokens fit one chunk: its first commit writes a snapshot, its finish appends
+    texts = ["" if held else f"record {i} of the main cache." for i, held in enumerate(selected(n))]
+    src = write_jsonl(tmp_path / "src.jsonl", texts)
+    cache = tmp_path / "cache"
+    args = pack_args(cache, src, tokenizer_dir, free_endpoint(tmp_path))
+    proc = run_packerd(*args, check=False, env={**os.environ, "STREAMPACK_FAULT": "torn-append:1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    held = load_manifest(cache / "holdout")
+    assert held.finished and held.skipped == {"empty": sum(selected(n))} and not load_manifest(cache).finished
+    run_packerd(*args)
+    assert load_manifest(cache).finished
+    assert load_manifest(cache / "holdout").skipped == {"empty": sum(selected(n))}
