@@ -202,6 +202,8 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
     created = not cache_dir.exists()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if created:
+            fsync_dir(cache_dir.resolve().parent)  # the folder's entry is durable before its first chunk
     except OSError as e:
         raise _fail(f"cannot create cache folder {cache_dir}: {e.strerror}")
     lock = FolderLock(cache_dir)  # held for both caches: the held-out one lives inside this folder
@@ -212,9 +214,14 @@ def _pack(cfg: PackerConfig, force_rebuild: bool, yes: bool) -> None:
     try:
         _pack_locked(cfg, cache_dir, tok, engine, force_rebuild, yes)
     finally:
+        # a failed first run leaves no folder behind; removed under the lock, so no packer that took the lock
+        # after this one loses the folder (on Windows the open lock file and its folder stay until released)
+        leave = created and not any((d / MANIFEST_NAME).exists() for d in (cache_dir, cache_dir / HOLDOUT_DIR))
+        if leave:
+            shutil.rmtree(cache_dir, ignore_errors=True)
         lock.release()
-        if created and not any((d / MANIFEST_NAME).exists() for d in (cache_dir, cache_dir / HOLDOUT_DIR)):
-            shutil.rmtree(cache_dir, ignore_errors=True)  # a failed first run leaves no folder behind
+        if leave and cache_dir.exists():
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def _known_files(*manifests: Manifest | None) -> list[dict] | None:
