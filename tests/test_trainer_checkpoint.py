@@ -219,6 +219,32 @@ def test_a_complete_checkpoint_outside_the_listing_is_never_removed(tmp_path):
     assert rd.find("a").name == "a-step00000010" and rd.stranded_lines() == []
 
 
+def test_a_delete_cut_short_is_removed_by_the_next_trainer_not_kept_as_a_copy(tmp_path, monkeypatch):
+    # a delete renames the checkpoint out of the listing, then unlinks its meta.json: cut in between (a second
+    # Ctrl-C, a crash), the folder still held a complete checkpoint and was kept at every start as a copy
+    import pathlib
+    m, opt = trained_model()
+    save(tmp_path, "a", 10, m, opt)
+    save(tmp_path, "a", 20, m, opt)
+    rd = RunDir(tmp_path)
+    real_unlink = pathlib.Path.unlink
+
+    def cut_short(self, *a, **kw):
+        if self.name == "meta.json":
+            raise KeyboardInterrupt
+        return real_unlink(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "unlink", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        rd.delete(rd.find("a-step00000010"))
+    monkeypatch.undo()
+    left = [p for p in os.listdir(tmp_path / "checkpoints") if p.startswith(".tmp-")]
+    assert len(left) == 1 and (tmp_path / "checkpoints" / left[0] / "meta.json").exists()
+    assert rd.stranded_lines() == []
+    assert rd.remove_unfinished_saves("a") == [f"removed {left[0]}: an unfinished delete of an earlier trainer"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["a-step00000020"]
+
+
 def test_lock_probes_create_nothing_and_a_starting_trainer_waits_them_out(tmp_path):
     import threading
     rd = RunDir(tmp_path)

@@ -44,7 +44,8 @@ META = "meta.json"
 FORMAT = 1   # meta.json's format
 
 NAME_RE = re.compile(r"^(?P<run>.+)-step(?P<step>\d+)(?:_run_(?P<line>\d+))?$")
-TMP_RE = re.compile(r"^\.tmp-(?P<name>(?P<run>.+)-step\d+(?:_run_\d+)?)-(?P<pid>\d+)$")
+TRASH_MARK = "~"  # after TMP_PREFIX: a checkpoint being deleted (no run name starts with it)
+TMP_RE = re.compile(r"^\.tmp-~?(?P<name>(?P<run>.+)-step\d+(?:_run_\d+)?)-(?P<pid>\d+)$")
 LOG_RE = re.compile(r"^(?P<run>.+)_run_(?P<k>\d+)\.jsonl$")
 
 
@@ -236,13 +237,14 @@ class RunDir:
         plain = ckpt_name(run, step)
         return plain if not (self.checkpoints_dir / plain).exists() else ckpt_name(run, step, line)
 
-    def temporary(self, name: str) -> Path:
-        return self.checkpoints_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
+    def temporary(self, name: str, trash: bool = False) -> Path:
+        return self.checkpoints_dir / f"{TMP_PREFIX}{TRASH_MARK if trash else ''}{name}-{os.getpid()}"
 
     def delete(self, ck: Checkpoint) -> None:
         """Rename the folder out of the listing first (a resume never sees half a checkpoint), then remove it.
-        A crash in between leaves a .tmp- folder that the run's next trainer or `ckpt clean` removes."""
-        trash = self.temporary(ck.name)
+        A crash in between leaves a .tmp-~ folder that the run's next trainer or `ckpt clean` removes (the
+        mark tells it from a save cut before its rename, which may hold the only copy)."""
+        trash = self.temporary(ck.name, trash=True)
         try:
             os.rename(ck.path, trash)
         except FileNotFoundError:
@@ -365,13 +367,16 @@ class RunDir:
                 continue
             m = TMP_RE.match(e.name)
             if run is None or (m and m.group("run") == run):
-                out.append(Leftover(Path(e.path), (m.group("run"),) if m else None, "unfinished save"))
+                what = "unfinished delete" if e.name.startswith(TMP_PREFIX + TRASH_MARK) else "unfinished save"
+                out.append(Leftover(Path(e.path), (m.group("run"),) if m else None, what))
         return out
 
     def stranded(self, folder: Path) -> str | None:
         """The name of the complete checkpoint a .tmp- folder holds when no folder of that name is listed
         (a save cut between its last fsync and its rename, or a folder moved aside by hand): never removed,
         as it may be the only copy; renamed to that name, it is listed again."""
+        if folder.name.startswith(TMP_PREFIX + TRASH_MARK):
+            return None  # being deleted: asked for, never the only copy worth keeping
         c = Checkpoint(folder)
         name = c.meta.get("name")
         if not c.complete or not isinstance(name, str) or not NAME_RE.match(name) or "/" in name:
@@ -393,7 +398,7 @@ class RunDir:
         out = []
         for item in self.unfinished_saves(run):
             shutil.rmtree(item.path, ignore_errors=True)
-            out.append(f"removed {item.path.name}: an unfinished save of an earlier trainer")
+            out.append(f"removed {item.path.name}: an {item.why} of an earlier trainer")
         return out + self.stranded_lines()
 
     def stranded_lines(self) -> list[str]:
