@@ -315,6 +315,41 @@ TINY = ["--model", "tiny", "--hidden-size", "32", "--layers", "2", "--heads", "4
         "--micro-batch-size", "4", "--grad-accum", "2", "--threads", "1", "--deterministic", "--log-every", "1000"]
 
 
+def test_a_new_segment_while_the_prefetcher_reads_windows_plans_the_step_again(caches, monkeypatch):
+    # MixPlan.build reads windows outside its lock; a grow that starts a segment (size weights moved) swaps the
+    # ranks' row filters meanwhile, and the windows then lacked rows the step drew: the thread stopped the run
+    import threading
+
+    from trainerd import data
+    from trainerd.data import Prefetcher
+    cs = opened(caches)
+    est = [c.manifest.estimated_total_sequences() for c in cs]
+    views = [(6, False, est[0]), (3, False, est[1])]
+    moved = [(6, False, est[0]), (3, False, est[1] * 3)]
+    plan = MixPlan(cs, seed=5, global_batch=12, rank=0, world_size=2, shuffle_window=64)
+    plan.grow_sources(0, views)
+    reading, go = threading.Event(), threading.Event()
+    decode = data.DataPlan._decode
+
+    def held(self, c):  # the prefetch thread's first decode waits until the grow below is done
+        if threading.current_thread().name == "trainerd-prefetch" and not go.is_set():
+            reading.set()
+            go.wait(60)
+        return decode(self, c)
+
+    monkeypatch.setattr(data.DataPlan, "_decode", held)
+    with Prefetcher(plan, start=0) as pf:
+        assert reading.wait(60)
+        plan.grow_sources(0, moved)  # the trainer's grow at the step boundary
+        go.set()
+        got = pf.get(0)
+    ref = MixPlan(opened(caches), seed=5, global_batch=12, rank=0, world_size=2, shuffle_window=64)
+    ref.grow_sources(0, views)
+    ref.grow_sources(0, moved)
+    want = ref.get_batch(0)
+    assert got.seq_ids == want.seq_ids and torch.equal(got.input_ids, want.input_ids)
+
+
 def trainerd(*args, fault=None, timeout=240) -> subprocess.CompletedProcess:
     return run_trainerd(*TINY, *args, fault=fault, timeout=timeout)
 

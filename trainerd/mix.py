@@ -411,7 +411,14 @@ class MixPlan:
                 last = (step + 1 + last) // 2
             G = self.global_batch
             places = self._places(np.arange(step * G + self.rank, last * G, self.world_size, dtype=np.int64))
-        block = _Block(self, step, version, *places)  # windows are decoded outside the lock
+        try:
+            block = _Block(self, step, version, *places)  # windows are decoded outside the lock
+        except RuntimeError:
+            with self._lock:
+                if len(self._changes) == version:
+                    raise
+            # a grow meanwhile started a segment: the windows now hold the rows of the new one; plan again
+            raise NotReady(f"step {step} was planned again while its windows were read") from None
         with self._lock:
             self._block = block
             return block.batch(step - block.first, self._buffers.take(), self._arange), version
