@@ -18,7 +18,9 @@ Weights
     do, once some cache's share has moved by more than SHARE_TOLERANCE of itself; a change takes effect at
     the step every rank grows at (a new segment: from there on, the periodic pattern of the new units,
     counted from the draws made so far), so the allocation stays a function of (segments, n), and the
-    segments are the state.
+    segments are the state. A segment enters its pattern at the place whose progress best matches each
+    source's credit (its draws due at the shares so far minus its draws made): entered at its start, a
+    segment shorter than 1 / (2 share) never drew a source, so frequent small moves starved small caches.
 
 Ranks
     With several ranks, each rank's windows of a source hold only the rows it draws under the segments so
@@ -112,6 +114,16 @@ def _close(units: tuple[int, ...], new: tuple[int, ...]) -> bool:
     by another zero)."""
     a, b = sum(units), sum(new)
     return all(abs(y / b - x / a) <= SHARE_TOLERANCE * (x / a) for x, y in zip(units, new))
+
+
+def _entry(pattern: Pattern, credit: list[float]) -> int:
+    """The place in `pattern` to start a segment at: where each drawn source's progress (its draws due at the
+    pattern's shares minus those made, up to that place) is closest to its credit, the largest difference
+    smallest (the first such place)."""
+    live = np.flatnonzero(pattern.units)
+    due = np.arange(pattern.period) * (pattern.units[live, None] / pattern.period)
+    gap = np.abs(due - pattern.before[live, :pattern.period] - np.asarray(credit)[live, None]).max(axis=0)
+    return int(np.argmin(gap))
 
 
 def allocate(weights: list[float], n: int) -> np.ndarray:
@@ -232,7 +244,8 @@ class MixPlan:
         self._buffers = _BufferPool((2, self.rows, self.seq_len), np.int32)
         self._arange = np.arange(self.seq_len, dtype=np.int32)
         self._patterns: dict[tuple[int, ...], Pattern] = {}
-        self.segments: list[tuple[int, tuple[int, ...], list[int]]] = []  # (first step, units, draws before it)
+        # (first step, units, draws before it, place in the pattern it starts at, each source's credit there)
+        self.segments: list[tuple[int, tuple[int, ...], list[int], int, list[float]]] = []
         self._starts: list[int] = []
         self._changes: list[int] = []
         self._block: _Block | None = None  # the next steps, planned together (build)
@@ -246,29 +259,41 @@ class MixPlan:
             p = self._patterns[units] = Pattern(units)
         return p
 
-    def _segment(self, n: int) -> tuple[int, Pattern, np.ndarray]:
+    def _segment(self, n: int) -> tuple[int, Pattern, np.ndarray, int]:
+        """(first position, pattern, draws before it, place in the pattern it starts at) of the segment of n."""
         if len(self._starts) != len(self.segments):  # the segments' first positions, kept beside them
-            self._starts = [s * self.global_batch for s, _, _ in self.segments]
+            self._starts = [s[0] * self.global_batch for s in self.segments]
         j = bisect.bisect_right(self._starts, n) - 1
-        first, units, base = self.segments[j]
-        return first * self.global_batch, self._pattern(units), np.asarray(base, dtype=np.int64)
+        first, units, base, offset, _ = self.segments[j]
+        return first * self.global_batch, self._pattern(units), np.asarray(base, dtype=np.int64), offset
 
     def draws(self, n: int) -> np.ndarray:
         """Draws of each source among the run's first n positions."""
-        start, pattern, base = self._segment(n)
-        return base + pattern.counts(n - start)
+        start, pattern, base, offset = self._segment(n)
+        return base + pattern.counts(offset + n - start) - pattern.counts(offset)
+
+    def _credit(self, n: int) -> list[float]:
+        """Each source's draws due among the run's first n positions (each segment's shares over its length,
+        from the credit it started with) minus its draws made: where a new segment has to pick up."""
+        if not self.segments:
+            return [0.0] * len(self.plans)
+        start, pattern, _, offset = self._segment(n)
+        credit = self.segments[bisect.bisect_right(self._starts, n) - 1][4]
+        made = pattern.counts(offset + n - start) - pattern.counts(offset)
+        return [float(c + (n - start) * u / pattern.period - m)
+                for c, u, m in zip(credit, pattern.units.tolist(), made.tolist())]
 
     def _places(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The source of each run position of n (ascending) and the position in that source's stream."""
         src, spos = np.empty_like(n), np.empty_like(n)
         i = 0
         while i < len(n):
-            start, pattern, base = self._segment(int(n[i]))
+            start, pattern, base, offset = self._segment(int(n[i]))
             j = bisect.bisect_left(self._starts, int(n[i]) + 1)  # the next segment's index
             end = len(n) if j >= len(self._starts) else int(np.searchsorted(n, self._starts[j]))
-            q, r = np.divmod(n[i:end] - start, pattern.period)
+            q, r = np.divmod(n[i:end] - start + offset, pattern.period)
             s = src[i:end] = pattern.source[r]
-            spos[i:end] = base[s] + q * pattern.units[s] + pattern.before[s, r]
+            spos[i:end] = (base - pattern.counts(offset))[s] + q * pattern.units[s] + pattern.before[s, r]
             i = end
         return src, spos
 
@@ -276,13 +301,13 @@ class MixPlan:
         """Which of source i's draws p this rank reads: the run position of each, modulo the ranks (draws
         before the first segment kept, those of a resumed run's past, are nobody's)."""
         n = np.full(len(p), -1, dtype=np.int64)
-        seg = np.searchsorted([b[i] for _, _, b in self.segments], p, side="right") - 1
+        seg = np.searchsorted([sg[2][i] for sg in self.segments], p, side="right") - 1
         for j in np.unique(seg[seg >= 0]).tolist():
-            first, units, base = self.segments[j]
+            first, units, base, offset, _ = self.segments[j]
             if units[i]:
                 sel, pattern = seg == j, self._pattern(units)
-                q, k = np.divmod(p[sel] - base[i], units[i])
-                n[sel] = first * self.global_batch + q * pattern.period + pattern.at[i][k]
+                q, k = np.divmod(p[sel] - base[i] + int(pattern.counts(offset)[i]), units[i])
+                n[sel] = first * self.global_batch + q * pattern.period + pattern.at[i][k] - offset
         return (n >= 0) & (n % self.world_size == self.rank)
 
     def step_sources(self, step: int) -> list[int]:
@@ -339,7 +364,10 @@ class MixPlan:
             return False
         if self.segments and self.segments[-1][0] == step:
             self.segments.pop()  # replaced before any position of it was planned
-        self.segments.append((step, units, [int(x) for x in at]))
+            self._starts = []
+        credit = self._credit(step * self.global_batch)
+        offset = _entry(self._pattern(units), credit) if self.segments else 0
+        self.segments.append((step, units, [int(x) for x in at], offset, credit))
         self._starts = []
         return True
 
@@ -425,7 +453,7 @@ class MixPlan:
 
     # -- state -----------------------------------------------------------------------------------------
     def _live_segment(self) -> int:
-        return max(0, bisect.bisect_right([first for first, _, _ in self.segments], self.step) - 1)
+        return max(0, bisect.bisect_right([sg[0] for sg in self.segments], self.step) - 1)
 
     def state_dict(self) -> dict:
         with self._lock:
@@ -433,7 +461,8 @@ class MixPlan:
                     "world_size": self.world_size, "weights": self.weights, "target_epochs": self.target_epochs,
                     "caches": [str(c.dir) for c in self.caches], "total_steps": self.total_steps, "step": self.step,
                     # the segments from the one in use at the last grow on (those before are trained on)
-                    "segments": [[s, list(u), list(b)] for s, u, b in self.segments[self._live_segment():]],
+                    "segments": [[s, list(u), list(b), o, list(c)]
+                                 for s, u, b, o, c in self.segments[self._live_segment():]],
                     "sources": [p.state_dict() for p in self.plans]}
 
     def load_state_dict(self, d: dict) -> None:
@@ -452,7 +481,11 @@ class MixPlan:
         with self._lock:
             for p, s in zip(self.plans, d["sources"]):
                 p.load_state_dict(s)
-            self.segments = [(int(s), tuple(int(x) for x in u), [int(x) for x in b]) for s, u, b in d["segments"]]
+            # a segment saved before segments carried their entry place starts at its pattern's beginning
+            self.segments = [(int(g[0]), tuple(int(x) for x in g[1]), [int(x) for x in g[2]],
+                              int(g[3]) if len(g) > 3 else 0,
+                              [float(x) for x in g[4]] if len(g) > 3 else [0.0] * len(g[1]))
+                             for g in d["segments"]]
             self._starts, self._ready_upto = [], -1
             if self.world_size > 1 and self.segments:
                 for i, p in enumerate(self.plans):
