@@ -452,6 +452,25 @@ def _read_accelerate_config(path: str) -> dict:
     return data
 
 
+def _conf_int(conf: dict, key: str, path: str) -> int:
+    value = conf.get(key) or 1
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise click.ClickException(f"--accelerate-config {path}: {key} must be a whole number (got {value!r})")
+    return int(value)
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """An endpoint ZeroMQ cannot connect to (a port that is not a number, say) is refused before anything starts."""
+    import zmq
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        raise click.ClickException(f"--endpoint {endpoint!r}: {e}") from None
+    finally:
+        sock.close(0)
+
+
 def _cuda_devices() -> int:
     try:
         import torch
@@ -499,6 +518,7 @@ def main(cache_dir, run_dir, sources, tokenizer, seq_len, chunk_sequences, worke
         raise click.ClickException(f"--processes must be at least 1 (got {processes})")
     if not endpoint.startswith(("tcp://", "ipc://")):
         raise click.ClickException(f"--endpoint must start with tcp:// or ipc:// (got {endpoint!r})")
+    _check_endpoint(endpoint)
     if seq_len is None and embedded:
         seq_len = EMBEDDED_SEQ_LEN
     if chunk_sequences is None and embedded:
@@ -519,10 +539,10 @@ def main(cache_dir, run_dir, sources, tokenizer, seq_len, chunk_sequences, worke
     if accelerate_config:
         launch_argv += ["--config_file", accelerate_config]
         conf = _read_accelerate_config(accelerate_config)
-        n = processes or int(conf.get("num_processes") or 1)
+        n = processes or _conf_int(conf, "num_processes", accelerate_config)
         if processes is not None:
             launch_argv += ["--num_processes", str(processes)]
-        if int(conf.get("num_machines") or 1) == 1 and not conf.get("main_process_port"):
+        if _conf_int(conf, "num_machines", accelerate_config) == 1 and not conf.get("main_process_port"):
             launch_argv += ["--main_process_port", str(_free_port())]  # two runs on one machine do not collide
     else:
         # the CPU default: 2 ranks of one thread each beat one process of 2 threads on 2 cores (see above)

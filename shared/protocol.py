@@ -55,10 +55,11 @@ def encode(msg: dict) -> bytes:
 def validate(msg) -> dict:
     if not isinstance(msg, dict):
         raise ProtocolError(f"message is a {type(msg).__name__}, not a map")
-    if msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {msg.get('v')!r} is not {PROTOCOL_VERSION}")
+    v = msg.get("v")
+    if v != PROTOCOL_VERSION or isinstance(v, bool):  # True == 1
+        raise ProtocolError(f"protocol version {v!r} is not {PROTOCOL_VERSION}")
     kind = msg.get("type")
-    if kind not in SCHEMA:
+    if not isinstance(kind, str) or kind not in SCHEMA:  # a list or map would not even hash
         raise ProtocolError(f"unknown message type {kind!r}")
     optional = OPTIONAL.get(kind, {})
     for key, types in {**SCHEMA[kind], **optional}.items():

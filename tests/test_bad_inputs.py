@@ -203,6 +203,8 @@ CASES = [
          "sequence_length", setup=_write("unknown.toml", "sequence_length = 64\n")),
     Case("packerd-config-wrong-type", "packerd", P("--config", R("wrongtype.toml"), "--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK),
          "seq_len", setup=_write("wrongtype.toml", 'seq_len = "long"\n')),
+    Case("packerd-config-not-utf8", "packerd", P("--config", R("latin1p.toml"), "--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK),
+         "is not UTF-8 text", setup=_write("latin1p.toml", "# caf\xe9\nseq_len = 64\n".encode("latin-1"))),
     Case("packerd-config-missing", "packerd", P("--config", R("nope.toml"), "--cache-dir", CACHE, "--source", SRC, "--tokenizer", TOK),
          "does not exist"),
     Case("packerd-source-empty-folder", "packerd", P("--cache-dir", CACHE, "--source", R("emptysrc"), "--tokenizer", TOK),
@@ -270,6 +272,8 @@ CASES = [
          "Invalid value for '--model'", kind="usage"),
     Case("trainerd-config-bad-toml", "trainerd", T("--config", R("bad.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
          "not valid TOML", setup=_write("bad.toml", "[train\nlr = 1\n")),
+    Case("trainerd-config-not-utf8", "trainerd", T("--config", R("latin1.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
+         "is not UTF-8 text", setup=_write("latin1.toml", "[train]\n# caf\xe9\nlr = 1e-3\n".encode("latin-1"))),
     Case("trainerd-config-unknown-section", "trainerd", T("--config", R("section.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
          "optimizer", setup=_write("section.toml", "[optimizer]\nname = \"adamw\"\n")),
     Case("trainerd-config-wrong-type", "trainerd", T("--config", R("type.toml"), "--cache-dir", REAL_CACHE, "--new", "x"),
@@ -355,6 +359,8 @@ CASES = [
     Case("ckpt-plot-unknown-run", "ckpt", C("plot", "--run-dir", RUNS, "nosuchrun", "--out", R("loss.png")), "no training logs"),
     Case("ckpt-export-into-nonempty-folder", "ckpt", lambda w: ["export", "--run-dir", str(w.runs), w.ckpt, str(w.root / "not_a_run_dir")],
          "exists and is not empty"),
+    Case("ckpt-plot-out-not-writable", "ckpt", C("plot", "--run-dir", RUNS, "good", "--out", "/proc/loss.png"),
+         "cannot write /proc/loss.png"),
     Case("ckpt-run-dir-from-env-missing", "ckpt", C("list"), "does not exist", env={"TRAINERD_RUN_DIR": "/nonexistent/runs"}),
 ]
 

@@ -533,3 +533,57 @@ def test_menu_uses_the_same_operations(run_dir, tmp_path):
     # end of input leaves the menu too
     r = CliRunner().invoke(_menu_cmd, [str(run_dir)], input="")
     assert r.exit_code == 0
+
+
+# ---- found by review: a training run's checkpoints, incomplete ones, damaged files ---------------------
+def test_delete_and_prune_leave_a_training_runs_checkpoints_alone(run_dir):
+    # a trainer whose lock is held saves, prunes and may resume from its run's checkpoints
+    lock = FolderLock(run_dir / ".locks", "runA.lock").acquire()
+    try:
+        r = ckpt(run_dir, "delete", "runA-step00000100", "runB-step00000050", "--yes")
+        assert r.exit_code == 1 and "Skipping runA-step00000100: its run is training" in r.output, r.output
+        assert "Deleted runB-step00000050" in r.output and r.output.strip().splitlines()[-1].startswith("Error:")
+        r = ckpt(run_dir, "prune", "--keep", "1", "--yes")
+        assert r.exit_code == 1 and "Skipping runA-step00000100: its run is training" in r.output
+        assert names(run_dir) == ["runA-step00000100", "runA-step00000200", "runA-step00000300"]
+    finally:
+        lock.release()
+    r = ckpt(run_dir, "prune", "--keep", "1", "--yes")
+    assert r.exit_code == 0 and names(run_dir) == ["runA-step00000300"]
+
+
+def test_prune_never_counts_a_checkpoint_the_trainer_cannot_resume_among_those_kept(run_dir):
+    meta = run_dir / "checkpoints" / "runA-step00000300" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 2}))   # a format this trainer cannot read
+    r = ckpt(run_dir, "prune", "--keep", "1", "--run", "runA", "--yes")
+    assert r.exit_code == 0 and "Skipping runA-step00000300: not a complete checkpoint" in r.output, r.output
+    assert names(run_dir) == ["runA-step00000200", "runA-step00000300", "runB-step00000050"]
+
+
+@pytest.mark.parametrize("field,value", [("hidden_act", "nope"), ("vocab_size", 0), ("head_dim", 0)])
+def test_a_model_config_that_builds_no_model_is_one_line(run_dir, tmp_path, field, value):
+    mc = run_dir / "checkpoints" / "runB-step00000050" / "model_config.json"
+    mc.write_text(json.dumps({**json.loads(mc.read_text()), field: value}))
+    for args in (("verify", "runB-step00000050"), ("export", "runB-step00000050", tmp_path / "out")):
+        r = ckpt(run_dir, *args)
+        assert r.exit_code == 1 and "model_config.json" in r.output, r.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_export_to_a_path_it_cannot_write_is_one_line(run_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    for out, says in ((tmp_path / "afile" / "sub", "cannot export into"), (tmp_path / "link", "symbolic link")):
+        r = ckpt(run_dir, "export", "runB-step00000050", out)
+        assert r.exit_code == 1 and says in r.output and r.output.count("\n") == 1, r.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run") == ["afile", "empty", "link"]
+
+
+@pytest.mark.parametrize("t", [1e300, float("nan")])
+def test_a_time_no_clock_can_show_is_listed_as_none(run_dir, t):
+    meta = run_dir / "checkpoints" / "runB-step00000050" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "time": t}))
+    for args in (("list",), ("show", "runB-step00000050")):
+        r = ckpt(run_dir, *args)
+        assert r.exit_code == 0 and "runB-step00000050" in r.output, r.output

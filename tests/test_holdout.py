@@ -285,6 +285,18 @@ def test_protocol_accepts_a_str_cache_field_only():
                 validate({**msg, "cache": bad})
 
 
+def test_a_message_whose_type_or_version_is_not_a_plain_value_is_a_protocol_error():
+    # a list or map as the type does not even hash: the follower thread died on it and stopped the run
+    import msgpack
+
+    from shared.protocol import decode
+    fin = {"v": PROTOCOL_VERSION, "type": "finished", "run": "r", "seq": 1, "total_sequences": 1, "total_tokens": 5}
+    assert decode(msgpack.packb(fin)) == fin
+    for bad in ({"type": ["finished"]}, {"type": {"a": 1}}, {"v": True}, {"v": [1]}):
+        with pytest.raises(ProtocolError):
+            decode(msgpack.packb({**fin, **bad}))
+
+
 def test_manifest_holdout_keys_are_optional():
     m = Manifest(seq_len=8, chunk_sequences=2, dtype="uint16", tokenizer={}, sources=["x"])
     d = m.to_json()

@@ -221,6 +221,22 @@ def test_packtrain_runs_both_and_stops_cleanly_on_sigint(tmp_path, corpus_jsonl,
     assert re.search(rf"{ckpt} list --run-dir ", out) and re.search(rf"{ckpt} plot \S+ --out loss.png", out), out
 
 
+@pytest.mark.parametrize("args,says", [
+    (["--endpoint", "tcp://127.0.0.1:abc"], "--endpoint 'tcp://127.0.0.1:abc': Invalid argument"),
+    (["--accelerate-config", "{two}"], "num_processes must be a whole number (got 'two')"),
+    (["--accelerate-config", "{list}"], "num_machines must be a whole number (got [1])"),
+])
+def test_bad_endpoint_or_accelerate_config_is_one_line_before_anything_starts(tmp_path, launch_env, args, says):
+    (tmp_path / "two.yaml").write_text("num_processes: two\n")
+    (tmp_path / "list.yaml").write_text("num_machines: [1]\n")
+    args = [a.format(two=tmp_path / "two.yaml", list=tmp_path / "list.yaml") for a in args]
+    p = subprocess.run([sys.executable, "-m", "launch", "--cache-dir", str(tmp_path / "cache"), "--run-dir",
+                        str(tmp_path / "runs"), *args], cwd=ROOT, env=launch_env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("Error: ") and says in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
 def test_packer_failure_before_training_exits_nonzero_with_one_line(tmp_path, tokenizer_dir, launch_env):
     lt = Launched(["--cache-dir", tmp_path / "cache", "--run-dir", tmp_path / "runs", "--source", tmp_path / "missing.jsonl",
                    "--tokenizer", tokenizer_dir, "--seq-len", 64, "--workers", 1, "--endpoint", free_endpoint(tmp_path)],

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import click
 
+from shared.fsutil import fsync_dir
+
 from .rundir import META, TMP_PREFIX, Checkpoint, Leftover, RunDir, as_number, check_name
 
 ENV_RUN_DIR = "TRAINERD_RUN_DIR"
@@ -48,7 +50,10 @@ def human_bytes(n: int | None) -> str:
 
 
 def human_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else "-"
+    except (OverflowError, ValueError, OSError):  # a meta.json edited by hand: nan, 1e300
+        return "-"
 
 
 # ---- operations shared by the commands and the menu ----------------------------------------------
@@ -61,10 +66,26 @@ def delete_checkpoints(rd: RunDir, cks: list[Checkpoint], yes: bool, verb: str =
         click.echo(f"  {c.name}  (run {c.run}, step {c.step}, {human_bytes(c.size)})")
     if not yes:
         click.confirm(f"{verb} {'them' if len(cks) != 1 else 'it'}?", abort=True)
+    done, left = 0, []
     for c in cks:
-        rd.delete(c)
+        # a run whose trainer is alive saves, prunes and may resume from these: its checkpoints are its own
+        with rd.hold_run((c.run,) if c.run else None) as free:
+            if not free:
+                click.echo(f"Skipping {c.name}: its run is training (its lock in {rd.locks_dir} is held)")
+                left.append(c.name)
+                continue
+            try:
+                rd.delete(c)
+            except OSError as e:
+                click.echo(f"Could not delete {c.name}: {e.strerror or e}")
+                left.append(c.name)
+                continue
         click.echo(f"Deleted {c.name}")
-    return len(cks)
+        done += 1
+    if left:
+        raise click.ClickException(f"{len(left)} of {len(cks)} checkpoint{'s' if len(cks) != 1 else ''} not "
+                                   f"{verb.lower()}d: {', '.join(left)}")
+    return done
 
 
 def prune(rd: RunDir, keep: int, run: str | None, yes: bool) -> int:
@@ -77,7 +98,8 @@ def prune(rd: RunDir, keep: int, run: str | None, yes: bool) -> int:
             raise click.ClickException(f"run {run!r} has no checkpoints in {rd.checkpoints_dir}")
     doomed, unreadable = rd.prune_plan(keep, run)
     for c in unreadable:
-        click.echo(f"Skipping {c.name}: {c.error or 'no run or step'}")
+        why = c.error or ("no run or step" if c.run is None or c.step is None else "not a complete checkpoint")
+        click.echo(f"Skipping {c.name}: {why}")
     if not doomed:
         click.echo(f"Nothing to prune: no run has more than {keep} checkpoint{'s' if keep != 1 else ''}.")
         return 0
@@ -163,6 +185,16 @@ def _llama_config(ck: Checkpoint):
         raise click.ClickException(f"{ck.name}: {MODEL_CONFIG} is not a LlamaConfig ({str(e).splitlines()[0]})") from None
 
 
+def _llama_model(ck: Checkpoint, config):
+    """The model of `config`; a config that builds none (an unknown activation, a zero size) is one line."""
+    from transformers import LlamaForCausalLM
+    try:
+        return LlamaForCausalLM(config)
+    except Exception as e:  # noqa: BLE001 - any bad field becomes one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise click.ClickException(f"{ck.name}: {MODEL_CONFIG} builds no model ({type(e).__name__}: {msg})") from None
+
+
 def check_weights(ck: Checkpoint) -> list[str]:
     """Problems found opening model.safetensors: unreadable tensors, non-finite values, keys or shapes that
     do not match model_config.json. Tensors are read one at a time (memory: the largest tensor)."""
@@ -188,9 +220,11 @@ def check_weights(ck: Checkpoint) -> list[str]:
         config = _llama_config(ck)
     except click.ClickException as e:
         return problems + [e.format_message()]
-    from transformers import LlamaForCausalLM
-    with torch.device("meta"):   # shapes only: no memory, no initialisation
-        expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    try:
+        with torch.device("meta"):   # shapes only: no memory, no initialisation
+            expected = {k: tuple(v.shape) for k, v in _llama_model(ck, config).state_dict().items()}
+    except click.ClickException as e:
+        return problems + [e.format_message()]
     present = set(shapes) | {a for a, kept in aliases.items() if kept in shapes and a in expected}
     missing = sorted(set(expected) - present)
     unexpected = sorted(set(shapes) - set(expected))
@@ -292,6 +326,8 @@ def export_checkpoint(ck: Checkpoint, out: str | os.PathLike) -> Path:
     Built in a temporary folder beside OUT and renamed into place: OUT is whole or absent.
     """
     out = Path(out)
+    if out.is_symlink():
+        raise click.ClickException(f"{out} is a symbolic link; export into a new or empty folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise click.ClickException(f"{out} exists and is not empty; export into a new or empty folder")
     if ck.error:
@@ -299,7 +335,7 @@ def export_checkpoint(ck: Checkpoint, out: str | os.PathLike) -> Path:
     if not (ck.path / WEIGHTS).is_file():
         raise click.ClickException(f"{ck.name}: {WEIGHTS} is missing")
     from safetensors.torch import load_model
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
     config = _llama_config(ck)
     tok, ident = load_checkpoint_tokenizer(ck)
@@ -307,7 +343,7 @@ def export_checkpoint(ck: Checkpoint, out: str | os.PathLike) -> Path:
     pad_id = ident["pad_id"] if isinstance(ident.get("pad_id"), int) else eos_id
     bos_id = tok.bos_token_id
     config.eos_token_id, config.pad_token_id, config.bos_token_id = eos_id, pad_id, bos_id
-    model = LlamaForCausalLM(config)
+    model = _llama_model(ck, config)
     try:
         load_model(model, str(ck.path / WEIGHTS), strict=True)
     except Exception as e:  # noqa: BLE001 - key/shape mismatch or a damaged file
@@ -321,19 +357,27 @@ def export_checkpoint(ck: Checkpoint, out: str | os.PathLike) -> Path:
         gen["suppress_tokens"] = suppress
     model.generation_config = GenerationConfig(**gen)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{TMP_PREFIX}{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()   # no "Writing model shards" bar: plain one-line output
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "training_meta.json").write_text(json.dumps(ck.meta, indent=2) + "\n")
+        for f in (f for f in tmp.iterdir() if f.is_file()):  # durable before the rename shows the folder
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
         if out.is_dir():
             out.rmdir()   # empty, checked above
         os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise click.ClickException(f"cannot export into {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -348,7 +392,7 @@ def read_log(rd: RunDir, run: str, event: str | None = None) -> list[dict]:
     logged again after a resume wins."""
     by_step: dict[int, dict] = {}
     for p in rd.log_files(run):
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8", errors="replace") as f:  # a damaged line is skipped below, not fatal
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -408,6 +452,9 @@ def plot_runs(rd: RunDir, runs: list[str], out: str | os.PathLike) -> Path:
     try:
         fig.savefig(tmp, format=fmt, dpi=110)
         os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

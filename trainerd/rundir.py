@@ -136,7 +136,8 @@ class Checkpoint:
 
     @property
     def time(self) -> float | None:
-        return as_number(self.meta.get("time"))
+        t = as_number(self.meta.get("time"))
+        return t if t is not None and 0 <= t < 1e11 else None  # a time a clock can show (no nan, no 1e300)
 
     @property
     def files(self) -> dict:
@@ -259,8 +260,8 @@ class RunDir:
         just written) counts as the newest whatever its time says: a clock set back must not make it go first."""
         by_run: dict[str, list[Checkpoint]] = {}
         unreadable = []
-        for c in self.checkpoints(run):
-            if c.error or c.run is None or c.step is None:
+        for c in self.checkpoints(run):  # one a trainer cannot resume never counts among the newest kept
+            if c.error or c.run is None or c.step is None or not c.complete:
                 unreadable.append(c)
             else:
                 by_run.setdefault(c.run, []).append(c)
