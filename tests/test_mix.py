@@ -386,6 +386,17 @@ def test_a_state_saved_before_segments_kept_their_entry_place_is_resumed(caches)
         assert old.get_batch(s).seq_ids == plan.get_batch(s).seq_ids
 
 
+def test_a_resume_with_another_target_epochs_takes_the_new_length(caches):
+    # the saved total_steps was kept whatever target_epochs the resumed run asked for
+    two = grown(MixPlan(opened(caches), seed=4, global_batch=8, rank=0, world_size=1, target_epochs=2))
+    for target in (1, 3):
+        resumed = MixPlan(opened(caches), seed=4, global_batch=8, rank=0, world_size=1, target_epochs=target)
+        resumed.load_state_dict(json.loads(json.dumps(two.state_dict())))
+        fresh = grown(MixPlan(opened(caches), seed=4, global_batch=8, rank=0, world_size=1, target_epochs=target))
+        assert resumed.total_steps == fresh.total_steps != two.total_steps
+        assert resumed.get_batch(3).seq_ids == two.get_batch(3).seq_ids
+
+
 def trainerd(*args, fault=None, timeout=240) -> subprocess.CompletedProcess:
     return run_trainerd(*TINY, *args, fault=fault, timeout=timeout)
 

@@ -491,6 +491,9 @@ class MixPlan:
                 for i, p in enumerate(self.plans):
                     p.set_row_filter(partial(self._mine, i))
             self.total_steps, self.step = int(d["total_steps"]), int(d["step"])
+            if float(d.get("target_epochs", self.target_epochs)) != self.target_epochs:
+                # resumed with another target: the length follows this run's, as one cache's plan does
+                self.total_steps = max(self.step, self._total(self._sizes(estimate=False)))
             self._changes.append(0)
 
 
