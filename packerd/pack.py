@@ -289,10 +289,11 @@ class CacheWriter:
                     listed[i] = files[i].to_json()
                 else:
                     listed.append(files[i].to_json())
-        self._files_seen = len(self.packer.source.changed)
+        seen = len(self.packer.source.changed)
         self.m.estimate = self.packer.estimate(self)
         # a finished cache's manifest.json is complete
         self.writer.commit(self.m, snapshot=self.m.finished, files=changed)
+        self._files_seen = seen  # after the commit: one that failed hands its files to the next
 
     def finish(self) -> None:
         """Mark the cache finished (its last chunk is committed) and announce it."""

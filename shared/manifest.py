@@ -32,6 +32,7 @@ LOG_NAME = "manifest.log"
 HOLDOUT_DIR = "holdout"  # CACHE/holdout/: the held-out cache (`packerd run --holdout`), a cache of its own
 MANIFEST_VERSION = 1     # manifest.json alone
 SNAPSHOT_VERSION = 2     # manifest.json naming a commit log (older readers refuse it rather than miss the log)
+RECORD_BYTES = 1 << 20  # a commit longer than this is logged as several records (see _pieces)
 SNAPSHOT_MIN_BYTES = 1 << 20  # the log grows at least this much before a new snapshot (about 7,000 commits)
 # a snapshot starts with its log's name, so a reader that sees a new snapshot tells a periodic rewrite (the
 # same log) from another cache by reading its first bytes instead of parsing all of it
@@ -333,12 +334,8 @@ class ManifestWriter:
         if self.log is None and not self._open(m):
             return  # a new log: the snapshot just written holds everything
         rec = self._record(m, files)
-        payload = json.dumps(rec, separators=(",", ":")).encode()
-        # a record larger than a snapshot would be is written as a snapshot (which has no size limit)
-        if len(payload) > min(MAX_RECORD, max(SNAPSHOT_MIN_BYTES, self.snapshot_bytes)):
-            self._snapshot(m)
-            return
-        self.log.append(payload)
+        for payload in _pieces(rec):
+            self.log.append(payload)
         self._logged(m, rec)
         if snapshot or self.log.end - self.snapshot_offset > max(SNAPSHOT_MIN_BYTES, self.snapshot_bytes):
             self._snapshot(m)
@@ -401,6 +398,30 @@ class ManifestWriter:
         atomic_write_bytes(self.dir / MANIFEST_NAME, data)
         self.snapshot_offset, self.snapshot_bytes = self.log.end, len(data)
         self.logged_chunks, self.logged = len(m.chunks), _copy_fields(m)
+
+
+def _pieces(rec: dict) -> list[bytes]:
+    """The payloads of record `rec`: itself, or when it is longer than RECORD_BYTES (thousands of source files
+    found at once) its files in records of their own first, the chunks and fields with the last. A crash
+    between them leaves file entries logged ahead of their chunks: facts about the files, taken as they are
+    by a restart. Followers read every one (a snapshot in their place would never reach them)."""
+    def dump(r: dict) -> bytes:
+        return json.dumps(r, separators=(",", ":")).encode()
+    whole = dump(rec)
+    if len(whole) <= RECORD_BYTES or not rec.get("files"):
+        if len(whole) > MAX_RECORD:
+            raise ManifestError(f"a commit of {len(whole)} bytes is too large for the commit log")
+        return [whole]
+    out, piece, size = [], [], 0
+    for item in rec["files"]:
+        n = len(dump({"f": item}))
+        if piece and size + n > RECORD_BYTES:
+            out.append(dump({"files": piece}))
+            piece, size = [], 0
+        piece.append(item)
+        size += n
+    out.append(dump({**{k: v for k, v in rec.items() if k != "files"}, "files": piece}))
+    return out
 
 
 def _copy_fields(m: Manifest) -> dict:
