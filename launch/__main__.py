@@ -462,13 +462,12 @@ def _conf_int(conf: dict, key: str, path: str) -> int:
 def _check_endpoint(endpoint: str) -> None:
     """An endpoint ZeroMQ cannot connect to (a port that is not a number, say) is refused before anything starts."""
     import zmq
-    sock = zmq.Context.instance().socket(zmq.SUB)
+
+    from shared.protocol import Subscriber
     try:
-        sock.connect(endpoint)
+        Subscriber(endpoint).close()
     except zmq.ZMQError as e:
         raise click.ClickException(f"--endpoint {endpoint!r}: {e}") from None
-    finally:
-        sock.close(0)
 
 
 def _cuda_devices() -> int:

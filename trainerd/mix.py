@@ -259,12 +259,15 @@ class MixPlan:
             p = self._patterns[units] = Pattern(units)
         return p
 
-    def _segment(self, n: int) -> tuple[int, Pattern, np.ndarray, int]:
-        """(first position, pattern, draws before it, place in the pattern it starts at) of the segment of n."""
+    def _segment_of(self, n: int) -> tuple:
+        """The segment that holds run position n."""
         if len(self._starts) != len(self.segments):  # the segments' first positions, kept beside them
             self._starts = [s[0] * self.global_batch for s in self.segments]
-        j = bisect.bisect_right(self._starts, n) - 1
-        first, units, base, offset, _ = self.segments[j]
+        return self.segments[bisect.bisect_right(self._starts, n) - 1]
+
+    def _segment(self, n: int) -> tuple[int, Pattern, np.ndarray, int]:
+        """(first position, pattern, draws before it, place in the pattern it starts at) of the segment of n."""
+        first, units, base, offset, _ = self._segment_of(n)
         return first * self.global_batch, self._pattern(units), np.asarray(base, dtype=np.int64), offset
 
     def draws(self, n: int) -> np.ndarray:
@@ -277,11 +280,10 @@ class MixPlan:
         from the credit it started with) minus its draws made: where a new segment has to pick up."""
         if not self.segments:
             return [0.0] * len(self.plans)
-        start, pattern, _, offset = self._segment(n)
-        credit = self.segments[bisect.bisect_right(self._starts, n) - 1][4]
-        made = pattern.counts(offset + n - start) - pattern.counts(offset)
-        return [float(c + (n - start) * u / pattern.period - m)
-                for c, u, m in zip(credit, pattern.units.tolist(), made.tolist())]
+        first, units, _, offset, credit = self._segment_of(n)
+        pattern, t = self._pattern(units), n - first * self.global_batch
+        made = pattern.counts(offset + t) - pattern.counts(offset)
+        return [float(c + t * u / pattern.period - m) for c, u, m in zip(credit, units, made.tolist())]
 
     def _places(self, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The source of each run position of n (ascending) and the position in that source's stream."""
@@ -364,7 +366,6 @@ class MixPlan:
             return False
         if self.segments and self.segments[-1][0] == step:
             self.segments.pop()  # replaced before any position of it was planned
-            self._starts = []
         credit = self._credit(step * self.global_batch)
         offset = _entry(self._pattern(units), credit) if self.segments else 0
         self.segments.append((step, units, [int(x) for x in at], offset, credit))

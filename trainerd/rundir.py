@@ -45,7 +45,7 @@ FORMAT = 1   # meta.json's format
 
 NAME_RE = re.compile(r"^(?P<run>.+)-step(?P<step>\d+)(?:_run_(?P<line>\d+))?$")
 TRASH_MARK = "~"  # after TMP_PREFIX: a checkpoint being deleted (no run name starts with it)
-TMP_RE = re.compile(r"^\.tmp-~?(?P<name>(?P<run>.+)-step\d+(?:_run_\d+)?)-(?P<pid>\d+)$")
+TMP_RE = re.compile(rf"^\.tmp-{re.escape(TRASH_MARK)}?(?P<name>(?P<run>.+)-step\d+(?:_run_\d+)?)-(?P<pid>\d+)$")
 LOG_RE = re.compile(r"^(?P<run>.+)_run_(?P<k>\d+)\.jsonl$")
 
 
@@ -73,6 +73,11 @@ def check_name(name: str, what: str = "checkpoint") -> str:
 
 def as_number(x) -> float | None:
     return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _is_trash(name: str) -> bool:
+    """A folder RunDir.delete renamed out of the listing (see TRASH_MARK)."""
+    return name.startswith(TMP_PREFIX + TRASH_MARK)
 
 
 def tree_bytes(path: Path) -> int:
@@ -368,7 +373,7 @@ class RunDir:
                 continue
             m = TMP_RE.match(e.name)
             if run is None or (m and m.group("run") == run):
-                what = "unfinished delete" if e.name.startswith(TMP_PREFIX + TRASH_MARK) else "unfinished save"
+                what = "unfinished delete" if _is_trash(e.name) else "unfinished save"
                 out.append(Leftover(Path(e.path), (m.group("run"),) if m else None, what))
         return out
 
@@ -376,7 +381,7 @@ class RunDir:
         """The name of the complete checkpoint a .tmp- folder holds when no folder of that name is listed
         (a save cut between its last fsync and its rename, or a folder moved aside by hand): never removed,
         as it may be the only copy; renamed to that name, it is listed again."""
-        if folder.name.startswith(TMP_PREFIX + TRASH_MARK):
+        if _is_trash(folder.name):
             return None  # being deleted: asked for, never the only copy worth keeping
         c = Checkpoint(folder)
         name = c.meta.get("name")
